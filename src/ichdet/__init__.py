@@ -1,0 +1,9 @@
+"""ichdet: intracranial hemorrhage detection on head CT, the RSNA 2019 way."""
+
+from __future__ import annotations
+
+from ichdet.errors import IchdetError
+from ichdet.labels import LABELS
+
+__all__ = ["LABELS", "IchdetError"]
+__version__ = "0.1.0"
