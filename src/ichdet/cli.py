@@ -1,0 +1,159 @@
+"""The ``ichdet`` command: wiring only; every step lives in its own module."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ichdet.errors import IchdetError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Intracranial hemorrhage detection on head CT (RSNA 2019 labels).")
+
+
+def _fail(err: Exception) -> typer.Exit:
+    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    return typer.Exit(2)
+
+
+@app.command()
+def synth(out: Annotated[Path, typer.Option(help="folder to write the Kaggle-layout data set into")],
+          studies: Annotated[int, typer.Option(help="labelled studies")] = 12,
+          test_studies: Annotated[int, typer.Option(help="unlabelled test studies")] = 2,
+          size: Annotated[int, typer.Option(help="slice size in pixels")] = 128,
+          seed: int = 0) -> None:
+    """Write synthetic head-CT studies (skull, brain, ventricles, five bleed types) as DICOM."""
+    from ichdet.synth import SynthSpec, make_dataset
+
+    try:
+        summary = make_dataset(out, SynthSpec(n_studies=studies, n_test_studies=test_studies, size=size,
+                                              seed=seed))
+    except (IchdetError, ValueError) as err:
+        raise _fail(err) from None
+    typer.echo(str(summary))
+
+
+@app.command()
+def preprocess(images: Annotated[Path, typer.Option(help="folder of DICOM files (searched recursively)")],
+               out: Annotated[Path, typer.Option(help="cache folder to write (or resume)")],
+               labels: Annotated[Path | None, typer.Option(help="Kaggle label CSV (stage_2_train.csv)")] = None,
+               size: Annotated[int, typer.Option(help="stored image side in pixels")] = 512,
+               workers: Annotated[int | None, typer.Option(help="processes (default: all cores)")] = None,
+               folds: Annotated[int, typer.Option(help="patient-grouped folds for labelled images")] = 5,
+               seed: Annotated[int, typer.Option(help="fold assignment seed")] = 0,
+               strict: Annotated[bool, typer.Option(help="exit 1 if any file was skipped")] = False) -> None:
+    """DICOM folder -> cache (index.parquet, pixel store, errors.csv); resumes an interrupted run."""
+    from ichdet.cache import PreprocessOptions
+    from ichdet.cache import preprocess as run
+
+    try:
+        summary = run(images, out, labels, PreprocessOptions(size=size, workers=workers, n_folds=folds,
+                                                             seed=seed, progress=sys.stderr.isatty()))
+    except IchdetError as err:
+        raise _fail(err) from None
+    typer.echo("\n".join(summary.lines()))
+    if strict and summary.n_errors:
+        typer.secho(f"--strict: {summary.n_errors} file(s) skipped, see {out / 'errors.csv'}", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def train(config: Annotated[Path | None, typer.Option(help="YAML config (configs/*.yaml)")] = None,
+          data: Annotated[Path, typer.Option(help="cache folder from `ichdet preprocess`")] = Path("cache"),
+          out: Annotated[Path, typer.Option(help="run folder")] = Path("runs/run"),
+          fold: Annotated[str, typer.Option(help="fold number, or all")] = "all",
+          resume: Annotated[bool, typer.Option(help="continue an interrupted run")] = False,
+          set_: Annotated[list[str] | None, typer.Option("--set", help="override: key=value")] = None) -> None:
+    """Train one fold or all folds (launch with torchrun for several GPUs or nodes)."""
+    from ichdet.config import load_config
+    from ichdet.train import train as run
+
+    if config is None and resume and (out / "config.yaml").exists():
+        config = out / "config.yaml"
+    try:
+        cfg = load_config(config, set_ or [])
+        results = run(cfg, data, out, fold=fold, resume=resume, progress=sys.stderr.isatty())
+    except IchdetError as err:
+        raise _fail(err) from None
+    for r in results:
+        typer.echo(f"fold {r['fold']}: best val weighted log loss {r['val_loss']:.4f} at epoch {r['epoch']} "
+                   f"({r['epochs']} epochs)")
+    typer.echo(f"run: {out}")
+
+
+@app.command()
+def predict(run: Annotated[list[Path], typer.Option(help="run folder (repeat for several models)")],
+            data: Annotated[Path, typer.Option(help="cache folder to predict")],
+            out: Annotated[Path, typer.Option(help="predictions parquet to write")],
+            tta: Annotated[bool, typer.Option("--tta/--no-tta", help="average with a horizontal flip")] = True,
+            device: str = "auto") -> None:
+    """Predict every image of a cache with every fold of each run."""
+    from ichdet.io import write_parquet_atomic
+    from ichdet.predict import predict_runs
+
+    try:
+        preds = predict_runs(list(run), data, tta=tta, device=device, progress=sys.stderr.isatty())
+    except IchdetError as err:
+        raise _fail(err) from None
+    write_parquet_atomic(preds, out)
+    typer.echo(f"{out}: {preds['image_id'].nunique()} images x {len(preds.groupby(['model', 'fold']))} "
+               "model folds")
+
+
+@app.command()
+def ensemble(preds: Annotated[list[Path], typer.Argument(help="prediction parquets from `ichdet predict`")],
+             out: Annotated[Path, typer.Option(help="submission CSV to write")],
+             sample_submission: Annotated[Path | None, typer.Option(help="Kaggle sample submission")] = None,
+             weight: Annotated[list[str] | None, typer.Option(help="model=weight (default: equal)")] = None,
+             ) -> None:
+    """Mean over folds per model, then over models -> a Kaggle submission (validated if a sample is given)."""
+    from ichdet.ensemble import ensemble as combine
+    from ichdet.ensemble import read_predictions
+    from ichdet.labels import validate_submission, write_submission
+
+    try:
+        weights = {k: float(v) for k, _, v in (w.partition("=") for w in weight)} if weight else None
+        wide = combine(read_predictions(preds), weights)
+        write_submission(wide, out)
+        if sample_submission is not None:
+            validate_submission(out, sample_submission)
+    except (IchdetError, ValueError) as err:
+        raise _fail(err) from None
+    typer.echo(f"{out}: {len(wide)} images" + (", matches the sample submission" if sample_submission else ""))
+
+
+@app.command()
+def evaluate(pred: Annotated[Path, typer.Option(help="submission CSV or predictions parquet")],
+             labels: Annotated[Path, typer.Option(help="Kaggle label CSV")],
+             plot: Annotated[Path | None, typer.Option(help="ROC curves PNG (default: next to --pred)")] = None,
+             ) -> None:
+    """Weighted log loss (any x2), per-label log loss and ROC AUC, and ROC curves."""
+    from ichdet.ensemble import evaluate as score
+
+    plot = plot or pred.with_name(pred.stem + "_roc.png")
+    try:
+        table = score(pred, labels, plot)
+    except IchdetError as err:
+        raise _fail(err) from None
+    typer.echo(table.to_string(float_format=lambda v: f"{v:.4f}"))
+    typer.echo(f"ROC curves: {plot}")
+
+
+@app.command()
+def demo(out: Annotated[Path, typer.Option(help="folder for every artifact")] = Path("demo"),
+         seed: int = 0) -> None:
+    """The whole pipeline on synthetic data: synth, preprocess, train 2 models x 2 folds, ensemble, score."""
+    from ichdet.demo import run_demo
+
+    try:
+        run_demo(out, seed=seed, echo=typer.echo)
+    except IchdetError as err:
+        raise _fail(err) from None
+
+
+def main() -> None:
+    """Entry point for ``python -m ichdet``."""
+    app()

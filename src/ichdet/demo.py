@@ -1,0 +1,74 @@
+"""``ichdet demo``: the whole pipeline on the built-in synthetic data set, on a laptop CPU.
+
+synth -> preprocess (train and test) -> train two small models on two folds -> predict the test
+images -> ensemble -> Kaggle submission (validated) -> evaluation of the out-of-fold ensemble.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+from ichdet.cache import PreprocessOptions, preprocess
+from ichdet.config import load_config
+from ichdet.ensemble import ensemble, evaluate, read_predictions
+from ichdet.errors import ConfigError
+from ichdet.io import write_parquet_atomic
+from ichdet.labels import validate_submission, write_submission
+from ichdet.predict import predict_runs
+from ichdet.synth import SynthSpec, make_dataset
+from ichdet.train import train
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+#: The demo's two models: (run name, overrides of configs/demo.yaml).
+DEMO_MODELS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("resnet18", ("model.backbone=resnet18",)),
+    ("efficientnet_b0", ("model.backbone=efficientnet_b0", "train.lr=0.003")),
+)
+
+
+def _oof_predictions(runs: list[Path]) -> pd.DataFrame:
+    """The runs' out-of-fold predictions in the ``ichdet predict`` long form."""
+    return pd.concat([pd.read_parquet(r / "oof.parquet").assign(model=r.name) for r in runs],
+                     ignore_index=True)
+
+
+def run_demo(out: str | Path, seed: int = 0, echo: Callable[[str], None] = print) -> dict[str, Path]:
+    """Run every step into ``out``; returns (and echoes) where each artifact is."""
+    out, start = Path(out), time.perf_counter()
+    config = CONFIG_DIR / "demo.yaml"
+    if not config.exists():
+        raise ConfigError(f"{config} not found; run the demo from a checkout of the ichdet repository")
+    data = out / "data"
+    echo(f"[1/6] synthetic studies -> {data}")
+    make_dataset(data, SynthSpec(n_studies=14, n_test_studies=2, size=128, seed=seed))
+    echo("[2/6] preprocess")
+    opts = PreprocessOptions(size=128, n_folds=2, seed=seed, progress=False)
+    preprocess(data / "stage_2_train_images", out / "cache" / "train", data / "stage_2_train.csv", opts)
+    preprocess(data / "stage_2_test_images", out / "cache" / "test", None, opts)
+    runs = []
+    for name, overrides in DEMO_MODELS:
+        echo(f"[3/6] train {name} on 2 folds")
+        cfg = load_config(config, [*overrides, f"train.seed={seed}", f"name={name}"])
+        train(cfg, out / "cache" / "train", out / "runs" / name, fold="all", progress=False)
+        runs.append(out / "runs" / name)
+    echo("[4/6] predict the test images (with flip TTA)")
+    test_preds = predict_runs(runs, out / "cache" / "test", tta=True, device="cpu")
+    write_parquet_atomic(test_preds, out / "preds" / "test.parquet")
+    echo("[5/6] ensemble -> submission")
+    submission = write_submission(ensemble(read_predictions([out / "preds" / "test.parquet"])),
+                                  out / "submission.csv")
+    validate_submission(submission, data / "stage_2_sample_submission.csv")
+    echo("[6/6] evaluate the out-of-fold ensemble")
+    write_parquet_atomic(_oof_predictions(runs), out / "preds" / "oof.parquet")
+    table = evaluate(out / "preds" / "oof.parquet", data / "stage_2_train.csv", out / "oof_roc.png")
+    echo(table.to_string(float_format=lambda v: f"{v:.4f}"))
+    artifacts = {"data": data, "cache": out / "cache", "runs": out / "runs", "predictions": out / "preds",
+                 "submission": submission, "roc": out / "oof_roc.png"}
+    echo(f"done in {time.perf_counter() - start:.0f} s; artifacts:")
+    for key, path in artifacts.items():
+        echo(f"  {key:<12} {path}")
+    return artifacts

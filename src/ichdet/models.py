@@ -1,0 +1,97 @@
+"""Backbone registry over timm: the seed's six models by name, any timm name, checked early.
+
+>>> from ichdet.config import ModelConfig
+>>> model = build_model(ModelConfig(backbone="resnet34"), in_chans=3)  # 6 logits per image
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from functools import cache
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from ichdet.config import ModelConfig
+from ichdet.errors import ConfigError
+from ichdet.labels import LABELS
+
+#: The seed's backbones under the names its configs used, mapped to timm's names.
+SEED_BACKBONES: dict[str, str] = {
+    "se_resnext50_32x4d": "seresnext50_32x4d",
+    "seresnext50_32x4d": "seresnext50_32x4d",
+    "vgg19": "vgg19",
+    "efficientnet_b0": "efficientnet_b0",
+    "efficientnet_b2": "efficientnet_b2",
+    "resnet34": "resnet34",
+}
+
+
+@cache
+def _timm_names() -> frozenset[str]:
+    return frozenset(timm.list_models())
+
+
+def resolve_backbone(name: str) -> str:
+    """The timm architecture for ``name`` (a seed alias or any timm name); ConfigError if unknown."""
+    if name in SEED_BACKBONES:
+        return SEED_BACKBONES[name]
+    if name in _timm_names():
+        return name
+    close = difflib.get_close_matches(name, sorted(_timm_names() | set(SEED_BACKBONES)), n=5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise ConfigError(f"unknown backbone {name!r} (model.backbone).{hint} "
+                      f"Any name from timm.list_models() works; the seed's are {', '.join(SEED_BACKBONES)}")
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}
+
+
+def build_model(cfg: ModelConfig, in_chans: int, num_classes: int = len(LABELS)) -> nn.Module:
+    """Create the network; ImageNet weights from ``cfg.weights`` (a local file) or the hub.
+
+    With ``pretrained: true`` and no ``weights`` file on a machine without the hub, this fails with
+    a ConfigError naming the two settings that fix it, instead of training from noise silently.
+    """
+    arch = resolve_backbone(cfg.backbone)
+    kwargs: dict[str, object] = {"num_classes": num_classes, "in_chans": in_chans, "drop_rate": cfg.drop_rate}
+    if not cfg.pretrained:
+        return timm.create_model(arch, pretrained=False, **kwargs)
+    if cfg.weights is not None:
+        path = Path(cfg.weights)
+        if not path.is_file():
+            raise ConfigError(f"model.weights: {path} does not exist; give the path of the ImageNet "
+                              f"weights of {arch} (.safetensors, .pth or .bin)")
+        return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+    if _offline():
+        raise ConfigError(f"model.pretrained is true for {arch} but the hub is offline (HF_HUB_OFFLINE=1); "
+                          "set model.weights to a local weights file, or model.pretrained=false")
+    try:
+        return timm.create_model(arch, pretrained=True, **kwargs)
+    except (OSError, RuntimeError) as err:  # no network, no cached file
+        raise ConfigError(f"could not download ImageNet weights for {arch} ({err}); set model.weights "
+                          "to a local weights file, or model.pretrained=false") from err
+
+
+def input_stats(model: nn.Module, in_chans: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std (0-1 scale) the backbone was trained with, cycled to ``in_chans``."""
+    pcfg = getattr(model, "pretrained_cfg", None) or {}
+    mean = list(pcfg.get("mean", (0.485, 0.456, 0.406)))
+    std = list(pcfg.get("std", (0.229, 0.224, 0.225)))
+    idx = [i % len(mean) for i in range(in_chans)]
+    return torch.tensor([mean[i] for i in idx]), torch.tensor([std[i] for i in idx])
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare module under DDP and ``torch.compile`` wrappers (what checkpoints hold)."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model

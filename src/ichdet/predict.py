@@ -1,0 +1,80 @@
+"""Batched inference of trained runs on a cache, with test-time augmentation.
+
+The output is one long table: ``image_id, model, fold`` and the six probabilities, one row per image
+per fold of each run, which :mod:`ichdet.ensemble` averages (folds first, then models).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ichdet.cache import PixelCache
+from ichdet.checkpoint import load_weights
+from ichdet.config import Config, load_config
+from ichdet.data import SliceDataset
+from ichdet.errors import CheckpointError
+from ichdet.labels import LABELS
+from ichdet.models import build_model, input_stats
+from ichdet.train import Normalizer, init_runtime, precision, predict_batches
+
+
+def fold_weights(run: str | Path) -> list[tuple[int, Path]]:
+    """The ``(fold, best.safetensors)`` pairs of a run directory; CheckpointError if there are none."""
+    run = Path(run)
+    found = sorted((int(p.parent.name.removeprefix("fold")), p) for p in run.glob("fold*/best.safetensors"))
+    if not found:
+        raise CheckpointError(f"{run}: no fold*/best.safetensors; train it first with `ichdet train --out {run}`")
+    return found
+
+
+def load_run_model(run: str | Path, weights: Path, device: torch.device) -> tuple[nn.Module, Config]:
+    """Rebuild a run's network from its ``config.yaml`` and load one fold's weights (safetensors)."""
+    cfg = load_config(Path(run) / "config.yaml", ["model.pretrained=false"])
+    model = build_model(cfg.model, cfg.data.in_chans)
+    load_weights(model, weights)
+    model = model.to(device).eval()
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, cfg
+
+
+
+def predict_run(run: str | Path, cache: PixelCache, tta: bool = True, batch_size: int | None = None,
+                device: str = "auto", num_workers: int | None = None,
+                progress: bool = False) -> pd.DataFrame:
+    """Predict every image of ``cache`` with every fold of one run; a long table (see module doc)."""
+    rt = init_runtime(device)
+    parts = []
+    for fold, weights in fold_weights(run):
+        model, cfg = load_run_model(run, weights, rt.device)
+        ds = SliceDataset(cache, np.arange(len(cache)), cfg.data)
+        loader = DataLoader(ds, batch_size=batch_size or cfg.train.batch_size * 2,
+                            num_workers=cfg.train.num_workers if num_workers is None else num_workers,
+                            pin_memory=rt.device.type == "cuda")
+        mean, std = input_stats(model, cfg.data.in_chans)
+        normalize = Normalizer(mean, std, cfg.train.channels_last).to(rt.device)
+        autocast, _ = precision(rt.device, cfg.train.amp)
+        rows, probs = predict_batches(model, normalize, loader, rt.device, autocast, tta, progress)
+        part = pd.DataFrame(probs, columns=list(LABELS))
+        part.insert(0, "image_id", cache.index["image_id"].to_numpy()[rows])
+        part.insert(1, "model", Path(run).resolve().name)
+        part.insert(2, "fold", fold)
+        parts.append(part)
+    return pd.concat(parts, ignore_index=True)
+
+
+def predict_runs(runs: list[str | Path], data: str | Path, tta: bool = True, device: str = "auto",
+                 progress: bool = False) -> pd.DataFrame:
+    """:func:`predict_run` for several runs over one cache, concatenated."""
+    cache = PixelCache(data)
+    names = [Path(r).resolve().name for r in runs]
+    if len(set(names)) != len(names):
+        raise CheckpointError(f"runs must have distinct folder names to be told apart: {names}")
+    return pd.concat([predict_run(r, cache, tta, device=device, progress=progress) for r in runs],
+                     ignore_index=True)

@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ichdet.config import ModelConfig, load_config
+from ichdet.errors import ConfigError
+from ichdet.models import build_model, input_stats, resolve_backbone, unwrap
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SEED = {  # config -> timm architecture the seed's model maps to
+    "seresnext50_224": "seresnext50_32x4d",
+    "seresnext50_512": "seresnext50_32x4d",
+    "vgg19": "vgg19",
+    "efficientnet_b0": "efficientnet_b0",
+    "efficientnet_b2": "efficientnet_b2",
+    "resnet34": "resnet34",
+}
+
+
+@pytest.mark.parametrize(("name", "arch"), sorted(SEED.items()))
+def test_every_seed_config_builds_its_architecture(name: str, arch: str) -> None:
+    cfg = load_config(CONFIGS / f"{name}.yaml", ["model.pretrained=false"])
+    model = build_model(cfg.model, cfg.data.in_chans)
+    assert model.pretrained_cfg["architecture"] == arch
+    assert model.num_classes == 6
+    with torch.no_grad():
+        out = model.eval()(torch.zeros(1, cfg.data.in_chans, 64, 64))
+    assert out.shape == (1, 6)
+
+
+@pytest.mark.parametrize(("name", "arch"), [("se_resnext50_32x4d", "seresnext50_32x4d"),
+                                            ("resnet18", "resnet18"), ("convnext_tiny", "convnext_tiny")])
+def test_resolve_backbone(name: str, arch: str) -> None:
+    assert resolve_backbone(name) == arch
+
+
+def test_unknown_backbone_names_close_matches() -> None:
+    with pytest.raises(ConfigError, match=r"unknown backbone 'resnet35'.*Did you mean.*resnet34"):
+        resolve_backbone("resnet35")
+
+
+@pytest.mark.parametrize("in_chans", [1, 3, 9])
+def test_in_chans_and_gradients(in_chans: int) -> None:
+    model = build_model(ModelConfig(backbone="resnet18"), in_chans)
+    out = model(torch.randn(2, in_chans, 32, 32))
+    out.sum().backward()
+    assert out.shape == (2, 6)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    mean, std = input_stats(model, in_chans)
+    assert mean.shape == std.shape == (in_chans,)
+
+
+def test_pretrained_offline_without_file_names_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match=r"model.weights.*model.pretrained=false"):
+        build_model(ModelConfig(backbone="resnet18", pretrained=True), 3)
+
+
+def test_pretrained_from_local_file(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    source = build_model(ModelConfig(backbone="resnet18"), 3, num_classes=1000)
+    path = tmp_path / "resnet18.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    model = build_model(ModelConfig(backbone="resnet18", pretrained=True, weights=path), 3)
+    assert torch.equal(model.conv1.weight, source.conv1.weight)  # backbone loaded
+    assert model.fc.out_features == 6  # head replaced
+
+
+def test_missing_weights_file() -> None:
+    with pytest.raises(ConfigError, match=r"model.weights: /nope.safetensors does not exist"):
+        build_model(ModelConfig(backbone="resnet18", pretrained=True, weights=Path("/nope.safetensors")), 3)
+
+
+def test_unwrap_compiled_and_ddp_like() -> None:
+    inner = torch.nn.Linear(2, 2)
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.module = inner
+
+    assert unwrap(Wrapper()) is inner
