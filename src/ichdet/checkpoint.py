@@ -34,10 +34,12 @@ def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> di
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
+        unsafe = [line.strip() for line in str(err).splitlines() if "Unsupported global" in line]
+        if not unsafe:
+            raise CheckpointError(f"{path}: not a readable checkpoint ({str(err).splitlines()[0]})") from None
         raise CheckpointError(
-            f"{path}: refused to load: it is not a plain tensor checkpoint and unpickling it could run "
-            f"code ({str(err).splitlines()[0]}). Only load checkpoints from a source you trust, and "
-            "convert them to safetensors first.") from None
+            f"{path}: refused to load: unpickling it could run code ({unsafe[0]}). Only load "
+            "checkpoints from a source you trust, and convert them to safetensors first.") from None
     except (RuntimeError, EOFError, OSError) as err:
         raise CheckpointError(f"{path}: not a readable checkpoint ({err})") from None
     if not isinstance(state, dict):

@@ -42,8 +42,8 @@ def neighbour_rows(cache: PixelCache) -> tuple[np.ndarray, np.ndarray]:
     index = cache.index
     rows = np.arange(len(index))
     position = {image_id: i for i, image_id in enumerate(index["image_id"])}
-    prev = np.array([position.get(p, r) if p is not None else r for r, p in zip(rows, index["prev_id"])])
-    nxt = np.array([position.get(n, r) if n is not None else r for r, n in zip(rows, index["next_id"])])
+    prev = np.array([position.get(p, r) for r, p in zip(rows, index["prev_id"])])  # None/NaN: no neighbour
+    nxt = np.array([position.get(n, r) for r, n in zip(rows, index["next_id"])])
     return prev, nxt
 
 

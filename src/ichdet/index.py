@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from ichdet.dicom import read_meta
-from ichdet.errors import DicomError, LabelError
+from ichdet.errors import DicomError, IchdetError, LabelError
 from ichdet.folds import assign_folds
 from ichdet.labels import LABELS
 
@@ -83,10 +83,9 @@ def order_slices(meta: pd.DataFrame) -> pd.DataFrame:
     series = out.groupby("series_uid", sort=False)
     out["slice_index"] = series.cumcount().astype("int32")
     out["n_slices"] = series["image_id"].transform("size").astype("int32")
-    prev_id = series["image_id"].shift(1)
-    next_id = series["image_id"].shift(-1)
-    out["prev_id"] = prev_id.where(prev_id.notna(), None)
-    out["next_id"] = next_id.where(next_id.notna(), None)
+    for column, shift in (("prev_id", 1), ("next_id", -1)):
+        ids = series["image_id"].shift(shift).astype(object)
+        out[column] = ids.where(ids.notna(), None)
     return out
 
 
@@ -117,10 +116,15 @@ def build_index(meta: pd.DataFrame, labels: pd.DataFrame | None = None, n_folds:
     """
     _check_unique_ids(meta)
     index, missing = attach_labels(order_slices(meta), labels)
-    index["fold"] = np.int16(-1)
+    fold = np.full(len(index), -1, dtype=np.int16)
     labelled = index[list(LABELS)].notna().all(axis=1).to_numpy()
     if labelled.any():
-        index.loc[labelled, "fold"] = assign_folds(index.loc[labelled], n_folds=n_folds, seed=seed)
+        try:
+            fold[labelled] = assign_folds(index.loc[labelled], n_folds=n_folds, seed=seed)
+        except ValueError as err:
+            raise IchdetError(f"cannot split the labelled images into folds: {err}; "
+                              "pass a smaller --folds") from None
+    index["fold"] = fold
     return index, missing
 
 
