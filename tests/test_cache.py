@@ -1,0 +1,153 @@
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+
+from ichdet import cache as cache_mod
+from ichdet.cache import STORE_RANGE, PixelCache, PreprocessOptions, hu_to_store, preprocess
+from ichdet.dicom import read_hu
+from ichdet.errors import IchdetError
+from ichdet.synth import SynthSpec, make_dataset
+
+OPTS = PreprocessOptions(size=64, workers=1, n_folds=2, chunk_size=8, progress=False)
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("synth")
+    make_dataset(out, SynthSpec(n_studies=4, n_test_studies=1, size=64, slices_per_study=(8, 10), seed=3))
+    return out
+
+
+@pytest.mark.parametrize(("hu", "size", "expected"), [
+    (np.array([[-3024.0, 0.0], [40.4, 5000.0]]), 2, [[-1024, 0], [40, 3071]]),  # clip, round
+    (np.full((4, 4), 35.0), 2, [[35, 35], [35, 35]]),  # area shrink of a flat image
+    (np.full((2, 4), 100.0), 4, [[-1024] * 4, [100] * 4, [100] * 4, [-1024] * 4]),  # pad with air, centred
+])
+def test_hu_to_store(hu: np.ndarray, size: int, expected: list[list[int]]) -> None:
+    out = hu_to_store(hu, size)
+    assert out.dtype == np.int16
+    np.testing.assert_array_equal(out, np.array(expected, dtype=np.int16))
+
+
+def test_store_range_holds_every_preset() -> None:
+    from ichdet.windowing import PRESETS, window_range
+
+    lo, hi = window_range(list(PRESETS.values()))
+    assert STORE_RANGE[0] <= max(lo, -1024) and hi <= STORE_RANGE[1]
+
+
+def test_cache_round_trip(synth_dir: Path, tmp_path: Path) -> None:
+    images = synth_dir / "stage_2_train_images"
+    summary = preprocess(images, tmp_path / "c", synth_dir / "stage_2_train.csv", OPTS)
+    files = sorted(images.glob("*.dcm"))
+    assert (summary.n_files, summary.n_images, summary.n_errors) == (len(files), len(files), 0)
+    store = PixelCache(tmp_path / "c")
+    for path in files[::7]:  # random access by id == the HU of the file, converted once
+        image_id = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+        np.testing.assert_array_equal(store.read(image_id), hu_to_store(read_hu(path), 64))
+    assert set(store.index["fold"]) == {0, 1}
+    assert pd.read_csv(tmp_path / "c" / "errors.csv").empty
+    with pytest.raises(KeyError, match="ID_nope"):
+        store.read("ID_nope")
+
+
+def _corrupt(folder: Path, source: Path) -> dict[str, str]:
+    """One file of each kind of damage, named after it; returns name -> expected reason pattern."""
+    good = source.read_bytes()
+    ds = pydicom.dcmread(source)
+    del ds.PixelData
+    ds.save_as(folder / "no_pixels.dcm")
+    (folder / "not_dicom.dcm").write_bytes(b"this is a text file, not an image\n" * 20)
+    (folder / "truncated.dcm").write_bytes(good[: int(len(good) * 0.6)])
+    (folder / "empty.dcm").write_bytes(b"")
+    rle = pydicom.dcmread(source)
+    rle.compress(pydicom.uid.RLELossless)
+    rle.SOPInstanceUID = "ID_0badc0de"
+    rle.save_as(folder / "undecodable.dcm")
+    raw = bytearray((folder / "undecodable.dcm").read_bytes())
+    start, end = raw.rfind(b"\xfe\xff\x00\xe0") + 80, len(raw) - 16  # inside the frame's RLE stream
+    raw[start:end] = b"\x7f" * (end - start)  # every byte a literal-run header: runs past the end
+    (folder / "undecodable.dcm").write_bytes(bytes(raw))
+    return {"no_pixels.dcm": "no pixel data", "not_dicom.dcm": "not a DICOM file",
+            "truncated.dcm": "truncated", "empty.dcm": "not a DICOM file",
+            "undecodable.dcm": "undecodable RLE Lossless"}
+
+
+def test_corrupt_files_are_skipped_and_reported(synth_dir: Path, tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    shutil.copytree(synth_dir / "stage_2_train_images", images)
+    good = sorted(images.glob("*.dcm"))
+    expected = _corrupt(images, good[0])
+    summary = preprocess(images, tmp_path / "c", None, OPTS)
+    errors = pd.read_csv(tmp_path / "c" / "errors.csv").set_index("path")
+    assert sorted(errors.index) == sorted(expected)
+    for name, pattern in expected.items():
+        assert pattern.lower() in errors.loc[name, "reason"].lower()
+    assert summary.n_errors == len(expected)
+    assert summary.n_images == len(good)  # every good file kept, none substituted
+    assert set(PixelCache(tmp_path / "c").index["path"]) == {p.name for p in good}
+
+
+def test_interrupted_run_resumes(synth_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    images, labels = synth_dir / "stage_2_train_images", synth_dir / "stage_2_train.csv"
+    reference = preprocess(images, tmp_path / "ref", labels, OPTS)
+    calls: list[int] = []
+    real = cache_mod._process_chunk
+
+    def dies_on_third_chunk(chunk: cache_mod._Chunk) -> int:
+        calls.append(chunk.number)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the user pressed ^C mid-run
+        return real(chunk)
+
+    monkeypatch.setattr(cache_mod, "_process_chunk", dies_on_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess(images, tmp_path / "c", labels, OPTS)
+    assert not (tmp_path / "c" / "index.parquet").exists()
+    monkeypatch.setattr(cache_mod, "_process_chunk", real)
+    resumed = preprocess(images, tmp_path / "c", labels, OPTS)
+    assert resumed.n_chunks_resumed == 2
+    assert resumed.n_chunks == reference.n_chunks
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "c" / "index.parquet"),
+                                  pd.read_parquet(tmp_path / "ref" / "index.parquet"))
+    assert not list((tmp_path / "c").rglob(".*tmp*"))  # no temp file left behind
+
+
+def test_rerun_with_other_size_is_refused(synth_dir: Path, tmp_path: Path) -> None:
+    images = synth_dir / "stage_2_train_images"
+    preprocess(images, tmp_path / "c", None, OPTS)
+    with pytest.raises(IchdetError, match=r"size=64, not 32"):
+        preprocess(images, tmp_path / "c", None, PreprocessOptions(size=32, workers=1, progress=False))
+
+
+def test_parallel_equals_serial(synth_dir: Path, tmp_path: Path) -> None:
+    images = synth_dir / "stage_2_train_images"
+    preprocess(images, tmp_path / "one", None, OPTS)
+    preprocess(images, tmp_path / "two", None, PreprocessOptions(size=64, workers=2, n_folds=2, chunk_size=8,
+                                                                 progress=False))
+    one, two = PixelCache(tmp_path / "one"), PixelCache(tmp_path / "two")
+    pd.testing.assert_frame_equal(one.index, two.index)
+    for (id1, a), (id2, b) in zip(one.iter_rows(), two.iter_rows()):
+        assert id1 == id2
+        np.testing.assert_array_equal(a, b)
+
+
+def test_empty_folder(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(IchdetError, match="no files found"):
+        preprocess(tmp_path / "empty", tmp_path / "c", None, OPTS)
+
+
+def test_real_sample_cache(rsna_sample: Path, tmp_path: Path) -> None:
+    summary = preprocess(rsna_sample / "stage_2_train_images", tmp_path / "c", rsna_sample / "stage_2_train.csv",
+                         PreprocessOptions(size=128, workers=2, n_folds=3, progress=False))
+    assert (summary.n_images, summary.n_errors, summary.labelled_without_image) == (232, 0, [])
+    store = PixelCache(tmp_path / "c")
+    path = sorted((rsna_sample / "stage_2_train_images").glob("*.dcm"))[0]
+    np.testing.assert_array_equal(store.read(path.stem), hu_to_store(read_hu(path), 128))
