@@ -133,7 +133,7 @@ def test_parallel_equals_serial(synth_dir: Path, tmp_path: Path) -> None:
                                                                  progress=False))
     one, two = PixelCache(tmp_path / "one"), PixelCache(tmp_path / "two")
     pd.testing.assert_frame_equal(one.index, two.index)
-    for (id1, a), (id2, b) in zip(one.iter_rows(), two.iter_rows()):
+    for (id1, a), (id2, b) in zip(one.iter_rows(), two.iter_rows(), strict=True):
         assert id1 == id2
         np.testing.assert_array_equal(a, b)
 

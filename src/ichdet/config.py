@@ -48,7 +48,7 @@ class DataConfig(_Strict):
     image_size: int = Field(256, ge=16, le=2048)
     windows: list[str] = Field(default_factory=lambda: ["brain", "subdural", "soft_tissue"])
     slice_offsets: list[int] = Field(default_factory=lambda: [0])
-    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    augment: AugmentConfig = Field(default_factory=lambda: AugmentConfig())
 
     @field_validator("windows")
     @classmethod
@@ -91,9 +91,9 @@ class Config(_Strict):
     """A whole run."""
 
     name: str = "run"
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig())
+    data: DataConfig = Field(default_factory=lambda: DataConfig())
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig())
 
 
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -12,18 +12,18 @@ import os
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check at import
 
-from collections.abc import Sequence  # noqa: E402
+from collections.abc import Sequence
 
-import albumentations as A  # noqa: E402
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.data import Dataset  # noqa: E402
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
 
-from ichdet.cache import PixelCache  # noqa: E402
-from ichdet.config import AugmentConfig, DataConfig  # noqa: E402
-from ichdet.labels import LABELS  # noqa: E402
-from ichdet.windowing import Window, apply_windows, resolve_windows  # noqa: E402
+from ichdet.cache import PixelCache
+from ichdet.config import AugmentConfig, DataConfig
+from ichdet.labels import LABELS
+from ichdet.windowing import Window, apply_windows, resolve_windows
 
 
 def build_augment(cfg: AugmentConfig, size: int) -> A.Compose:
@@ -42,8 +42,8 @@ def neighbour_rows(cache: PixelCache) -> tuple[np.ndarray, np.ndarray]:
     index = cache.index
     rows = np.arange(len(index))
     position = {image_id: i for i, image_id in enumerate(index["image_id"])}
-    prev = np.array([position.get(p, r) for r, p in zip(rows, index["prev_id"])])  # None/NaN: no neighbour
-    nxt = np.array([position.get(n, r) for r, n in zip(rows, index["next_id"])])
+    prev = np.array([position.get(p, r) for r, p in zip(rows, index["prev_id"], strict=True)])  # None/NaN: no neighbour
+    nxt = np.array([position.get(n, r) for r, n in zip(rows, index["next_id"], strict=True)])
     return prev, nxt
 
 
@@ -66,7 +66,10 @@ class SliceDataset(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
         self.epoch = 0
         labels = cache.index[list(LABELS)].to_numpy(dtype=np.float32)
         self.labels = np.nan_to_num(labels, nan=0.0)
-        self.prev, self.next = neighbour_rows(cache) if self.offsets != [0] else (None, None)
+        no_context = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+        self.prev: np.ndarray
+        self.next: np.ndarray
+        self.prev, self.next = neighbour_rows(cache) if self.offsets != [0] else no_context
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -78,7 +81,7 @@ class SliceDataset(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
     def _row_at(self, row: int, offset: int) -> int:
         step = self.prev if offset < 0 else self.next
         for _ in range(abs(offset)):
-            row = int(step[row])  # type: ignore[index]
+            row = int(step[row])
         return row
 
     def image(self, row: int) -> np.ndarray:

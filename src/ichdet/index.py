@@ -46,7 +46,7 @@ def list_dicom_files(folder: str | Path) -> list[Path]:
 
 def _meta_or_error(path: Path) -> dict[str, object]:
     try:
-        row = read_meta(path).as_row()
+        row: dict[str, object] = dict(read_meta(path).as_row())
     except DicomError as err:
         return {"path": str(path), "error": err.reason}
     row["path"] = str(path)

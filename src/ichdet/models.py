@@ -10,6 +10,7 @@ import difflib
 import os
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -58,7 +59,7 @@ def build_model(cfg: ModelConfig, in_chans: int, num_classes: int = len(LABELS))
     a ConfigError naming the two settings that fix it, instead of training from noise silently.
     """
     arch = resolve_backbone(cfg.backbone)
-    kwargs: dict[str, object] = {"num_classes": num_classes, "in_chans": in_chans, "drop_rate": cfg.drop_rate}
+    kwargs: dict[str, Any] = {"num_classes": num_classes, "in_chans": in_chans, "drop_rate": cfg.drop_rate}
     if not cfg.pretrained:
         return timm.create_model(arch, pretrained=False, **kwargs)
     if cfg.weights is not None:
@@ -89,9 +90,7 @@ def input_stats(model: nn.Module, in_chans: int) -> tuple[torch.Tensor, torch.Te
 def unwrap(model: nn.Module) -> nn.Module:
     """The bare module under DDP and ``torch.compile`` wrappers (what checkpoints hold)."""
     while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
             return model
+        model = inner

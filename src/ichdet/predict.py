@@ -6,6 +6,7 @@ per fold of each run, which :mod:`ichdet.ensemble` averages (folds first, then m
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +70,7 @@ def predict_run(run: str | Path, cache: PixelCache, tta: bool = True, batch_size
     return pd.concat(parts, ignore_index=True)
 
 
-def predict_runs(runs: list[str | Path], data: str | Path, tta: bool = True, device: str = "auto",
+def predict_runs(runs: Sequence[str | Path], data: str | Path, tta: bool = True, device: str = "auto",
                  progress: bool = False) -> pd.DataFrame:
     """:func:`predict_run` for several runs over one cache, concatenated."""
     cache = PixelCache(data)

@@ -94,6 +94,7 @@ class WeightedBCE(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
+        self.weights: torch.Tensor
         self.register_buffer("weights", torch.tensor(LABEL_WEIGHTS, dtype=torch.float32))
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -106,6 +107,8 @@ class Normalizer(nn.Module):
 
     def __init__(self, mean: torch.Tensor, std: torch.Tensor, channels_last: bool) -> None:
         super().__init__()
+        self.scale: torch.Tensor
+        self.shift: torch.Tensor
         self.register_buffer("scale", (1.0 / (255.0 * std)).view(1, -1, 1, 1))
         self.register_buffer("shift", (mean / std).view(1, -1, 1, 1))
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -151,7 +154,7 @@ def _loader(ds: SliceDataset, cfg: Config, rt: Runtime, train: bool) -> DataLoad
     if workers > 0:
         common["prefetch_factor"] = 4
     if train:
-        sampler = DistributedSampler(ds, num_replicas=rt.world_size, rank=rt.rank, shuffle=True,
+        sampler: DistributedSampler[int] = DistributedSampler(ds, num_replicas=rt.world_size, rank=rt.rank, shuffle=True,
                                      seed=cfg.train.seed)
         drop = len(ds) // rt.world_size > cfg.train.batch_size
         return DataLoader(ds, sampler=sampler, drop_last=drop, **common)
@@ -192,9 +195,9 @@ def build_trainer(cfg: Config, cache: PixelCache, fold: int, rt: Runtime) -> Tra
 def train_one_epoch(t: Trainer, epoch: int, progress: bool) -> dict[str, float]:
     """One pass over this rank's training shard; returns mean loss, images/s and the last lr."""
     t.model.train()
-    sampler = t.train_loader.sampler
-    assert isinstance(sampler, DistributedSampler)
-    sampler.set_epoch(epoch)
+    sampler: Any = t.train_loader.sampler
+    if isinstance(sampler, DistributedSampler):
+        sampler.set_epoch(epoch)
     t.train_loader.dataset.set_epoch(epoch)  # type: ignore[attr-defined]
     limit = t.cfg.train.limit_train_batches or len(t.train_loader)
     total_loss, n_images, start = torch.zeros((), device=t.rt.device), 0, time.perf_counter()

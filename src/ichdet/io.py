@@ -1,0 +1,103 @@
+"""Atomic file writes: write to a temporary name in the target's directory, then rename.
+
+``os.replace`` within one directory is atomic on POSIX and Windows, so a reader (or a rerun after a
+crash) sees either the old file or the complete new one, never half of it. Every artifact ichdet writes
+goes through :func:`atomic_path`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["atomic_path", "write_json_atomic", "write_parquet_atomic", "write_text_atomic"]
+
+
+def _temp_sibling(path: Path) -> Path:
+    """A fresh hidden name next to ``path`` that keeps its suffix (writers that pick a format by suffix)."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp{path.suffix}")
+
+
+def _fsync_file(path: Path) -> None:
+    """Flush ``path`` to disk so that the rename cannot land before the data does after a power cut."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], *, fsync: bool = True) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` when the block succeeds.
+
+    The body writes a *file* at the yielded path (any writer that takes a path: ``df.to_parquet``,
+    ``open(..., "w")``, ``np.save``). On success the file is flushed (``fsync``) and moved onto ``path``
+    with ``os.replace``, replacing any old file. If the body raises, the temporary file is removed and
+    ``path`` is left untouched. The parent directory is created if missing. The temporary name is hidden
+    (leading dot), unique, and keeps ``path``'s suffix.
+
+    Example::
+
+        with atomic_path(run_dir / "oof.parquet") as tmp:
+            df.to_parquet(tmp)
+
+    Raises:
+        FileNotFoundError: the body finished without creating the file at the yielded path.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(final)
+    try:
+        yield tmp
+        if not tmp.is_file():
+            raise FileNotFoundError(f"atomic write of {final}: the block did not write a file at {tmp}")
+        if fsync:
+            _fsync_file(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str, *, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically; return ``path`` as a :class:`Path`."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding=encoding)
+    return Path(path)
+
+
+def write_parquet_atomic(df: pd.DataFrame, path: str | os.PathLike[str], **kwargs: Any) -> Path:
+    """Write ``df`` to Parquet at ``path`` atomically (``kwargs`` go to ``DataFrame.to_parquet``)."""
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, **kwargs)
+    return Path(path)
+
+
+def _json_default(obj: object) -> Any:
+    """Make numpy scalars and arrays and paths JSON-serialisable; refuse anything else by name."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, indent: int | None = 2) -> Path:
+    """Write ``obj`` as JSON (UTF-8, trailing newline) to ``path`` atomically.
+
+    numpy scalars/arrays and paths are converted; NaN and infinity are written as ``NaN``/``Infinity``
+    as Python's :mod:`json` does (readable by :func:`json.loads` and pandas).
+    """
+    text = json.dumps(obj, indent=indent, default=_json_default, ensure_ascii=False) + "\n"
+    return write_text_atomic(path, text)
