@@ -154,8 +154,8 @@ def _loader(ds: SliceDataset, cfg: Config, rt: Runtime, train: bool) -> DataLoad
     if workers > 0:
         common["prefetch_factor"] = 4
     if train:
-        sampler: DistributedSampler[int] = DistributedSampler(ds, num_replicas=rt.world_size, rank=rt.rank, shuffle=True,
-                                     seed=cfg.train.seed)
+        sampler: DistributedSampler[int] = DistributedSampler(
+            ds, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=cfg.train.seed)
         drop = len(ds) // rt.world_size > cfg.train.batch_size
         return DataLoader(ds, sampler=sampler, drop_last=drop, **common)
     return DataLoader(ds, shuffle=False, **common)
