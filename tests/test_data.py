@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ichdet.cache import PixelCache, PreprocessOptions, preprocess
+from ichdet.config import DataConfig, build_config
+from ichdet.data import SliceDataset
+from ichdet.synth import SynthSpec, make_dataset
+from ichdet.windowing import PRESETS, apply_windows
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> PixelCache:
+    root = tmp_path_factory.mktemp("data")
+    make_dataset(root / "synth", SynthSpec(n_studies=3, n_test_studies=0, size=64, slices_per_study=(8, 8), seed=2))
+    preprocess(root / "synth" / "stage_2_train_images", root / "cache", root / "synth" / "stage_2_train.csv",
+               PreprocessOptions(size=64, workers=1, n_folds=3, progress=False))
+    return PixelCache(root / "cache")
+
+
+def _cfg(*overrides: str) -> DataConfig:
+    return build_config({}, ["data.image_size=64", *overrides]).data
+
+
+def test_channels_are_the_windows_of_the_stored_hu(cache: PixelCache) -> None:
+    ds = SliceDataset(cache, np.arange(len(cache)), _cfg())
+    image, target, row = ds[5]
+    assert image.dtype.is_floating_point is False and tuple(image.shape) == (3, 64, 64)
+    expected = apply_windows(cache.read_row(5), [PRESETS["brain"], PRESETS["subdural"], PRESETS["soft_tissue"]])
+    np.testing.assert_array_equal(image.numpy(), expected.transpose(2, 0, 1))
+    np.testing.assert_array_equal(target.numpy(), cache.index.iloc[5][["epidural", "intraparenchymal",
+                                  "intraventricular", "subarachnoid", "subdural", "any"]].to_numpy(np.float32))
+    assert row == 5
+
+
+@pytest.mark.parametrize(("windows", "offsets", "channels"), [
+    (["brain"], [0], 1), (["brain", "bone"], [0], 2), (["brain", "subdural", "soft_tissue"], [-1, 0, 1], 9),
+])
+def test_channel_count(cache: PixelCache, windows: list[str], offsets: list[int], channels: int) -> None:
+    cfg = _cfg(f"data.windows=[{', '.join(windows)}]", f"data.slice_offsets={offsets}")
+    assert cfg.in_chans == channels
+    assert SliceDataset(cache, [0], cfg)[0][0].shape[0] == channels
+
+
+def test_slice_context_uses_the_neighbours(cache: PixelCache) -> None:
+    index = cache.index
+    ds = SliceDataset(cache, np.arange(len(cache)), _cfg("data.windows=[brain]", "data.slice_offsets=[-1, 0, 1]"))
+    middle = int(np.flatnonzero((index["slice_index"] == 3).to_numpy())[0])
+    first = int(np.flatnonzero((index["slice_index"] == 0).to_numpy())[0])
+    prev_row = cache.row_of(index.loc[middle, "prev_id"])
+    next_row = cache.row_of(index.loc[middle, "next_id"])
+    image = ds[middle][0].numpy()
+    for channel, row in enumerate([prev_row, middle, next_row]):
+        np.testing.assert_array_equal(image[channel], apply_windows(cache.read_row(row), [PRESETS["brain"]])[..., 0])
+    edge = ds[first][0].numpy()
+    np.testing.assert_array_equal(edge[0], edge[1])  # no slice before the first: it repeats itself
+
+
+def test_resize_to_model_size(cache: PixelCache) -> None:
+    assert tuple(SliceDataset(cache, [0], _cfg("data.image_size=32"))[0][0].shape) == (3, 32, 32)
+
+
+def test_augmentation_is_seeded_per_epoch_and_sample(cache: PixelCache) -> None:
+    cfg = _cfg("data.augment.shift_scale_rotate=1.0")  # a random affine on every draw
+    a = SliceDataset(cache, np.arange(len(cache)), cfg, augment=True, seed=0)
+    b = SliceDataset(cache, np.arange(len(cache)), cfg, augment=True, seed=0)
+    plain = SliceDataset(cache, np.arange(len(cache)), cfg)
+    assert np.array_equal(a[3][0].numpy(), b[3][0].numpy())
+    first = a[3][0].numpy()
+    a.set_epoch(1)
+    assert not np.array_equal(first, a[3][0].numpy())  # a new epoch draws new augmentations
+    assert not np.array_equal(first, plain[3][0].numpy())
+
+
+def test_flip_only_augmentation_is_a_mirror(cache: PixelCache) -> None:
+    cfg = _cfg("data.augment.hflip=1.0", "data.augment.shift_scale_rotate=0", "data.augment.brightness_contrast=0",
+               "data.augment.random_crop=0")
+    flipped = SliceDataset(cache, [4], cfg, augment=True)[0][0].numpy()
+    plain = SliceDataset(cache, [4], cfg)[0][0].numpy()
+    np.testing.assert_array_equal(flipped, plain[:, :, ::-1])
+
+
+def test_demo_config_builds_a_dataset(cache: PixelCache) -> None:
+    cfg = build_config({}, []).data
+    assert SliceDataset(cache, [0, 1], cfg, augment=True)[1][0].shape[1:] == (cfg.image_size, cfg.image_size)
