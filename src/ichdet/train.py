@@ -296,7 +296,15 @@ def _check_same_config(path: Path, saved: dict[str, Any], cfg: Config) -> None:
                           "with the run's own config.yaml or start a new --out")
 
 
-def _stopped(cfg: Config, epoch: int, best: dict[str, Any]) -> bool:
+def update_best(best: dict[str, Any], val_loss: float, epoch: int) -> tuple[dict[str, Any], bool]:
+    """Early-stopping bookkeeping: the new best record and whether ``epoch`` improved on it."""
+    if val_loss < best["val_loss"]:
+        return {"val_loss": val_loss, "epoch": epoch, "bad_epochs": 0}, True
+    return {**best, "bad_epochs": best["bad_epochs"] + 1}, False
+
+
+def should_stop(cfg: Config, epoch: int, best: dict[str, Any]) -> bool:
+    """All epochs done, or ``train.patience`` epochs in a row without a better validation loss."""
     return epoch >= cfg.train.epochs or best["bad_epochs"] >= cfg.train.patience
 
 
@@ -330,19 +338,16 @@ def train_fold(cfg: Config, cache: PixelCache, fold_dir: Path, fold: int, rt: Ru
         (fold_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         from torch.utils.tensorboard import SummaryWriter  # slow import, rank 0 only
         writer = SummaryWriter(str(fold_dir / "tb"))
-    while not _stopped(cfg, epoch, best):
+    while not should_stop(cfg, epoch, best):
         torch.manual_seed(cfg.train.seed * 1000 + epoch)  # repeatable epoch: dropout, sampling
         start = time.perf_counter()
         record: dict[str, Any] = {"epoch": epoch + 1, **train_one_epoch(t, epoch, progress)}
         metrics, _, _ = validate(t)
         record.update(metrics, seconds=time.perf_counter() - start)
         epoch += 1
-        if metrics["val_loss"] < best["val_loss"]:
-            best = {"val_loss": metrics["val_loss"], "epoch": epoch, "bad_epochs": 0}
-            if rt.is_main:
-                save_weights(unwrap(t.model), fold_dir / "best.safetensors")
-        else:
-            best = {**best, "bad_epochs": best["bad_epochs"] + 1}
+        best, improved = update_best(best, metrics["val_loss"], epoch)
+        if improved and rt.is_main:
+            save_weights(unwrap(t.model), fold_dir / "best.safetensors")
         history.append(record)
         if rt.is_main:
             save_state(_state(t, epoch, history, best), last)
