@@ -8,6 +8,7 @@ GPUS=${GPUS:-1}
 MODELS=${MODELS:-"seresnext50_224 seresnext50_512 vgg19 efficientnet_b0 efficientnet_b2 resnet34"}
 FOLD=${FOLD:-all}
 RESUME=${RESUME:-}   # RESUME=--resume continues interrupted runs
+EXTRA=${EXTRA:-}     # more arguments for every run, e.g. EXTRA="--set train.epochs=3"
 
 for m in $MODELS; do
   if [ "$GPUS" -gt 1 ]; then
@@ -15,5 +16,5 @@ for m in $MODELS; do
   else
     launch=(${ICHDET:-ichdet})
   fi
-  "${launch[@]}" train --config "configs/$m.yaml" --data "$CACHE/train" --out "$RUNS/$m" --fold "$FOLD" $RESUME
+  "${launch[@]}" train --config "configs/$m.yaml" --data "$CACHE/train" --out "$RUNS/$m" --fold "$FOLD" $RESUME $EXTRA
 done
