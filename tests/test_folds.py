@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
@@ -138,12 +137,9 @@ def test_assign_folds_rejects(meta: pd.DataFrame, n_folds: Any, message: str) ->
         assign_folds(meta, n_folds=n_folds, seed=0)
 
 
-def test_rsna_scale_is_fast() -> None:
-    """~19 k patients, 752 k images: well under the 10 s budget (measured ~0.5 s on 2 cores)."""
+def test_rsna_scale_is_balanced() -> None:
+    """~19 k patients, 752 k images: every label within 1 % of the mean (speed: bench/bench_labels_scale.py)."""
     meta = cohort(19_000, 40, seed=14)
-    start = time.perf_counter()
     folds = assign_folds(meta, 5, seed=0)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 10.0, elapsed
     counts = fold_counts(meta, folds, 5)
     assert ((counts - counts.mean()).abs().max() / counts.mean() <= 0.01).all()

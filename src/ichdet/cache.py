@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from ichdet.dicom import read_dicom
+from ichdet.dicom import _read_dicom
 from ichdet.errors import DicomError, IchdetError
 from ichdet.index import build_index, list_dicom_files
 from ichdet.io import atomic_path, write_json_atomic, write_parquet_atomic
@@ -90,7 +90,15 @@ def hu_to_store(hu: np.ndarray, size: int) -> np.ndarray:
     into the head when resizing. Shrinking uses area interpolation, enlarging bilinear.
     """
     lo, hi = STORE_RANGE
-    img = np.clip(hu, lo, hi).astype(np.float32, copy=False)
+    if hu.dtype in (np.int16, np.int32):
+        # Integer HU (what the preprocessor reads): clip in integers. Equal to the float path below,
+        # since every value kept is exact in float32 and np.rint of an integer is that integer.
+        clipped = np.clip(hu, lo, hi)
+        if clipped.shape == (size, size):
+            return clipped.astype(np.int16, copy=False)
+        img = clipped.astype(np.float32)
+    else:
+        img = np.clip(hu, lo, hi).astype(np.float32, copy=False)
     h, w = img.shape
     if h != w:
         side = max(h, w)
@@ -127,7 +135,7 @@ def _process_chunk(chunk: _Chunk) -> int:
     for rel in chunk.files:
         row: dict[str, object] = {"path": rel, "reason": None, "offset": -1}
         try:
-            meta, hu = read_dicom(Path(chunk.root) / rel)
+            meta, hu = _read_dicom(Path(chunk.root) / rel, integer=True)  # int32 HU where exact
             pixels.append(hu_to_store(hu, chunk.size))
         except DicomError as err:
             row["reason"] = err.reason

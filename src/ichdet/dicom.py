@@ -23,7 +23,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
-from pydicom.uid import UID
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from ichdet.errors import DicomError
 
@@ -34,6 +34,9 @@ PathLike = str | Path
 _IMAGE_ID = re.compile(r"^[A-Za-z0-9._-]+$")
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 _MAX_REASON = 300  # characters of a library's error message kept in a DicomError reason
+_NATIVE_LITTLE_ENDIAN = frozenset({ImplicitVRLittleEndian, ExplicitVRLittleEndian})
+_MAX_SIDE = 2**16 - 1  # pydicom's limit on Rows and Columns
+_EXACT_INTERCEPT = 2**23  # see _hu: keeps raw + intercept below 2**24, exact in float32
 
 
 @dataclass(frozen=True)
@@ -216,6 +219,9 @@ def _check_image(ds: Dataset, path: PathLike) -> None:
 def _decode(ds: Dataset, path: PathLike) -> np.ndarray:
     """The stored pixel values as pydicom decodes them (unused high bits masked, sign applied)."""
     uid = _transfer_syntax(ds, path)
+    native = _decode_native(ds, uid)
+    if native is not None:
+        return native
     try:
         return ds.pixel_array
     except Exception as err:
@@ -226,6 +232,36 @@ def _decode(ds: Dataset, path: PathLike) -> np.ndarray:
         if type(err).__name__ != "PanicException":
             raise
         raise DicomError(path, _decode_reason(err, uid)) from err
+
+
+def _decode_native(ds: Dataset, uid: UID) -> np.ndarray | None:
+    """``ds.pixel_array`` for the layout nearly every CT slice has, without pydicom's decoder machinery.
+
+    That layout: Implicit or Explicit VR Little Endian, BitsAllocated (0028,0100) 16, valid Rows,
+    Columns, BitsStored (0028,0101) and PixelRepresentation (0028,0103), SamplesPerPixel (0028,0002)
+    present, and exactly Rows x Columns x 2 bytes of Pixel Data. The buffer is viewed as ``<u2``/``<i2``
+    and, when BitsStored < 16, shifted left then right by the unused bits, as pydicom does (masks
+    unsigned values, sign-extends signed ones). Anything else (compressed, other widths, a missing or
+    odd element, pixel data that is short or padded, which pydicom reports or trims) returns None and
+    goes to pydicom, errors and warnings included. The result may be a read-only view of the buffer.
+    """
+    if uid not in _NATIVE_LITTLE_ENDIAN or "SamplesPerPixel" not in ds or ds.get("BitsAllocated") != 16:
+        return None
+    rows, cols = ds.get("Rows"), ds.get("Columns")
+    bits_stored, representation = ds.get("BitsStored"), ds.get("PixelRepresentation")
+    if not (isinstance(rows, int) and isinstance(cols, int) and isinstance(bits_stored, int)
+            and 0 < rows <= _MAX_SIDE and 0 < cols <= _MAX_SIDE and 1 <= bits_stored <= 16
+            and representation in (0, 1)):
+        return None
+    data = ds.PixelData
+    if not isinstance(data, bytes) or len(data) != rows * cols * 2:
+        return None
+    pixels = np.frombuffer(data, dtype="<i2" if representation else "<u2").reshape(rows, cols)
+    unused = 16 - bits_stored
+    if unused:
+        pixels = np.left_shift(pixels, unused)
+        np.right_shift(pixels, unused, out=pixels)
+    return pixels
 
 
 def _decode_reason(err: BaseException, uid: UID) -> str:
@@ -254,8 +290,9 @@ def hu_from_dataset(ds: Dataset, path: PathLike) -> np.ndarray:
 
     Order of operations:
 
-    1. decode Pixel Data (7FE0,0010) with pydicom (``ds.pixel_array``: bits above BitsStored masked,
-       PixelRepresentation (0028,0103) applied) and take the values as int32;
+    1. decode Pixel Data (7FE0,0010) as pydicom does (``ds.pixel_array``: bits above BitsStored masked,
+       PixelRepresentation (0028,0103) applied; native 16-bit little-endian data is read straight from
+       the buffer with the same result, see :func:`_decode_native`);
     2. the RSNA 2019 fix, FIRST and only when BitsStored (0028,0101) == 12, PixelRepresentation == 0
        and RescaleIntercept (0028,1052) > -100: some challenge slices store 12-bit values that wrap
        below 0 HU, so ``x = raw + 1000; x[x >= 4096] -= 4096`` and the intercept becomes -1000;
@@ -264,10 +301,22 @@ def hu_from_dataset(ds: Dataset, path: PathLike) -> np.ndarray:
 
     Raises DicomError for missing Pixel Data, multi-frame, colour, truncated or undecodable pixels.
     """
+    return _hu(ds, path, integer=False)
+
+
+def _hu(ds: Dataset, path: PathLike, *, integer: bool) -> np.ndarray:
+    """:func:`hu_from_dataset`; with ``integer``, int32 wherever that is exact.
+
+    Exact means slope 1, an integral intercept of at most 2**23 and 8- or 16-bit pixels (the usual CT
+    case): every HU is then an integer below 2**24, so the int32 array casts to exactly the float32
+    array returned without ``integer``. The cache stores integer HU and so skips float32 altogether.
+    Every other case returns float32.
+    """
     _check_image(ds, path)
     raw = _decode(ds, path)
-    if raw.shape != _size(ds, path):
-        raise DicomError(path, f"decoded pixels have shape {raw.shape}, header says {_size(ds, path)}")
+    size = _size(ds, path)
+    if raw.shape != size:
+        raise DicomError(path, f"decoded pixels have shape {raw.shape}, header says {size}")
     if "ModalityLUTSequence" in ds:
         return np.asarray(apply_modality_lut(raw, ds), dtype=np.float32)
     slope, intercept = _rescale(ds, path)
@@ -277,10 +326,14 @@ def hu_from_dataset(ds: Dataset, path: PathLike) -> np.ndarray:
         pixels[pixels >= 4096] -= 4096
         intercept = -1000.0
     if slope == 1.0 and intercept.is_integer():
+        if integer and raw.dtype.kind in "iu" and raw.dtype.itemsize <= 2 and abs(intercept) <= _EXACT_INTERCEPT:
+            hu = pixels.astype(np.int32, copy=False)  # a copy unless pixels is the RSNA fix's own array
+            hu += int(intercept)
+            return hu
         # integers below 2**24 are exact in float32: one cast and an in-place add, no float64 pass
-        hu = pixels.astype(np.float32)
-        hu += np.float32(intercept)
-        return hu
+        hu32 = pixels.astype(np.float32)
+        hu32 += np.float32(intercept)
+        return hu32
     return (pixels * slope + intercept).astype(np.float32)
 
 
@@ -289,9 +342,14 @@ def hu_from_dataset(ds: Dataset, path: PathLike) -> np.ndarray:
 
 def read_dicom(path: PathLike) -> tuple[DicomMeta, np.ndarray]:
     """Header and HU pixels of one slice from a single read and a single decode."""
+    return _read_dicom(path, integer=False)
+
+
+def _read_dicom(path: PathLike, *, integer: bool) -> tuple[DicomMeta, np.ndarray]:
+    """:func:`read_dicom`; with ``integer``, the HU as int32 wherever that is exact (see :func:`_hu`)."""
     with _pydicom_warnings():
         ds = _dcmread(path, stop_before_pixels=False)
-        return meta_from_dataset(ds, path), hu_from_dataset(ds, path)
+        return meta_from_dataset(ds, path), _hu(ds, path, integer=integer)
 
 
 def read_hu(path: PathLike) -> np.ndarray:
