@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from ichdet.dicom import _read_dicom
+from ichdet.dicom import _read_dicom, _Workspace
 from ichdet.errors import DicomError, IchdetError
 from ichdet.index import build_index, list_dicom_files
 from ichdet.io import atomic_path, write_json_atomic, write_parquet_atomic
@@ -111,6 +111,15 @@ def hu_to_store(hu: np.ndarray, size: int) -> np.ndarray:
     return np.rint(img).astype(np.int16)
 
 
+def _store_into(hu: np.ndarray, size: int, out: np.ndarray) -> None:
+    """``out[...] = hu_to_store(hu, size)``, clobbering ``hu`` (a scratch array) to spare two allocations."""
+    if hu.dtype == np.int32 and hu.shape == (size, size) and hu.flags.writeable:
+        np.clip(hu, *STORE_RANGE, out=hu)
+        np.copyto(out, hu, casting="unsafe")  # exact: every value is in STORE_RANGE now
+    else:
+        out[...] = hu_to_store(hu, size)
+
+
 @dataclass(frozen=True)
 class _Chunk:
     number: int
@@ -130,22 +139,26 @@ class _Chunk:
 
 def _process_chunk(chunk: _Chunk) -> int:
     """Read, convert and store every file of one chunk; returns the number of files handled."""
-    pixels: list[np.ndarray] = []
+    # Images go straight into the shard's array, and the per-file arrays are reused (see _Workspace).
+    stack = np.empty((len(chunk.files), chunk.size, chunk.size), np.int16)
+    work = _Workspace()
+    n_stored = 0
     rows: list[dict[str, object]] = []
     for rel in chunk.files:
         row: dict[str, object] = {"path": rel, "reason": None, "offset": -1}
         try:
-            meta, hu = _read_dicom(Path(chunk.root) / rel, integer=True)  # int32 HU where exact
-            pixels.append(hu_to_store(hu, chunk.size))
+            meta, hu = _read_dicom(Path(chunk.root) / rel, integer=True, work=work)  # int32 HU where exact
+            _store_into(hu, chunk.size, stack[n_stored])
         except DicomError as err:
             row["reason"] = err.reason
         except Exception as err:  # a file must never stop the run; it is reported instead
             row["reason"] = f"unexpected error while reading: {type(err).__name__}: {err}"
         else:
             row.update(meta.as_row())
-            row["offset"] = len(pixels) - 1
+            row["offset"] = n_stored
+            n_stored += 1
         rows.append(row)
-    stack = np.stack(pixels) if pixels else np.zeros((0, chunk.size, chunk.size), np.int16)
+    stack = stack[:n_stored]
     with atomic_path(chunk.npy) as tmp, open(tmp, "wb") as fh:
         np.save(fh, stack)
     write_parquet_atomic(pd.DataFrame(rows).assign(shard=chunk.number), chunk.manifest)

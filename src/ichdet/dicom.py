@@ -14,7 +14,7 @@ import math
 import re
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -79,6 +79,18 @@ def _pydicom_warnings() -> Iterator[None]:
         warnings.filterwarnings("ignore", message=r"Invalid value for VR UI", category=UserWarning)
         warnings.filterwarnings("error", message=r"End of file reached", category=UserWarning)
         yield
+
+
+def _values_unchecked() -> AbstractContextManager[object]:
+    """pydicom's value validation off while reading, unless the user asked for RAISE.
+
+    With the default (WARN) validation only warns, and values read the same either way. On RSNA files
+    every ``ID_…`` UID warns (a log record and a warning, silenced by :func:`_pydicom_warnings`), which
+    costs ~15 % of reading a slice. Process-global state, like the warning filters.
+    """
+    if pydicom.config.settings.reading_validation_mode == pydicom.config.WARN:
+        return pydicom.config.disable_value_validation()
+    return nullcontext()
 
 
 def _dcmread(path: PathLike, *, stop_before_pixels: bool) -> Dataset:
@@ -198,6 +210,26 @@ def meta_from_dataset(ds: Dataset, path: PathLike) -> DicomMeta:
 # --------------------------------------------------------------------------------------------- pixels
 
 
+class _Workspace:
+    """Pixel buffers reused from one file to the next by a loop over many files (the preprocessor).
+
+    A fresh megabyte-sized array per step and file costs page faults: glibc hands freed large blocks
+    back to the OS, so every new one is faulted in again, which costs as much as the arithmetic. An
+    array taken from here is overwritten by the next file read with the same workspace.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[tuple[int, ...], str], np.ndarray] = {}
+
+    def get(self, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+        """An uninitialised array of ``shape`` and ``dtype``, the same one on every call."""
+        key = (shape, np.dtype(dtype).str)
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = self._buffers[key] = np.empty(shape, dtype)
+        return buf
+
+
 def _check_image(ds: Dataset, path: PathLike) -> None:
     """Only single-frame, single-sample monochrome images with Pixel Data are supported."""
     if "PixelData" not in ds:
@@ -216,10 +248,10 @@ def _check_image(ds: Dataset, path: PathLike) -> None:
         )
 
 
-def _decode(ds: Dataset, path: PathLike) -> np.ndarray:
+def _decode(ds: Dataset, path: PathLike, work: _Workspace | None = None) -> np.ndarray:
     """The stored pixel values as pydicom decodes them (unused high bits masked, sign applied)."""
     uid = _transfer_syntax(ds, path)
-    native = _decode_native(ds, uid)
+    native = _decode_native(ds, uid, work)
     if native is not None:
         return native
     try:
@@ -234,7 +266,7 @@ def _decode(ds: Dataset, path: PathLike) -> np.ndarray:
         raise DicomError(path, _decode_reason(err, uid)) from err
 
 
-def _decode_native(ds: Dataset, uid: UID) -> np.ndarray | None:
+def _decode_native(ds: Dataset, uid: UID, work: _Workspace | None = None) -> np.ndarray | None:
     """``ds.pixel_array`` for the layout nearly every CT slice has, without pydicom's decoder machinery.
 
     That layout: Implicit or Explicit VR Little Endian, BitsAllocated (0028,0100) 16, valid Rows,
@@ -243,7 +275,8 @@ def _decode_native(ds: Dataset, uid: UID) -> np.ndarray | None:
     and, when BitsStored < 16, shifted left then right by the unused bits, as pydicom does (masks
     unsigned values, sign-extends signed ones). Anything else (compressed, other widths, a missing or
     odd element, pixel data that is short or padded, which pydicom reports or trims) returns None and
-    goes to pydicom, errors and warnings included. The result may be a read-only view of the buffer.
+    goes to pydicom, errors and warnings included. The result may be a read-only view of the buffer,
+    or an array of ``work``.
     """
     if uid not in _NATIVE_LITTLE_ENDIAN or "SamplesPerPixel" not in ds or ds.get("BitsAllocated") != 16:
         return None
@@ -259,7 +292,8 @@ def _decode_native(ds: Dataset, uid: UID) -> np.ndarray | None:
     pixels = np.frombuffer(data, dtype="<i2" if representation else "<u2").reshape(rows, cols)
     unused = 16 - bits_stored
     if unused:
-        pixels = np.left_shift(pixels, unused)
+        out = None if work is None else work.get(pixels.shape, pixels.dtype)
+        pixels = np.left_shift(pixels, unused, out=out)
         np.right_shift(pixels, unused, out=pixels)
     return pixels
 
@@ -304,16 +338,16 @@ def hu_from_dataset(ds: Dataset, path: PathLike) -> np.ndarray:
     return _hu(ds, path, integer=False)
 
 
-def _hu(ds: Dataset, path: PathLike, *, integer: bool) -> np.ndarray:
+def _hu(ds: Dataset, path: PathLike, *, integer: bool, work: _Workspace | None = None) -> np.ndarray:
     """:func:`hu_from_dataset`; with ``integer``, int32 wherever that is exact.
 
     Exact means slope 1, an integral intercept of at most 2**23 and 8- or 16-bit pixels (the usual CT
     case): every HU is then an integer below 2**24, so the int32 array casts to exactly the float32
     array returned without ``integer``. The cache stores integer HU and so skips float32 altogether.
-    Every other case returns float32.
+    Every other case returns float32. With ``work``, the result may be one of its arrays.
     """
     _check_image(ds, path)
-    raw = _decode(ds, path)
+    raw = _decode(ds, path, work)
     size = _size(ds, path)
     if raw.shape != size:
         raise DicomError(path, f"decoded pixels have shape {raw.shape}, header says {size}")
@@ -327,9 +361,8 @@ def _hu(ds: Dataset, path: PathLike, *, integer: bool) -> np.ndarray:
         intercept = -1000.0
     if slope == 1.0 and intercept.is_integer():
         if integer and raw.dtype.kind in "iu" and raw.dtype.itemsize <= 2 and abs(intercept) <= _EXACT_INTERCEPT:
-            hu = pixels.astype(np.int32, copy=False)  # a copy unless pixels is the RSNA fix's own array
-            hu += int(intercept)
-            return hu
+            hu = np.empty(size, np.int32) if work is None else work.get(size, np.int32)
+            return np.add(pixels, np.int32(intercept), out=hu)
         # integers below 2**24 are exact in float32: one cast and an in-place add, no float64 pass
         hu32 = pixels.astype(np.float32)
         hu32 += np.float32(intercept)
@@ -345,11 +378,14 @@ def read_dicom(path: PathLike) -> tuple[DicomMeta, np.ndarray]:
     return _read_dicom(path, integer=False)
 
 
-def _read_dicom(path: PathLike, *, integer: bool) -> tuple[DicomMeta, np.ndarray]:
-    """:func:`read_dicom`; with ``integer``, the HU as int32 wherever that is exact (see :func:`_hu`)."""
-    with _pydicom_warnings():
+def _read_dicom(path: PathLike, *, integer: bool, work: _Workspace | None = None) -> tuple[DicomMeta, np.ndarray]:
+    """:func:`read_dicom`; with ``integer``, the HU as int32 wherever that is exact (see :func:`_hu`).
+
+    With ``work``, the HU array may belong to it: use it before the next read with the same workspace.
+    """
+    with _pydicom_warnings(), _values_unchecked():
         ds = _dcmread(path, stop_before_pixels=False)
-        return meta_from_dataset(ds, path), _hu(ds, path, integer=integer)
+        return meta_from_dataset(ds, path), _hu(ds, path, integer=integer, work=work)
 
 
 def read_hu(path: PathLike) -> np.ndarray:

@@ -1,0 +1,204 @@
+"""Helpers shared by the benchmark scripts: machine description, interleaved timing, medians, JSON.
+
+Benchmarks here *measure*; they do not assert. On a shared, noisy machine a single timing means little,
+so every script runs its variants several times, interleaved (variant A, B, C, then A, B, C again, ...)
+so that a burst of load from elsewhere hits all of them alike, and reports medians and ratios of
+medians taken in the same run.
+
+Versions are read with :mod:`importlib.metadata`, not by importing the packages: importing torch into
+a benchmark that forks worker processes would make every fork slower and skew the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "Variant",
+    "add_common_args",
+    "format_machine",
+    "machine_info",
+    "median",
+    "run_interleaved",
+    "symlink_farm",
+    "table",
+    "verdict",
+    "warm_files",
+    "write_json",
+]
+
+#: Distributions whose versions a benchmark report names (absent ones are reported as such).
+PACKAGES = ("numpy", "torch", "opencv-python-headless", "pydicom", "pandas", "albumentations")
+
+
+# ------------------------------------------------------------------------------------ the machine
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _ram_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _version(distribution: str) -> str:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores (total and usable by this process), RAM, load, OS and package versions."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "cores_usable": usable,
+        "ram_gib": _ram_gib(),
+        "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "packages": {name: _version(name) for name in PACKAGES},
+    }
+
+
+def format_machine(info: dict[str, Any]) -> str:
+    """The machine description as a few lines for the top of a report."""
+    packages = ", ".join(f"{k} {v}" for k, v in info["packages"].items())
+    return (f"machine: {info['cpu']}, {info['cores']} cores ({info['cores_usable']} usable), "
+            f"{info['ram_gib']} GiB RAM, load {info['load_avg_1_5_15']}\n"
+            f"         {info['os']}, Python {info['python']}\n"
+            f"         {packages}")
+
+
+# ------------------------------------------------------------------------------------ measuring
+
+
+class Variant:
+    """One thing to time: ``run()`` does the work once and returns how many items it handled.
+
+    ``setup()`` (untimed, optional) runs before every timed call, e.g. to make a fresh output folder.
+    """
+
+    def __init__(self, name: str, run: Callable[[], int], setup: Callable[[], None] | None = None,
+                 unit: str = "items") -> None:
+        self.name, self.run, self.setup, self.unit = name, run, setup, unit
+
+
+def run_interleaved(variants: Sequence[Variant], repeats: int, *,
+                    log: Callable[[str], None] | None = print) -> dict[str, dict[str, Any]]:
+    """Time every variant ``repeats`` times, interleaved, rotating the order each round.
+
+    Returns per variant: ``seconds`` and ``rate`` (items/s) of every run, their medians, and ``items``.
+    The rotation keeps a variant from always running right after the same neighbour (whose leftovers,
+    such as dirty pages being written back, would then always land on it).
+    """
+    runs: dict[str, list[tuple[float, int]]] = {v.name: [] for v in variants}
+    for r in range(repeats):
+        k = r % len(variants)
+        for v in [*variants[k:], *variants[:k]]:
+            if v.setup is not None:
+                v.setup()
+            t0 = time.perf_counter()
+            items = v.run()
+            runs[v.name].append((time.perf_counter() - t0, items))
+        if log is not None:
+            log(f"  round {r + 1}/{repeats}: " + ", ".join(
+                f"{name} {runs[name][-1][1] / runs[name][-1][0]:.0f}/s" for name in runs))
+    out: dict[str, dict[str, Any]] = {}
+    for v in variants:
+        seconds = [s for s, _ in runs[v.name]]
+        rates = [n / s for s, n in runs[v.name]]
+        out[v.name] = {"unit": v.unit, "items": runs[v.name][0][1], "seconds": seconds, "rate": rates,
+                       "median_seconds": median(seconds), "median_rate": median(rates)}
+    return out
+
+
+def median(values: Iterable[float]) -> float:
+    """The median (of an odd or even number of values)."""
+    return float(statistics.median(list(values)))
+
+
+def warm_files(paths: Iterable[str | os.PathLike[str]]) -> int:
+    """Read every file once so that the OS page cache holds it; returns the bytes read."""
+    total = 0
+    for path in paths:
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                total += len(chunk)
+    return total
+
+
+def symlink_farm(sources: Iterable[Path], farm: Path) -> list[Path]:
+    """Symlinks to ``sources`` under one folder ``farm`` (for tools that take one folder); returns the links.
+
+    Files keep their names (a DICOM's image id may fall back to its stem), in one subfolder per source
+    folder, so same-named files from different folders do not clash. Links are per file because a
+    folder walk does not follow directory links.
+    """
+    parents: dict[Path, Path] = {}
+    links = []
+    for src in sources:
+        parent = parents.setdefault(src.parent, farm / f"d{len(parents):03d}_{src.parent.name}")
+        parent.mkdir(parents=True, exist_ok=True)
+        link = parent / src.name
+        if link.exists():
+            raise SystemExit(f"{src}: listed twice; every file may appear once")
+        link.symlink_to(src.resolve())
+        links.append(link)
+    return links
+
+
+# ------------------------------------------------------------------------------------ reporting
+
+
+def verdict(ok: bool) -> str:
+    """PASS or FAIL."""
+    return "PASS" if ok else "FAIL"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain-text table, first column left-aligned, the others right-aligned."""
+    cells = [[str(c) for c in header], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+
+    def line(row: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+
+    return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths), *map(line, cells[1:])])
+
+
+def add_common_args(parser: argparse.ArgumentParser, repeats: int = 5) -> None:
+    """``--repeats N`` and ``--json PATH``, the options every benchmark script takes."""
+    parser.add_argument("--repeats", type=int, default=repeats, help=f"timed rounds per variant (default {repeats})")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON here")
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write ``obj`` as indented JSON with a trailing newline (the parent folder is created)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(obj, indent=2, default=str) + "\n")
