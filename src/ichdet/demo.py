@@ -23,10 +23,11 @@ from ichdet.synth import SynthSpec, make_dataset
 from ichdet.train import train
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
-#: The demo's two models: (run name, overrides of configs/demo.yaml).
+#: The demo's two models, like the seed's SE-ResNeXt50 at 224 and at 512: one network at two input sizes
+#: (run name, overrides of configs/demo.yaml).
 DEMO_MODELS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("resnet18", ("model.backbone=resnet18",)),
-    ("efficientnet_b0", ("model.backbone=efficientnet_b0", "train.lr=0.003")),
+    ("resnet10t_128", ()),
+    ("resnet10t_96", ("data.image_size=96",)),
 )
 
 
