@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from ichdet.cache import PixelCache
-from ichdet.checkpoint import load_state, save_state, save_weights
+from ichdet.checkpoint import load_state, load_weights, save_state, save_weights
 from ichdet.config import Config, config_to_yaml
 from ichdet.data import SliceDataset
 from ichdet.errors import ConfigError, IchdetError
@@ -364,8 +364,6 @@ def train_fold(cfg: Config, cache: PixelCache, fold_dir: Path, fold: int, rt: Ru
 
 def _write_oof(t: Trainer, fold_dir: Path, fold: int) -> None:
     """Out-of-fold predictions of the best weights (with TTA) to ``fold_dir/oof.parquet``."""
-    from ichdet.checkpoint import load_weights
-
     load_weights(unwrap(t.model), fold_dir / "best.safetensors")
     _, rows, probs = validate(t, tta=t.cfg.train.tta)
     if t.rt.is_main:
