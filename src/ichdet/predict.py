@@ -13,7 +13,6 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from ichdet.cache import PixelCache
 from ichdet.checkpoint import load_weights
@@ -22,7 +21,7 @@ from ichdet.data import SliceDataset
 from ichdet.errors import CheckpointError
 from ichdet.labels import LABELS
 from ichdet.models import build_model, input_stats
-from ichdet.train import Normalizer, init_runtime, precision, predict_batches
+from ichdet.train import Normalizer, init_runtime, make_loader, precision, predict_batches
 
 
 def fold_weights(run: str | Path) -> list[tuple[int, Path]]:
@@ -55,9 +54,8 @@ def predict_run(run: str | Path, cache: PixelCache, tta: bool = True, batch_size
     for fold, weights in fold_weights(run):
         model, cfg = load_run_model(run, weights, rt.device)
         ds = SliceDataset(cache, np.arange(len(cache)), cfg.data)
-        loader = DataLoader(ds, batch_size=batch_size or cfg.train.batch_size * 2,
-                            num_workers=cfg.train.num_workers if num_workers is None else num_workers,
-                            pin_memory=rt.device.type == "cuda")
+        loader = make_loader(ds, batch_size or cfg.train.batch_size * 2,
+                             cfg.train.num_workers if num_workers is None else num_workers, rt.device)
         mean, std = input_stats(model, cfg.data.in_chans)
         normalize = Normalizer(mean, std, cfg.train.channels_last).to(rt.device)
         autocast, _ = precision(rt.device, cfg.train.amp)

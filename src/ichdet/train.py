@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pandas as pd
 import torch
@@ -67,7 +68,9 @@ def init_runtime(device: str = "auto") -> Runtime:
         device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda":
+        dev = dev if dev.index is not None else torch.device("cuda", local)
         torch.cuda.set_device(dev)
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     if dev.type == "cpu" and world > 1:
@@ -114,8 +117,8 @@ class Normalizer(nn.Module):
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float().mul_(self.scale).sub_(self.shift)
-        return x.contiguous(memory_format=self.memory_format)
+        x = x.contiguous(memory_format=self.memory_format)  # transpose while still uint8 (4x less data)
+        return x.float().mul_(self.scale).sub_(self.shift)
 
 
 def lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -147,18 +150,29 @@ class Trainer:
     cache: PixelCache
 
 
+def _worker_init(_: int) -> None:
+    cv2.setNumThreads(1)  # one process per core already; OpenCV threads on top would oversubscribe
+
+
+def make_loader(ds: SliceDataset, batch_size: int, num_workers: int, device: torch.device,
+                sampler: DistributedSampler[int] | None = None, drop_last: bool = False) -> DataLoader[Any]:
+    """A DataLoader with the settings that keep a GPU fed: pinned memory, prefetching, 1 thread per worker.
+
+    Workers restart each epoch (not persistent) so the dataset's epoch number, which seeds augmentation,
+    reaches them.
+    """
+    extra: dict[str, Any] = {"prefetch_factor": 4, "worker_init_fn": _worker_init} if num_workers > 0 else {}
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=drop_last,
+                      num_workers=num_workers, pin_memory=device.type == "cuda", **extra)
+
+
 def _loader(ds: SliceDataset, cfg: Config, rt: Runtime, train: bool) -> DataLoader[Any]:
-    workers = cfg.train.num_workers
-    common: dict[str, Any] = {"batch_size": cfg.train.batch_size, "num_workers": workers,
-                              "pin_memory": rt.device.type == "cuda"}
-    if workers > 0:
-        common["prefetch_factor"] = 4
-    if train:
-        sampler: DistributedSampler[int] = DistributedSampler(
-            ds, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=cfg.train.seed)
-        drop = len(ds) // rt.world_size > cfg.train.batch_size
-        return DataLoader(ds, sampler=sampler, drop_last=drop, **common)
-    return DataLoader(ds, shuffle=False, **common)
+    if not train:
+        return make_loader(ds, cfg.train.batch_size * 2, cfg.train.num_workers, rt.device)
+    sampler: DistributedSampler[int] = DistributedSampler(
+        ds, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=cfg.train.seed)
+    drop = len(ds) // rt.world_size > cfg.train.batch_size
+    return make_loader(ds, cfg.train.batch_size, cfg.train.num_workers, rt.device, sampler, drop)
 
 
 def build_trainer(cfg: Config, cache: PixelCache, fold: int, rt: Runtime) -> Trainer:
@@ -184,12 +198,30 @@ def build_trainer(cfg: Config, cache: PixelCache, fold: int, rt: Runtime) -> Tra
     train_loader = _loader(train_ds, cfg, rt, train=True)
     steps = len(train_loader) if cfg.train.limit_train_batches is None else min(
         len(train_loader), cfg.train.limit_train_batches)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                  fused=rt.device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(steps * cfg.train.epochs, round(steps * cfg.train.warmup_epochs)))
     autocast, scaler = precision(rt.device, cfg.train.amp)
     return Trainer(cfg, rt, model, normalize, WeightedBCE().to(rt.device), optimizer, scheduler, scaler,
                    autocast, train_loader, _loader(val_ds, cfg, rt, train=False), val_rows, cache)
+
+
+def train_step(t: Trainer, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """One optimisation step on a batch (uint8 images, float targets); returns the detached loss."""
+    x = t.normalize(images.to(t.rt.device, non_blocking=True))
+    y = target.to(t.rt.device, non_blocking=True)
+    with t.autocast():
+        loss = t.loss_fn(t.model(x), y)
+    t.optimizer.zero_grad(set_to_none=True)
+    t.scaler.scale(loss).backward()
+    if t.cfg.train.grad_clip > 0:
+        t.scaler.unscale_(t.optimizer)
+        nn.utils.clip_grad_norm_(t.model.parameters(), t.cfg.train.grad_clip)
+    t.scaler.step(t.optimizer)
+    t.scaler.update()
+    t.scheduler.step()
+    return loss.detach()
 
 
 def train_one_epoch(t: Trainer, epoch: int, progress: bool) -> dict[str, float]:
@@ -206,21 +238,10 @@ def train_one_epoch(t: Trainer, epoch: int, progress: bool) -> dict[str, float]:
     for step, (images, target, _) in enumerate(t.train_loader):
         if step >= limit:
             break
-        x = t.normalize(images.to(t.rt.device, non_blocking=True))
-        y = target.to(t.rt.device, non_blocking=True)
-        with t.autocast():
-            loss = t.loss_fn(t.model(x), y)
-        t.optimizer.zero_grad(set_to_none=True)
-        t.scaler.scale(loss).backward()
-        if t.cfg.train.grad_clip > 0:
-            t.scaler.unscale_(t.optimizer)
-            nn.utils.clip_grad_norm_(t.model.parameters(), t.cfg.train.grad_clip)
-        t.scaler.step(t.optimizer)
-        t.scaler.update()
-        t.scheduler.step()
-        total_loss += loss.detach() * len(images)  # stays on the device: no sync per step
+        loss = train_step(t, images, target)
+        total_loss += loss * len(images)  # stays on the device: no sync per step
         n_images += len(images)
-        if step % 10 == 0:
+        if not bar.disable and step % 10 == 0:  # .item() syncs the GPU: only when someone watches
             rate = n_images * t.rt.world_size / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.0f}")
         bar.update()
@@ -231,7 +252,7 @@ def train_one_epoch(t: Trainer, epoch: int, progress: bool) -> dict[str, float]:
             "lr": float(t.scheduler.get_last_lr()[0])}
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict_batches(model: nn.Module, normalize: Normalizer, loader: DataLoader[Any], device: torch.device,
                     autocast: Callable[[], AbstractContextManager[Any]], tta: bool,
                     progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -240,15 +261,15 @@ def predict_batches(model: nn.Module, normalize: Normalizer, loader: DataLoader[
     rows, probs = [], []
     for images, _, row in tqdm(loader, desc="predict", leave=False, disable=not progress):
         x = normalize(images.to(device, non_blocking=True))
+        if tta:  # one pass over the batch and its mirror image
+            x = torch.cat([x, torch.flip(x, dims=[3])])
         with autocast():
             p = torch.sigmoid(model(x).float())
-            if tta:
-                p = 0.5 * (p + torch.sigmoid(model(torch.flip(x, dims=[3])).float()))
-        probs.append(p.cpu())
+        probs.append(p.view(2, -1, p.shape[1]).mean(0) if tta else p)  # stays on the device: no sync
         rows.append(row)
     if not probs:
         return np.zeros(0, np.int64), np.zeros((0, len(LABELS)), np.float32)
-    return torch.cat(rows).numpy(), torch.cat(probs).numpy()
+    return torch.cat(rows).numpy(), torch.cat(probs).cpu().numpy()
 
 
 def gather(rt: Runtime, rows: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
