@@ -8,6 +8,7 @@ import pandas as pd
 import pydicom
 import pytest
 
+import ichdet.io
 from ichdet import cache as cache_mod
 from ichdet.cache import STORE_RANGE, PixelCache, PreprocessOptions, hu_to_store, preprocess
 from ichdet.dicom import read_hu
@@ -151,3 +152,140 @@ def test_real_sample_cache(rsna_sample: Path, tmp_path: Path) -> None:
     store = PixelCache(tmp_path / "c")
     path = sorted((rsna_sample / "stage_2_train_images").glob("*.dcm"))[0]
     np.testing.assert_array_equal(store.read(path.stem), hu_to_store(read_hu(path), 128))
+
+
+def _pixels(root: Path) -> list[tuple[str, np.ndarray]]:
+    return list(PixelCache(root).iter_rows())
+
+
+def _same_cache(a: Path, b: Path) -> None:
+    pd.testing.assert_frame_equal(pd.read_parquet(a / "index.parquet"), pd.read_parquet(b / "index.parquet"))
+    pd.testing.assert_frame_equal(pd.read_csv(a / "errors.csv"), pd.read_csv(b / "errors.csv"))
+    for (id1, x), (id2, y) in zip(_pixels(a), _pixels(b), strict=True):
+        assert id1 == id2
+        np.testing.assert_array_equal(x, y)
+
+
+def _truncate(path: Path, keep: int) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+# What a power cut can leave of a chunk whose files were renamed into place but never flushed.
+DAMAGE = {
+    "shard emptied": lambda npy, manifest: _truncate(npy, 0),
+    "shard cut short": lambda npy, manifest: _truncate(npy, npy.stat().st_size - 1),
+    "shard header only": lambda npy, manifest: _truncate(npy, 128),
+    "shard one image long": lambda npy, manifest: npy.write_bytes(npy.read_bytes() + bytes(64 * 64 * 2)),
+    "manifest emptied": lambda npy, manifest: _truncate(manifest, 0),
+    "manifest cut short": lambda npy, manifest: _truncate(manifest, manifest.stat().st_size // 2),
+    "manifest missing": lambda npy, manifest: manifest.unlink(),
+    "shard missing": lambda npy, manifest: npy.unlink(),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_rerun_redoes_a_damaged_chunk(synth_dir: Path, tmp_path: Path, damage: str) -> None:
+    images, labels = synth_dir / "stage_2_train_images", synth_dir / "stage_2_train.csv"
+    reference = preprocess(images, tmp_path / "ref", labels, OPTS)
+    preprocess(images, tmp_path / "c", labels, OPTS)
+    pixels = tmp_path / "c" / "pixels"
+    DAMAGE[damage](pixels / "shard_00001.npy", pixels / "shard_00001.json")
+    again = preprocess(images, tmp_path / "c", labels, OPTS)
+    assert (again.n_chunks, again.n_chunks_resumed) == (reference.n_chunks, reference.n_chunks - 1)
+    _same_cache(tmp_path / "ref", tmp_path / "c")
+
+
+def test_complete_rerun_reuses_every_chunk(synth_dir: Path, tmp_path: Path) -> None:
+    images = synth_dir / "stage_2_train_images"
+    first = preprocess(images, tmp_path / "c", None, OPTS)
+    again = preprocess(images, tmp_path / "c", None, OPTS)
+    assert again.n_chunks_resumed == first.n_chunks > 1
+    assert again.n_images == first.n_images
+
+
+def test_shards_are_plain_npy(synth_dir: Path, tmp_path: Path) -> None:
+    preprocess(synth_dir / "stage_2_train_images", tmp_path / "c", None, OPTS)
+    index = pd.read_parquet(tmp_path / "c" / "index.parquet")
+    for shard, count in index["shard"].value_counts().items():
+        array = np.load(tmp_path / "c" / "pixels" / f"shard_{shard:05d}.npy")
+        assert array.dtype == np.int16 and array.shape == (count, 64, 64)
+
+
+def test_only_the_final_files_are_fsynced(synth_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[str] = []
+    monkeypatch.setattr(ichdet.io, "_fsync_file", lambda path: synced.append(Path(path).name))
+    preprocess(synth_dir / "stage_2_train_images", tmp_path / "c", None, OPTS)
+    # temporary names: .<final name>.<random>.tmp<suffix>, renamed once flushed
+    assert sorted(name.split(".")[1] for name in synced) == ["cache", "errors", "index"]
+
+
+def test_stale_temp_files_are_removed(synth_dir: Path, tmp_path: Path) -> None:
+    images = synth_dir / "stage_2_train_images"
+    preprocess(images, tmp_path / "c", None, OPTS)
+    stale = tmp_path / "c" / "pixels" / ".shard_00000.npy.0123456789ab.tmp.npy"  # left by a killed worker
+    stale.write_bytes(b"half a shard")
+    preprocess(images, tmp_path / "c", None, OPTS)
+    assert not stale.exists()
+
+
+def test_index_columns_do_not_depend_on_errors(synth_dir: Path, tmp_path: Path) -> None:
+    clean = tmp_path / "clean"
+    shutil.copytree(synth_dir / "stage_2_train_images", clean)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(clean, damaged)
+    _corrupt(damaged, sorted(damaged.glob("*.dcm"))[0])
+    preprocess(clean, tmp_path / "a", None, OPTS)
+    preprocess(damaged, tmp_path / "b", None, OPTS)
+    a, b = (pd.read_parquet(tmp_path / c / "index.parquet") for c in "ab")
+    assert a.dtypes.to_dict() == b.dtypes.to_dict()
+    assert a["instance_number"].dtype == np.int64 and b["shard"].dtype == np.int32
+
+
+def test_duplicate_files_are_reported(synth_dir: Path, tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    shutil.copytree(synth_dir / "stage_2_train_images", images)
+    original = sorted(images.glob("*.dcm"))[2]
+    shutil.copy(original, images / "zz_copy.dcm")
+    summary = preprocess(images, tmp_path / "c", None, OPTS)
+    errors = pd.read_csv(tmp_path / "c" / "errors.csv")
+    assert list(errors["path"]) == ["zz_copy.dcm"]
+    assert f"already read from {original.name}" in errors.loc[0, "reason"]
+    assert summary.n_images == len(list(images.glob("*.dcm"))) - 1
+
+
+def _fails_on_chunk_2(chunk: cache_mod._Chunk) -> object:
+    """_process_chunk that fails on chunk 2 (module level, so it pickles into forked workers)."""
+    if chunk.number == 2:
+        raise RuntimeError("worker failed on chunk 2")
+    return _REAL_PROCESS_CHUNK(chunk)
+
+
+_REAL_PROCESS_CHUNK = cache_mod._process_chunk
+
+
+def test_failed_parallel_run_resumes(synth_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    images = synth_dir / "stage_2_train_images"
+    opts = PreprocessOptions(size=64, workers=2, n_folds=2, chunk_size=8, progress=False)
+    preprocess(images, tmp_path / "ref", None, opts)
+    monkeypatch.setattr(cache_mod, "_process_chunk", _fails_on_chunk_2)
+    with pytest.raises(RuntimeError, match="chunk 2"):
+        preprocess(images, tmp_path / "c", None, opts)
+    assert not (tmp_path / "c" / "index.parquet").exists()
+    monkeypatch.setattr(cache_mod, "_process_chunk", _REAL_PROCESS_CHUNK)
+    resumed = preprocess(images, tmp_path / "c", None, opts)
+    assert resumed.n_chunks_resumed < resumed.n_chunks
+    _same_cache(tmp_path / "ref", tmp_path / "c")
+    assert not list((tmp_path / "c").rglob(".*tmp*"))
+
+
+@pytest.mark.parametrize(("n_files", "chunk"), [(1, 16), (296, 16), (1024, 16), (10_000, 157), (752_803, 256)])
+def test_default_chunk_size(n_files: int, chunk: int) -> None:
+    assert cache_mod._default_chunk_size(n_files) == chunk
+
+
+def test_view_row_is_a_read_only_view(synth_dir: Path, tmp_path: Path) -> None:
+    preprocess(synth_dir / "stage_2_train_images", tmp_path / "c", None, OPTS)
+    store = PixelCache(tmp_path / "c")
+    view = store.view_row(3)
+    np.testing.assert_array_equal(view, store.read_row(3))
+    assert not view.flags.writeable

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
@@ -84,3 +85,90 @@ def test_flip_only_augmentation_is_a_mirror(cache: PixelCache) -> None:
 def test_demo_config_builds_a_dataset(cache: PixelCache) -> None:
     cfg = build_config({}, []).data
     assert SliceDataset(cache, [0, 1], cfg, augment=True)[1][0].shape[1:] == (cfg.image_size, cfg.image_size)
+
+
+SEED3 = [PRESETS["brain"], PRESETS["subdural"], PRESETS["soft_tissue"]]
+
+
+def _first_and_middle(cache: PixelCache) -> tuple[int, int]:
+    index = cache.index
+    first = int(np.flatnonzero((index["slice_index"] == 0).to_numpy())[0])
+    middle = int(np.flatnonzero((index["slice_index"] == 3).to_numpy())[0])
+    return first, middle
+
+
+def test_25d_channels_are_every_window_of_every_slice(cache: PixelCache) -> None:
+    _, middle = _first_and_middle(cache)
+    ds = SliceDataset(cache, np.arange(len(cache)), _cfg("data.slice_offsets=[-1, 0, 1]"))
+    image = ds[middle][0].numpy()
+    assert image.shape == (9, 64, 64)
+    rows = [cache.row_of(cache.index.loc[middle, "prev_id"]), middle, cache.row_of(cache.index.loc[middle, "next_id"])]
+    for i, row in enumerate(rows):  # channel i * 3 + j: window j of slice i
+        expected = apply_windows(cache.read_row(row), SEED3).transpose(2, 0, 1)
+        np.testing.assert_array_equal(image[3 * i:3 * i + 3], expected)
+    np.testing.assert_array_equal(ds.image(middle), image.transpose(1, 2, 0))
+
+
+@pytest.mark.parametrize("size", [32, 48, 100])  # halve, a non-integer shrink, enlarge
+@pytest.mark.parametrize("offsets", ["[0]", "[-1, 0, 1]"])
+def test_resized_channels_are_the_resized_windows(cache: PixelCache, size: int, offsets: str) -> None:
+    _, middle = _first_and_middle(cache)
+    ds = SliceDataset(cache, [middle], _cfg(f"data.image_size={size}", f"data.slice_offsets={offsets}"))
+    image = ds[0][0].numpy()
+    interp = cv2.INTER_AREA if size < 64 else cv2.INTER_LINEAR
+    centre = image[3:6] if offsets != "[0]" else image
+    assert image.shape == (3 * len(ds.offsets), size, size)
+    for j, window in enumerate(SEED3):
+        plane = apply_windows(cache.read_row(middle), [window])[..., 0]
+        np.testing.assert_array_equal(centre[j], cv2.resize(plane, (size, size), interpolation=interp))
+
+
+AUGMENTS = {
+    "flip": ["data.augment.hflip=1.0", "data.augment.shift_scale_rotate=0", "data.augment.brightness_contrast=0",
+             "data.augment.random_crop=0"],
+    "affine": ["data.augment.hflip=0", "data.augment.shift_scale_rotate=1.0", "data.augment.brightness_contrast=0",
+               "data.augment.random_crop=0"],
+    "everything": ["data.augment.hflip=1.0", "data.augment.shift_scale_rotate=1.0",
+                   "data.augment.brightness_contrast=1.0", "data.augment.random_crop=1.0"],
+}
+
+
+@pytest.mark.parametrize("augment", list(AUGMENTS))
+def test_25d_augmentation_is_one_transform_for_every_channel(cache: PixelCache, augment: str) -> None:
+    first, _ = _first_and_middle(cache)
+    # At the first slice of a series, offsets -2 and -1 repeat the slice: three copies of one image.
+    ds = SliceDataset(cache, [first], _cfg(*AUGMENTS[augment], "data.slice_offsets=[-2, -1, 0]"), augment=True)
+    plain = SliceDataset(cache, [first], _cfg("data.slice_offsets=[-2, -1, 0]"))[0][0].numpy()
+    np.testing.assert_array_equal(plain[0:3], plain[6:9])
+    for epoch in range(4):
+        ds.set_epoch(epoch)
+        image = ds[0][0].numpy()
+        assert not np.array_equal(image, plain)  # it was transformed ...
+        np.testing.assert_array_equal(image[0:3], image[3:6])  # ... and every slice the same way
+        np.testing.assert_array_equal(image[0:3], image[6:9])
+    if augment == "flip":
+        np.testing.assert_array_equal(image, plain[:, :, ::-1])
+
+
+@pytest.mark.parametrize("augment", list(AUGMENTS))
+def test_25d_augmentation_matches_the_2d_one(cache: PixelCache, augment: str) -> None:
+    _, middle = _first_and_middle(cache)
+    rows = np.arange(len(cache))
+    two = SliceDataset(cache, rows, _cfg(*AUGMENTS[augment]), augment=True, seed=7)
+    three = SliceDataset(cache, rows, _cfg(*AUGMENTS[augment], "data.slice_offsets=[-1, 0, 1]"), augment=True, seed=7)
+    for epoch in range(3):
+        two.set_epoch(epoch)
+        three.set_epoch(epoch)
+        # the same seed draws the same transform; the centre slice's channels are the 2D sample
+        np.testing.assert_array_equal(three[middle][0].numpy()[3:6], two[middle][0].numpy())
+
+
+def test_five_windows_resize_one_channel_at_a_time(cache: PixelCache) -> None:
+    windows = ["brain", "subdural", "soft_tissue", "bone", "stroke"]  # more channels than OpenCV resizes at once
+    ds = SliceDataset(cache, [2], _cfg("data.image_size=48", f"data.windows=[{', '.join(windows)}]",
+                                       "data.slice_offsets=[-1, 0, 1]"))
+    image = ds[0][0].numpy()
+    assert image.shape == (15, 48, 48)
+    for j, name in enumerate(windows):
+        plane = apply_windows(cache.read_row(2), [PRESETS[name]])[..., 0]
+        np.testing.assert_array_equal(image[5 + j], cv2.resize(plane, (48, 48), interpolation=cv2.INTER_AREA))
