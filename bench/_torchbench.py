@@ -9,7 +9,6 @@ functions that need it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -23,6 +22,7 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
+import common  # bench/common.py: shared with the data benchmarks
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,29 +34,17 @@ TARGET_RATIO = 1.1  # ichdet's step may cost at most 10 % more than the bare tim
 # ----------------------------------------------------------------------------------------- machine
 
 
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (platform.processor() elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def usable_cores() -> int:
     """Cores this process may run on (the affinity mask, not the machine's total)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    from ichdet.cache import default_workers  # ichdet may come from src/ on the GPU machine: import late
+
+    return default_workers()
 
 
 def describe_machine(device: torch.device) -> dict[str, Any]:
     """What the numbers were measured on: CPU, cores, torch build and threads, GPU if any."""
     info: dict[str, Any] = {
-        "cpu": cpu_model(), "cores": usable_cores(), "python": platform.python_version(),
+        "cpu": common.cpu_model(), "cores": usable_cores(), "python": platform.python_version(),
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": str(device)}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -212,10 +200,9 @@ def memory_format(channels_last: bool) -> torch.memory_format:
 
 
 def write_json(path: Path | None, result: dict[str, Any]) -> None:
-    """Write ``result`` to ``path`` (if given), creating the folder."""
+    """Write ``result`` to ``path`` if one is given (see ``common.write_json``)."""
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
+        common.write_json(path, result)
 
 
 # --------------------------------------------------------------------------------------- ichdet bits

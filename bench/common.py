@@ -25,6 +25,7 @@ from typing import Any
 __all__ = [
     "Variant",
     "add_common_args",
+    "cpu_model",
     "format_machine",
     "machine_info",
     "median",
@@ -43,7 +44,7 @@ PACKAGES = ("numpy", "torch", "opencv-python-headless", "pydicom", "pandas", "al
 # ------------------------------------------------------------------------------------ the machine
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -74,7 +75,7 @@ def machine_info() -> dict[str, Any]:
     """CPU model, cores (total and usable by this process), RAM, load, OS and package versions."""
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "cores_usable": usable,
         "ram_gib": _ram_gib(),

@@ -172,3 +172,22 @@ def test_five_windows_resize_one_channel_at_a_time(cache: PixelCache) -> None:
     for j, name in enumerate(windows):
         plane = apply_windows(cache.read_row(2), [PRESETS[name]])[..., 0]
         np.testing.assert_array_equal(image[5 + j], cv2.resize(plane, (48, 48), interpolation=cv2.INTER_AREA))
+
+
+def test_worker_processes_deliver_after_the_parent_used_opencv(cache: PixelCache) -> None:
+    """Regression: configuring OpenCV inside forked workers deadlocked once the parent had used its threads."""
+    import threading
+
+    import cv2
+    import torch
+
+    from ichdet.train import make_loader
+
+    cv2.resize(np.ones((2048, 2048), np.float32), (1000, 1000), interpolation=cv2.INTER_AREA)  # start the pool
+    loader = make_loader(SliceDataset(cache, np.arange(len(cache)), _cfg()), 8, 2, torch.device("cpu"))
+    seen: list[int] = []
+    worker = threading.Thread(target=lambda: seen.extend(len(b[2]) for b in loader), daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    assert not worker.is_alive(), "the data loader's workers hung"
+    assert sum(seen) == len(cache)

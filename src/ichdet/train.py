@@ -150,18 +150,19 @@ class Trainer:
     cache: PixelCache
 
 
-def _worker_init(_: int) -> None:
-    cv2.setNumThreads(1)  # one process per core already; OpenCV threads on top would oversubscribe
-
-
 def make_loader(ds: SliceDataset, batch_size: int, num_workers: int, device: torch.device,
                 sampler: DistributedSampler[int] | None = None, drop_last: bool = False) -> DataLoader[Any]:
-    """A DataLoader with the settings that keep a GPU fed: pinned memory, prefetching, 1 thread per worker.
+    """A DataLoader with the settings that keep a GPU fed: pinned memory, prefetching, 1 OpenCV thread per worker.
 
     Workers restart each epoch (not persistent) so the dataset's epoch number, which seeds augmentation,
     reaches them.
     """
-    extra: dict[str, Any] = {"prefetch_factor": 4, "worker_init_fn": _worker_init} if num_workers > 0 else {}
+    extra: dict[str, Any] = {}
+    if num_workers > 0:
+        extra["prefetch_factor"] = 4
+        # One process per core already, so no OpenCV threads on top. Set here, in the parent, and inherited:
+        # cv2.setNumThreads in a forked worker deadlocks once the parent has used OpenCV's thread pool.
+        cv2.setNumThreads(1)
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=drop_last,
                       num_workers=num_workers, pin_memory=device.type == "cuda", **extra)
 
