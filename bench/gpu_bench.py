@@ -278,21 +278,7 @@ class SteadyLoader:
         del it
 
 
-def loader_alone(loader: Any, skip: int, n: int) -> float:
-    """Samples/s of a DataLoader consumed as fast as it delivers, after ``skip`` batches (worker start-up)."""
-    it = iter(loader)
-    for _ in range(skip):
-        next(it)
-    start, samples = time.perf_counter(), 0
-    for _ in range(n):
-        samples += len(next(it)[0])
-    rate = samples / (time.perf_counter() - start)
-    del it
-    return rate
-
-
 def section_loader(plan: Plan, device: torch.device) -> dict[str, Any]:
-    import cv2
     import numpy as np
 
     from ichdet.cache import PixelCache
@@ -334,23 +320,6 @@ def section_loader(plan: Plan, device: torch.device) -> dict[str, Any]:
                   f"DataLoader ({workers} workers) {fed:8.1f} img/s | ratio {fed / ceiling:.3f} "
                   f"({'GPU never waits' if fed / ceiling >= 0.95 else 'GPU WAITS for data'}) | "
                   f"DataLoader alone {steady.loader_samples_per_s:8.1f} samples/s", flush=True)
-            # the DataLoader alone again, side by side: OpenCV's own thread pool in every worker (ichdet
-            # today: cv2 defaults to all cores, so workers x cores threads) against one cv2 thread per worker
-            # (cv2.setNumThreads(1) in the parent is inherited by the forked workers)
-            default_threads = cv2.getNumThreads()
-            alone: dict[str, list[float]] = {"cv2_default": [], "cv2_1_thread": []}
-            try:
-                for _ in range(2):
-                    for name, threads in (("cv2_default", default_threads), ("cv2_1_thread", 1)):
-                        cv2.setNumThreads(threads)
-                        alone[name].append(loader_alone(_loader(ds, cfg, rt, train=True), workers, drain - workers))
-            finally:
-                cv2.setNumThreads(default_threads)
-            res["loader_alone_by_cv2_threads"] = {"cv2_default_threads": default_threads,
-                                                  **{k: max(v) for k, v in alone.items()}}
-            print(f"  DataLoader alone, best of 2: cv2 default ({default_threads} threads per worker) "
-                  f"{max(alone['cv2_default']):8.1f} samples/s, cv2 1 thread per worker "
-                  f"{max(alone['cv2_1_thread']):8.1f} samples/s", flush=True)
             out[f"{arch}@{size}"] = res
             del t, steady, fixed
             free_memory()
