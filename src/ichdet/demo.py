@@ -2,12 +2,13 @@
 
 synth -> preprocess (train and test) -> train two small models on two folds -> predict the test
 images -> ensemble -> Kaggle submission (validated) -> evaluation of the out-of-fold ensemble.
+Every step resumes, so running the demo again into the same folder reuses what is already there.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -37,24 +38,29 @@ def _oof_predictions(runs: list[Path]) -> pd.DataFrame:
                      ignore_index=True)
 
 
-def run_demo(out: str | Path, seed: int = 0, echo: Callable[[str], None] = print) -> dict[str, Path]:
-    """Run every step into ``out``; returns (and echoes) where each artifact is."""
+def run_demo(out: str | Path, seed: int = 0, echo: Callable[[str], None] = print, studies: int = 14,
+             overrides: Sequence[str] = ()) -> dict[str, Path]:
+    """Run every step into ``out``; returns (and echoes) where each artifact is.
+
+    ``studies`` (labelled synthetic studies) and ``overrides`` (``key=value`` on configs/demo.yaml) make
+    smaller demos, e.g. for tests.
+    """
     out, start = Path(out), time.perf_counter()
     config = CONFIG_DIR / "demo.yaml"
     if not config.exists():
         raise ConfigError(f"{config} not found; run the demo from a checkout of the ichdet repository")
     data = out / "data"
     echo(f"[1/6] synthetic studies -> {data}")
-    make_dataset(data, SynthSpec(n_studies=14, n_test_studies=2, size=128, seed=seed))
+    make_dataset(data, SynthSpec(n_studies=studies, n_test_studies=2, size=128, seed=seed))
     echo("[2/6] preprocess")
     opts = PreprocessOptions(size=128, n_folds=2, seed=seed, progress=False)
     preprocess(data / "stage_2_train_images", out / "cache" / "train", data / "stage_2_train.csv", opts)
     preprocess(data / "stage_2_test_images", out / "cache" / "test", None, opts)
     runs = []
-    for name, overrides in DEMO_MODELS:
+    for name, model_overrides in DEMO_MODELS:
         echo(f"[3/6] train {name} on 2 folds")
-        cfg = load_config(config, [*overrides, f"train.seed={seed}", f"name={name}"])
-        train(cfg, out / "cache" / "train", out / "runs" / name, fold="all", progress=False)
+        cfg = load_config(config, [*model_overrides, *overrides, f"train.seed={seed}", f"name={name}"])
+        train(cfg, out / "cache" / "train", out / "runs" / name, fold="all", resume=True, progress=False)
         runs.append(out / "runs" / name)
     echo("[4/6] predict the test images (with flip TTA)")
     test_preds = predict_runs(runs, out / "cache" / "test", tta=True, device="cpu")
