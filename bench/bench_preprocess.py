@@ -156,7 +156,7 @@ def _compute_only(files: Sequence[str]) -> int:
     """
     try:
         from ichdet.cache import _store_into
-        from ichdet.dicom import _read_dicom, _Workspace
+        from ichdet.dicom import Workspace, read_dicom
     except ImportError:
         from ichdet.cache import hu_to_store
         from ichdet.dicom import read_dicom
@@ -164,9 +164,9 @@ def _compute_only(files: Sequence[str]) -> int:
         for path in files:
             hu_to_store(read_dicom(path)[1], SIZE)
         return len(files)
-    work, out = _Workspace(), np.empty((SIZE, SIZE), np.int16)
+    work, out = Workspace(), np.empty((SIZE, SIZE), np.int16)
     for path in files:
-        _store_into(_read_dicom(path, integer=True, work=work)[1], SIZE, out)
+        _store_into(read_dicom(path, integer=True, work=work)[1], SIZE, out)
     return len(files)
 
 
@@ -221,7 +221,7 @@ def breakdown(farm: Path, scratch_root: Path, repeats: int) -> dict[str, float]:
     """
     import ichdet.cache as cache_mod
 
-    steps = {"read DICOM + HU (_read_dicom)": (cache_mod, "_read_dicom"),
+    steps = {"read DICOM + HU (read_dicom)": (cache_mod, "read_dicom"),
              "HU -> int16 store (_store_into)": (cache_mod, "_store_into"),
              "shard manifests (_write_manifest)": (cache_mod, "_write_manifest"),
              PROCESS_CHUNK: (cache_mod, "_process_chunk"),
@@ -253,7 +253,7 @@ def breakdown(farm: Path, scratch_root: Path, repeats: int) -> dict[str, float]:
     result = {name: median(v) / n_files for name, v in spent.items() if v}
     if PROCESS_CHUNK in result:  # the part of a chunk's time not in the steps inside it: the pixel writes
         chunk = result.pop(PROCESS_CHUNK)
-        inside = ("read DICOM + HU (_read_dicom)", "HU -> int16 store (_store_into)",
+        inside = ("read DICOM + HU (read_dicom)", "HU -> int16 store (_store_into)",
                   "shard manifests (_write_manifest)")
         result["shard writes, rows (rest of _process_chunk)"] = chunk - sum(result.get(k, 0.0) for k in inside)
     result["other (pool, cache.json, ...)"] = median(totals) / n_files - sum(result.values())

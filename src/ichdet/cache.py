@@ -29,29 +29,26 @@ size)`` int16 and the file has exactly that many bytes) and redoes those that fa
 
 from __future__ import annotations
 
-import contextlib
+import io
 import json
 import os
-import struct
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+import numpy.lib.format as npy
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
-import ichdet.io
-from ichdet.dicom import DicomMeta, _read_dicom, _Workspace
+from ichdet.dicom import DicomMeta, Workspace, read_dicom
 from ichdet.errors import DicomError, IchdetError
 from ichdet.index import build_index, list_dicom_files
-from ichdet.io import atomic_path
+from ichdet.io import atomic_path, write_json_atomic, write_parquet_atomic
 from ichdet.labels import read_labels
 
 #: Integer HU kept in the store: air (-1024) to dense bone (3071), the 12-bit CT range.
@@ -158,9 +155,6 @@ class _Chunk:
 #: A chunk's manifest: one dict per source file, in the chunk's order (see :func:`_process_chunk`).
 _Rows = list[dict[str, object]]
 
-#: Length of the ``.npy`` header ichdet writes: a fixed size, so it can be rewritten with the final count.
-_NPY_HEADER_LEN = 128
-
 #: The header fields every good manifest row holds (``DicomMeta.as_row``), in index column order.
 _META_FIELDS: tuple[str, ...] = tuple(DicomMeta.__dataclass_fields__)
 
@@ -169,12 +163,14 @@ _local = threading.local()
 
 
 def _npy_header(n: int, size: int) -> bytes:
-    """An NPY 1.0 header for C-order int16 ``(n, size, size)``, exactly :data:`_NPY_HEADER_LEN` bytes."""
-    text = f"{{'descr': '<i2', 'fortran_order': False, 'shape': ({n}, {size}, {size}), }}"
-    body = text.ljust(_NPY_HEADER_LEN - 11) + "\n"  # 10 bytes of magic, version and length before it
-    if len(body) != _NPY_HEADER_LEN - 10:
-        raise ValueError(f"shard shape ({n}, {size}, {size}) does not fit an NPY header of {_NPY_HEADER_LEN} bytes")
-    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(body)) + body.encode("latin1")
+    """numpy's own NPY 1.0 header for C-order int16 ``(n, size, size)``.
+
+    numpy pads the header so the first axis can grow without changing its length, which lets a shard
+    be written with a count of 0 and the header rewritten in place with the final count.
+    """
+    buf = io.BytesIO()
+    npy.write_array_header_1_0(buf, {"descr": "<i2", "fortran_order": False, "shape": (n, size, size)})
+    return buf.getvalue()
 
 
 def _process_chunk(chunk: _Chunk) -> _Rows:
@@ -184,7 +180,7 @@ def _process_chunk(chunk: _Chunk) -> _Rows:
     whatever the chunk size); the header, written first with a count of 0, is rewritten with the
     final count at the end, all under a temporary name.
     """
-    work = _local.work = getattr(_local, "work", None) or _Workspace()  # per-file arrays reused (see _Workspace)
+    work = _local.work = getattr(_local, "work", None) or Workspace()  # per-file arrays reused (see Workspace)
     image = np.empty((chunk.size, chunk.size), np.int16)
     n_stored = 0
     rows: _Rows = []
@@ -193,7 +189,7 @@ def _process_chunk(chunk: _Chunk) -> _Rows:
         for rel in chunk.files:
             row: dict[str, object] = {"path": rel, "reason": None, "offset": -1}
             try:
-                meta, hu = _read_dicom(Path(chunk.root) / rel, integer=True, work=work)  # int32 HU where exact
+                meta, hu = read_dicom(Path(chunk.root) / rel, integer=True, work=work)  # int32 HU where exact
                 _store_into(hu, chunk.size, image)
             except DicomError as err:
                 row["reason"] = err.reason
@@ -205,8 +201,11 @@ def _process_chunk(chunk: _Chunk) -> _Rows:
                 fh.write(image.data)
                 n_stored += 1
             rows.append(row)
+        final = _npy_header(n_stored, chunk.size)
+        if len(final) != len(_npy_header(0, chunk.size)):
+            raise IchdetError(f"{chunk.npy}: the NPY header grew with the image count; use smaller chunks")
         fh.seek(0)
-        fh.write(_npy_header(n_stored, chunk.size))
+        fh.write(final)
     _write_manifest(chunk, rows)
     return rows
 
@@ -284,16 +283,10 @@ def _remove_stale_temps(shard_dir: Path) -> None:
                 Path(entry.path).unlink(missing_ok=True)
 
 
-def _run_chunks(todo: list[_Chunk], workers: int, progress: bool, total: int, done: int,
-                cleanup: contextlib.ExitStack) -> dict[int, _Rows]:
-    """Process ``todo`` (in this process, or in a pool of ``workers``); returns rows by chunk number.
-
-    A pool is told to stop as soon as every result is in, and its workers are reaped by ``cleanup``:
-    they exit while the caller merges the rows and writes the index.
-    """
+def _run_chunks(todo: list[_Chunk], workers: int, progress: bool, total: int, done: int) -> dict[int, _Rows]:
+    """Process ``todo`` (in this process, or in a pool of ``workers``); returns rows by chunk number."""
     results: dict[int, _Rows] = {}
-    bar = tqdm(total=total, initial=done, unit="file", disable=not progress, desc="preprocess")
-    with bar:
+    with tqdm(total=total, initial=done, unit="file", disable=not progress, desc="preprocess") as bar:
         if workers <= 1 or len(todo) <= 1:
             try:
                 for chunk in todo:
@@ -302,19 +295,11 @@ def _run_chunks(todo: list[_Chunk], workers: int, progress: bool, total: int, do
             finally:
                 _local.work = None  # the caller's process does not keep the per-file buffers
             return results
-        pool = ProcessPoolExecutor(min(workers, len(todo)))
-        try:
+        with ProcessPoolExecutor(min(workers, len(todo))) as pool:
             futures = {pool.submit(_process_chunk, c): c.number for c in todo}
             for fut in as_completed(futures):
                 results[futures[fut]] = rows = fut.result()
                 bar.update(len(rows))
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
-        manager = getattr(pool, "_executor_manager_thread", None)  # joins the workers once they exit
-        pool.shutdown(wait=False)
-        if isinstance(manager, threading.Thread):
-            cleanup.callback(manager.join)
     return results
 
 
@@ -344,21 +329,11 @@ def _collect(chunks: list[_Chunk], rows: dict[int, _Rows]) -> tuple[pd.DataFrame
 
 
 def _write_results(out: Path, index: pd.DataFrame, errors: pd.DataFrame, meta: dict[str, object]) -> None:
-    """index.parquet, errors.csv and cache.json, each atomic and fsynced, renamed in that order.
-
-    The three are flushed concurrently: the filesystem then commits them together, at about the cost
-    of one fsync instead of three.
-    """
-    with contextlib.ExitStack() as stack:  # contexts exit last-in first-out: index, errors, cache.json
-        json_tmp = stack.enter_context(atomic_path(out / "cache.json", fsync=False))
-        errors_tmp = stack.enter_context(atomic_path(out / "errors.csv", fsync=False))
-        index_tmp = stack.enter_context(atomic_path(out / "index.parquet", fsync=False))
-        pq.write_table(pa.Table.from_pandas(index, preserve_index=False), index_tmp)
-        errors.to_csv(errors_tmp, index=False)
-        json_tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False, default=ichdet.io._json_default) + "\n")
-        paths = (index_tmp, errors_tmp, json_tmp)
-        with ThreadPoolExecutor(len(paths)) as threads:
-            list(threads.map(ichdet.io._fsync_file, paths))
+    """index.parquet, errors.csv, then cache.json (whose summary says the run finished), each atomic."""
+    write_parquet_atomic(index, out / "index.parquet", index=False)
+    with atomic_path(out / "errors.csv") as tmp:
+        errors.to_csv(tmp, index=False)
+    write_json_atomic(out / "cache.json", meta)
 
 
 def preprocess(images: str | Path, out: str | Path, labels_csv: str | Path | None = None,
@@ -384,7 +359,7 @@ def preprocess(images: str | Path, out: str | Path, labels_csv: str | Path | Non
     (out / "pixels").mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(out / "pixels")
     with atomic_path(out / "cache.json", fsync=False) as tmp:  # rewritten, with fsync, at the end
-        tmp.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
+        tmp.write_text(json.dumps(settings, indent=2) + "\n")
     rows: dict[int, _Rows] = {}
     if previous:  # a fresh folder has nothing to resume
         for chunk in chunks:
@@ -394,17 +369,16 @@ def preprocess(images: str | Path, out: str | Path, labels_csv: str | Path | Non
     todo = [c for c in chunks if c.number not in rows]
     n_resumed = len(rows)
     n_files = sum(len(c.files) for c in chunks)
-    with contextlib.ExitStack() as cleanup:
-        rows.update(_run_chunks(todo, opts.workers or default_workers(), opts.progress, n_files,
-                                n_files - sum(len(c.files) for c in todo), cleanup))
-        good, errors = _collect(chunks, rows)
-        index, missing = build_index(good, labels, n_folds=opts.n_folds, seed=opts.seed)
-        summary = PreprocessSummary(
-            cache=str(out), n_files=n_files, n_images=len(index), n_errors=len(errors),
-            n_chunks=len(chunks), n_chunks_resumed=n_resumed,
-            n_unlabelled=int((index["fold"] < 0).sum()), labelled_without_image=missing,
-            seconds=time.perf_counter() - start)
-        _write_results(out, index, errors, {**settings, "summary": asdict(summary)})
+    rows.update(_run_chunks(todo, opts.workers or default_workers(), opts.progress, n_files,
+                            n_files - sum(len(c.files) for c in todo)))
+    good, errors = _collect(chunks, rows)
+    index, missing = build_index(good, labels, n_folds=opts.n_folds, seed=opts.seed)
+    summary = PreprocessSummary(
+        cache=str(out), n_files=n_files, n_images=len(index), n_errors=len(errors),
+        n_chunks=len(chunks), n_chunks_resumed=n_resumed,
+        n_unlabelled=int((index["fold"] < 0).sum()), labelled_without_image=missing,
+        seconds=time.perf_counter() - start)
+    _write_results(out, index, errors, {**settings, "summary": asdict(summary)})
     return summary
 
 

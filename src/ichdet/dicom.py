@@ -210,7 +210,7 @@ def meta_from_dataset(ds: Dataset, path: PathLike) -> DicomMeta:
 # --------------------------------------------------------------------------------------------- pixels
 
 
-class _Workspace:
+class Workspace:
     """Pixel buffers reused from one file to the next by a loop over many files (the preprocessor).
 
     A fresh megabyte-sized array per step and file costs page faults: glibc hands freed large blocks
@@ -248,7 +248,7 @@ def _check_image(ds: Dataset, path: PathLike) -> None:
         )
 
 
-def _decode(ds: Dataset, path: PathLike, work: _Workspace | None = None) -> np.ndarray:
+def _decode(ds: Dataset, path: PathLike, work: Workspace | None = None) -> np.ndarray:
     """The stored pixel values as pydicom decodes them (unused high bits masked, sign applied)."""
     uid = _transfer_syntax(ds, path)
     native = _decode_native(ds, uid, work)
@@ -266,7 +266,7 @@ def _decode(ds: Dataset, path: PathLike, work: _Workspace | None = None) -> np.n
         raise DicomError(path, _decode_reason(err, uid)) from err
 
 
-def _decode_native(ds: Dataset, uid: UID, work: _Workspace | None = None) -> np.ndarray | None:
+def _decode_native(ds: Dataset, uid: UID, work: Workspace | None = None) -> np.ndarray | None:
     """``ds.pixel_array`` for the layout nearly every CT slice has, without pydicom's decoder machinery.
 
     That layout: Implicit or Explicit VR Little Endian, BitsAllocated (0028,0100) 16, valid Rows,
@@ -338,7 +338,7 @@ def hu_from_dataset(ds: Dataset, path: PathLike) -> np.ndarray:
     return _hu(ds, path, integer=False)
 
 
-def _hu(ds: Dataset, path: PathLike, *, integer: bool, work: _Workspace | None = None) -> np.ndarray:
+def _hu(ds: Dataset, path: PathLike, *, integer: bool, work: Workspace | None = None) -> np.ndarray:
     """:func:`hu_from_dataset`; with ``integer``, int32 wherever that is exact.
 
     Exact means slope 1, an integral intercept of at most 2**23 and 8- or 16-bit pixels (the usual CT
@@ -373,15 +373,13 @@ def _hu(ds: Dataset, path: PathLike, *, integer: bool, work: _Workspace | None =
 # --------------------------------------------------------------------------------------------- public
 
 
-def read_dicom(path: PathLike) -> tuple[DicomMeta, np.ndarray]:
-    """Header and HU pixels of one slice from a single read and a single decode."""
-    return _read_dicom(path, integer=False)
+def read_dicom(path: PathLike, *, integer: bool = False,
+               work: Workspace | None = None) -> tuple[DicomMeta, np.ndarray]:
+    """Header and HU pixels of one slice from a single read and a single decode.
 
-
-def _read_dicom(path: PathLike, *, integer: bool, work: _Workspace | None = None) -> tuple[DicomMeta, np.ndarray]:
-    """:func:`read_dicom`; with ``integer``, the HU as int32 wherever that is exact (see :func:`_hu`).
-
-    With ``work``, the HU array may belong to it: use it before the next read with the same workspace.
+    HU are float32 (as :func:`read_hu`); with ``integer``, int32 wherever that is exact (see :func:`_hu`).
+    With ``work`` (a loop over many files), the HU array may belong to it: use it before the next read
+    with the same workspace.
     """
     with _pydicom_warnings(), _values_unchecked():
         ds = _dcmread(path, stop_before_pixels=False)
