@@ -99,17 +99,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             return [bare(x) for x in x_bare]
 
     def ichdet_loop(tta: bool) -> None:
-        predict_batches(model, normalize, loader, rt.device, autocast, tta)
+        predict_batches([model], normalize, loader, rt.device, autocast, tta)
 
     # ---- same outputs (same weights, same batches): a check that the comparison is like for like
-    _, probs = predict_batches(model, normalize, loader, rt.device, autocast, tta=False)
+    _, (probs,) = predict_batches([model], normalize, loader, rt.device, autocast, tta=False)
     bare_probs = torch.sigmoid(torch.cat(bare_loop()).float()).cpu().numpy()
     max_diff = float(abs(probs - bare_probs).max())
 
     # ---- warm-up: the check above was one untimed pass of both; then `--warmup` batches of each loop
     warm: DataLoader[Any] = DataLoader(batches[:max(1, args.warmup)], batch_size=None)  # type: ignore[arg-type]
     for tta in (False, True):
-        predict_batches(model, normalize, warm, rt.device, autocast, tta)
+        predict_batches([model], normalize, warm, rt.device, autocast, tta)
     with torch.no_grad(), bare_autocast():
         [bare(x) for x in x_bare[:max(1, args.warmup)]]
     start = time.perf_counter()

@@ -52,3 +52,30 @@ def test_precision_on_cpu() -> None:
     assert not scaler.is_enabled()
     with pytest.raises(ConfigError, match="needs a CUDA device"):
         precision(torch.device("cpu"), "bf16")
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_predict_batches_many_models_equal_one_at_a_time(tta: bool) -> None:
+    from contextlib import nullcontext
+
+    from torch import nn
+    from torch.utils.data import DataLoader
+
+    from ichdet.train import Normalizer, predict_batches
+
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 6))
+              for _ in range(3)]
+    images = torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8)
+    batches = [(images[i:i + 4], torch.zeros(len(images[i:i + 4]), 6), torch.arange(i, min(i + 4, 10)))
+               for i in range(0, 10, 4)]
+    loader: DataLoader[object] = DataLoader(batches, batch_size=None)  # type: ignore[arg-type]
+    norm = Normalizer(torch.full((3,), 0.5), torch.full((3,), 0.25), channels_last=False)
+    rows, together = predict_batches(models, norm, loader, torch.device("cpu"), nullcontext, tta)
+    assert rows.tolist() == list(range(10)) and together.shape == (3, 10, 6)
+    for k, model in enumerate(models):
+        _, alone = predict_batches([model], norm, loader, torch.device("cpu"), nullcontext, tta)
+        np.testing.assert_allclose(together[k], alone[0], rtol=1e-6)
+    if tta:  # the mirror image counts: different from the plain prediction
+        _, plain = predict_batches(models, norm, loader, torch.device("cpu"), nullcontext, False)
+        assert not np.allclose(plain, together)

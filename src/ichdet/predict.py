@@ -33,9 +33,15 @@ def fold_weights(run: str | Path) -> list[tuple[int, Path]]:
     return found
 
 
-def load_run_model(run: str | Path, weights: Path, device: torch.device) -> tuple[nn.Module, Config]:
-    """Rebuild a run's network from its ``config.yaml`` and load one fold's weights (safetensors)."""
-    cfg = load_config(Path(run) / "config.yaml", ["model.pretrained=false"])
+def run_config(run: str | Path) -> Config:
+    """A run's resolved ``config.yaml``, without ImageNet weights (the fold's own weights replace them)."""
+    return load_config(Path(run) / "config.yaml", ["model.pretrained=false"])
+
+
+def load_run_model(run: str | Path, weights: Path, device: torch.device,
+                   cfg: Config | None = None) -> tuple[nn.Module, Config]:
+    """Rebuild a run's network from its config (read from the run unless given) and load one fold's weights."""
+    cfg = cfg or run_config(run)
     model = build_model(cfg.model, cfg.data.in_chans)
     load_weights(model, weights)
     model = model.to(device).eval()
@@ -48,19 +54,24 @@ def load_run_model(run: str | Path, weights: Path, device: torch.device) -> tupl
 def predict_run(run: str | Path, cache: PixelCache, tta: bool = True, batch_size: int | None = None,
                 device: str = "auto", num_workers: int | None = None,
                 progress: bool = False) -> pd.DataFrame:
-    """Predict every image of ``cache`` with every fold of one run; a long table (see module doc)."""
+    """Predict every image of ``cache`` with every fold of one run; a long table (see module doc).
+
+    The folds share the run's config, so each image is read, windowed and batched once for all of them.
+    """
     rt = init_runtime(device)
+    cfg = run_config(run)
+    folds = fold_weights(run)
+    models = [load_run_model(run, weights, rt.device, cfg)[0] for _, weights in folds]
+    ds = SliceDataset(cache, np.arange(len(cache)), cfg.data)
+    loader = make_loader(ds, batch_size or cfg.train.batch_size * 2,
+                         cfg.train.num_workers if num_workers is None else num_workers, rt.device)
+    mean, std = input_stats(models[0], cfg.data.in_chans)
+    normalize = Normalizer(mean, std, cfg.train.channels_last).to(rt.device)
+    autocast, _ = precision(rt.device, cfg.train.amp)
+    rows, probs = predict_batches(models, normalize, loader, rt.device, autocast, tta, progress)
     parts = []
-    for fold, weights in fold_weights(run):
-        model, cfg = load_run_model(run, weights, rt.device)
-        ds = SliceDataset(cache, np.arange(len(cache)), cfg.data)
-        loader = make_loader(ds, batch_size or cfg.train.batch_size * 2,
-                             cfg.train.num_workers if num_workers is None else num_workers, rt.device)
-        mean, std = input_stats(model, cfg.data.in_chans)
-        normalize = Normalizer(mean, std, cfg.train.channels_last).to(rt.device)
-        autocast, _ = precision(rt.device, cfg.train.amp)
-        rows, probs = predict_batches(model, normalize, loader, rt.device, autocast, tta, progress)
-        part = pd.DataFrame(probs, columns=list(LABELS))
+    for (fold, _), fold_probs in zip(folds, probs, strict=True):
+        part = pd.DataFrame(fold_probs, columns=list(LABELS))
         part.insert(0, "image_id", cache.index["image_id"].to_numpy()[rows])
         part.insert(1, "model", Path(run).resolve().name)
         part.insert(2, "fold", fold)

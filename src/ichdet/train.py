@@ -19,7 +19,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,23 +254,28 @@ def train_one_epoch(t: Trainer, epoch: int, progress: bool) -> dict[str, float]:
 
 
 @torch.inference_mode()
-def predict_batches(model: nn.Module, normalize: Normalizer, loader: DataLoader[Any], device: torch.device,
-                    autocast: Callable[[], AbstractContextManager[Any]], tta: bool,
+def predict_batches(models: Sequence[nn.Module], normalize: Normalizer, loader: DataLoader[Any],
+                    device: torch.device, autocast: Callable[[], AbstractContextManager[Any]], tta: bool,
                     progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Sigmoid probabilities for every sample of ``loader`` (mean with the h-flip when ``tta``)."""
-    model.eval()
+    """Sigmoid probabilities of each model for every sample of ``loader``: rows (N,), probs (models, N, 6).
+
+    Each batch is loaded once for all the models (a run's folds); with ``tta``, each model sees the batch
+    and its mirror image in one pass and the two are averaged.
+    """
+    for model in models:
+        model.eval()
     rows, probs = [], []
     for images, _, row in tqdm(loader, desc="predict", leave=False, disable=not progress):
         x = normalize(images.to(device, non_blocking=True))
-        if tta:  # one pass over the batch and its mirror image
+        if tta:
             x = torch.cat([x, torch.flip(x, dims=[3])])
         with autocast():
-            p = torch.sigmoid(model(x).float())
-        probs.append(p.view(2, -1, p.shape[1]).mean(0) if tta else p)  # stays on the device: no sync
+            p = torch.stack([torch.sigmoid(model(x).float()) for model in models])
+        probs.append(p.view(len(models), 2, -1, p.shape[-1]).mean(1) if tta else p)  # on the device: no sync
         rows.append(row)
     if not probs:
-        return np.zeros(0, np.int64), np.zeros((0, len(LABELS)), np.float32)
-    return torch.cat(rows).numpy(), torch.cat(probs).cpu().numpy()
+        return np.zeros(0, np.int64), np.zeros((len(models), 0, len(LABELS)), np.float32)
+    return torch.cat(rows).numpy(), torch.cat(probs, dim=1).cpu().numpy()
 
 
 def gather(rt: Runtime, rows: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -286,8 +291,8 @@ def gather(rt: Runtime, rows: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray
 
 def validate(t: Trainer, tta: bool = False) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
     """Validation weighted log loss and per-label AUC (identical on every rank), rows and probs."""
-    rows, probs = predict_batches(unwrap(t.model), t.normalize, t.val_loader, t.rt.device, t.autocast, tta)
-    rows, probs = gather(t.rt, rows, probs)
+    rows, probs = predict_batches([unwrap(t.model)], t.normalize, t.val_loader, t.rt.device, t.autocast, tta)
+    rows, probs = gather(t.rt, rows, probs[0])
     truth = t.cache.index[list(LABELS)].to_numpy(dtype=np.float64)[rows]
     metrics = {"val_loss": weighted_log_loss(truth, probs)}
     auc = per_label_auc(truth, probs)["auc"]
