@@ -197,3 +197,12 @@ def test_window_range(windows: tuple[Window, ...], expected: tuple[float, float]
 def test_window_range_needs_windows() -> None:
     with pytest.raises(ValueError, match="no windows"):
         window_range([])
+
+
+def test_window_tables_are_apply_windows_row_per_window() -> None:
+    from ichdet.windowing import window_tables
+
+    values = np.arange(65536, dtype=np.uint16).view(np.int16).reshape(1, -1)
+    tables = window_tables(SEED_WINDOWS)
+    assert tables.shape == (3, 65536) and tables.flags.c_contiguous
+    np.testing.assert_array_equal(tables, apply_windows(values, SEED_WINDOWS)[0].T)

@@ -32,10 +32,7 @@ from torch.utils.data import Dataset
 from ichdet.cache import PixelCache
 from ichdet.config import AugmentConfig, DataConfig
 from ichdet.labels import LABELS
-from ichdet.windowing import Window, apply_windows, resolve_windows
-
-#: Every int16 value, in the order of its bits read as uint16 (0, 1, ..., 32767, -32768, ..., -1).
-_ALL_INT16 = np.arange(65536, dtype=np.uint16).view(np.int16).reshape(1, -1)
+from ichdet.windowing import Window, apply_windows, resolve_windows, window_tables
 
 
 def image_targets(n: int) -> list[str]:
@@ -87,9 +84,7 @@ class SliceDataset(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
         # 2D: one HWC image through the pipeline; 2.5D: each channel as its own image target.
         self._targets = image_targets(n_channels) if len(self.offsets) > 1 else ["image"]
         self.augment = build_augment(cfg.augment, cfg.image_size, len(self._targets)) if augment else None
-        # One uint8 table per window over every int16 value, indexed by the bits as uint16: exactly
-        # apply_windows' values (they come from it), laid out for one contiguous channel per pass.
-        self._luts = np.ascontiguousarray(apply_windows(_ALL_INT16, self.windows)[0].T)
+        self._luts = window_tables(self.windows)  # apply_windows' own tables, one row per channel
         self.seed = seed
         self.epoch = 0
         labels = cache.index[list(LABELS)].to_numpy(dtype=np.float32)

@@ -150,6 +150,15 @@ def _lut(params: tuple[tuple[float, float], ...]) -> np.ndarray:
     return table
 
 
+def window_tables(windows: Sequence[Window]) -> np.ndarray:
+    """The tables :func:`apply_windows` uses for integer HU: uint8 (len(windows), 65536), one row per window.
+
+    Row ``j`` at the int16 value ``v`` viewed as uint16 (``-1`` -> 65535) is window ``j`` of ``v``; the
+    data loader takes one row per channel so each lookup writes one contiguous channel.
+    """
+    return np.ascontiguousarray(_lut(tuple((w.center, w.width) for w in windows)).T)
+
+
 def _as_int16(hu: np.ndarray) -> np.ndarray | None:
     """The integer array as int16 when that is lossless, else None (the float path handles it)."""
     if hu.dtype == np.int16:
