@@ -46,6 +46,7 @@ import cv2
 import numpy as np
 import torch
 from common import (
+    RSNA_SAMPLE,
     Variant,
     add_common_args,
     format_machine,
@@ -63,7 +64,7 @@ from ichdet.config import DataConfig
 from ichdet.data import SliceDataset
 from ichdet.index import list_dicom_files
 
-RSNA = Path(__file__).resolve().parents[2] / "shared" / "data" / "rsna-sample"
+RSNA = RSNA_SAMPLE
 SIZE = 256
 TARGET = 400.0  # samples/s per core, 2d_augment
 VARIANTS: dict[str, tuple[list[int], bool]] = {  # name -> (slice offsets, augment)

@@ -66,6 +66,7 @@ import cv2
 import numpy as np
 import pydicom
 from common import (
+    RSNA_SAMPLE,
     Variant,
     add_common_args,
     format_machine,
@@ -83,7 +84,7 @@ import ichdet.io
 from ichdet.cache import PreprocessOptions, preprocess
 from ichdet.index import list_dicom_files
 
-RSNA = Path(__file__).resolve().parents[2] / "shared" / "data" / "rsna-sample"
+RSNA = RSNA_SAMPLE
 DEFAULT_IMAGES = (RSNA / "stage_2_train_images", RSNA / "stage_2_test_images")
 SEED_WINDOWS = ((40, 80), (80, 200), (40, 380))  # brain, subdural, soft tissue (center, width HU)
 SIZE = 512

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "RSNA_SAMPLE",
     "Variant",
     "add_common_args",
     "cpu_model",
@@ -36,6 +37,9 @@ __all__ = [
     "warm_files",
     "write_json",
 ]
+
+#: The real RSNA sample next to the repository (never inside it): ../shared/data/rsna-sample.
+RSNA_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "rsna-sample"
 
 #: Distributions whose versions a benchmark report names (absent ones are reported as such).
 PACKAGES = ("numpy", "torch", "opencv-python-headless", "pydicom", "pandas", "albumentations")

@@ -58,3 +58,12 @@ def test_unknown_subcommand_lists_commands() -> None:
     result = runner.invoke(app, ["--help"])
     for name in ["synth", "preprocess", "train", "predict", "ensemble", "evaluate", "demo"]:
         assert name in result.output
+
+
+@pytest.mark.parametrize("weight", ["resnet34", "resnet34=", "=2", "resnet34=two", "resnet34=-1"])
+def test_ensemble_rejects_bad_weights(tmp_path: Path, weight: str) -> None:
+    result = runner.invoke(app, ["ensemble", str(tmp_path / "p.parquet"), "--out", str(tmp_path / "s.csv"),
+                                 "--weight", weight])
+    assert result.exit_code == 2
+    assert f"--weight '{weight}': expected model=number" in result.output
+    assert not (tmp_path / "s.csv").exists()

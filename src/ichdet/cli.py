@@ -103,6 +103,18 @@ def predict(run: Annotated[list[Path], typer.Option(help="run folder (repeat for
                "model folds")
 
 
+def _model_weight(item: str) -> tuple[str, float]:
+    """``model=number`` from ``--weight``; IchdetError naming the bad item otherwise."""
+    name, _, value = item.partition("=")
+    try:
+        weight = float(value)
+    except ValueError:
+        weight = float("nan")
+    if not name or not weight >= 0:
+        raise IchdetError(f"--weight {item!r}: expected model=number >= 0, e.g. --weight resnet34=2")
+    return name, weight
+
+
 @app.command()
 def ensemble(preds: Annotated[list[Path], typer.Argument(help="prediction parquets from `ichdet predict`")],
              out: Annotated[Path, typer.Option(help="submission CSV to write")],
@@ -115,7 +127,7 @@ def ensemble(preds: Annotated[list[Path], typer.Argument(help="prediction parque
     from ichdet.labels import validate_submission, write_submission
 
     try:
-        weights = {k: float(v) for k, _, v in (w.partition("=") for w in weight)} if weight else None
+        weights = dict(_model_weight(w) for w in weight) if weight else None
         wide = combine(read_predictions(preds), weights)
         write_submission(wide, out)
         if sample_submission is not None:
