@@ -32,7 +32,16 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from ichdet.dicom import DicomMeta, hu_from_dataset, meta_from_dataset, read_dicom, read_hu, read_meta
+from ichdet.dicom import (
+    DicomMeta,
+    Workspace,
+    _value,
+    hu_from_dataset,
+    meta_from_dataset,
+    read_dicom,
+    read_hu,
+    read_meta,
+)
 from ichdet.errors import DicomError
 
 
@@ -180,6 +189,61 @@ def test_bits_above_bits_stored_are_ignored(rsna_sample: Path, tmp_path: Path) -
     ds.PixelData = (raw | np.uint16(0xA000)).tobytes()
     ds.save_as(tmp_path / "high_bits.dcm")
     assert np.array_equal(read_hu(tmp_path / "high_bits.dcm"), read_hu(path))
+
+
+@pytest.mark.parametrize(("values", "bits_stored", "representation", "intercept", "slope", "dtype"), [
+    ([[0, 100, 4095]], 12, 0, -1024, 1, np.int16),  # the usual CT slice
+    ([[0, 100, 3095, 3096, 4095]], 12, 0, 0, 1, np.int16),  # RSNA quirk: fixed, then intercept -1000
+    ([[-2000, 0, 3000]], 16, 1, -1024, 1, np.int16),  # signed with scanner padding
+    ([[-2048, -1, 2047]], 12, 1, -1024, 1, np.int16),  # signed 12-bit, sign-extended
+    ([[0, 1000, 65535]], 16, 0, -1024, 1, np.int32),  # 65535 - 1024 does not fit in int16
+    ([[0, 40000]], 16, 0, -32768, 1, np.int32),  # every sum fits, but not the pixel 40000 itself
+    ([[-32768, 32767]], 16, 1, -1, 1, np.int32),  # -32769
+    ([[0, 10]], 16, 0, 40000, 1, np.int32),  # the intercept does not fit in int16
+    ([[0, 100, 3095]], 16, 0, -1024, 2, np.float32),  # slope 2: float
+    ([[0, 100, 3095]], 16, 0, 0.5, 1, np.float32),  # non-integral intercept: float
+])
+def test_integer_hu_is_exact_in_the_narrowest_type(tmp_path: Path, values: list[list[int]], bits_stored: int,
+                                                   representation: int, intercept: float, slope: float,
+                                                   dtype: type) -> None:
+    ds = _tiny_dataset(values, bits_stored, representation, intercept)
+    ds.RescaleSlope = slope
+    if representation:  # store the two's complement patterns of bits_stored bits, as a scanner does
+        ds.PixelData = (np.array(values, np.int64) % (1 << bits_stored)).astype(np.uint16).tobytes()
+    path = tmp_path / "tiny.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    exact = read_hu(path)
+    for work in (None, Workspace()):
+        hu = read_dicom(path, integer=True, work=work)[1]
+        assert hu.dtype == dtype
+        assert np.array_equal(hu.astype(np.float32), exact)
+
+
+def test_integer_hu_equals_float_hu_on_every_sample_file(rsna_sample: Path) -> None:
+    work, mismatched = Workspace(), []
+    for path in _files(rsna_sample):
+        hu = read_dicom(path, integer=True, work=work)[1]
+        if hu.dtype != np.int16 or not np.array_equal(hu.astype(np.float32), read_hu(path)):
+            mismatched.append(path.name)
+    assert mismatched == []
+
+
+HEADER_KEYWORDS = ["SOPInstanceUID", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "ImagePositionPatient",
+                   "InstanceNumber", "PixelSpacing", "Rows", "Columns", "NumberOfFrames", "SamplesPerPixel",
+                   "PhotometricInterpretation", "BitsAllocated", "BitsStored", "PixelRepresentation",
+                   "RescaleSlope", "RescaleIntercept", "WindowCenter", "Modality", "PatientName"]
+
+
+def test_fast_element_values_equal_pydicom_get(rsna_sample: Path) -> None:
+    """``_value`` converts raw elements itself; it must give what ``ds.get`` gives, in both VR encodings."""
+    for path in _representatives(rsna_sample).values():
+        for keyword in HEADER_KEYWORDS:
+            fast = _value(pydicom.dcmread(path), keyword)
+            expected = pydicom.dcmread(path).get(keyword)
+            assert (fast, type(fast)) == (expected, type(expected)), (path.name, keyword)
+        ds = pydicom.dcmread(path)
+        ds.Rows = 7  # an element set in memory (not raw) is returned as set
+        assert _value(ds, "Rows") == 7
 
 
 def _tiny_dataset(values: list[list[int]], bits_stored: int, representation: int,

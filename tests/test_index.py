@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from ichdet.errors import IchdetError, LabelError
-from ichdet.index import build_index, list_dicom_files, order_slices, scan_folder
+from ichdet.index import build_index, list_dicom_files, order_slices, relative_dicom_files, scan_folder
 from ichdet.labels import LABELS, read_labels
 
 
@@ -81,6 +81,19 @@ def test_list_dicom_files_skips_non_images(tmp_path: Path) -> None:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
     assert [p.relative_to(tmp_path).as_posix() for p in list_dicom_files(tmp_path)] == ["a/x.dcm", "b/IM0001"]
+    assert relative_dicom_files(tmp_path) == ["a/x.dcm", "b/IM0001"]
+
+
+def test_relative_dicom_files_sorts_by_relative_path_at_every_depth(tmp_path: Path) -> None:
+    names = ["s2/b/IM2", "s10/IM1", "s2/IM3", "s2/a/IM1", "IM9", "s2/a.b/IM0", "s2/.cache/IM5"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    expected = ["IM9", "s10/IM1", "s2/IM3", "s2/a.b/IM0", "s2/a/IM1", "s2/b/IM2"]  # plain string order
+    assert relative_dicom_files(tmp_path) == expected
+    assert list_dicom_files(tmp_path) == [tmp_path / rel for rel in expected]
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        relative_dicom_files(tmp_path / "IM9")
 
 
 def test_real_studies_slice_order(rsna_sample: Path) -> None:

@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from ichdet.dicom import DicomMeta, Workspace, read_dicom
 from ichdet.errors import DicomError, IchdetError
-from ichdet.index import build_index, list_dicom_files
+from ichdet.index import build_index, relative_dicom_files
 from ichdet.io import atomic_path, write_json_atomic, write_parquet_atomic
 from ichdet.labels import read_labels
 
@@ -129,7 +129,7 @@ def hu_to_store(hu: np.ndarray, size: int) -> np.ndarray:
 
 def _store_into(hu: np.ndarray, size: int, out: np.ndarray) -> None:
     """``out[...] = hu_to_store(hu, size)``; integer HU already at ``size`` is clipped straight into ``out``."""
-    if hu.dtype == np.int32 and hu.shape == (size, size):
+    if hu.dtype in (np.int16, np.int32) and hu.shape == (size, size):
         np.clip(hu, *STORE_RANGE, out=out, casting="unsafe")  # exact: every value lands in STORE_RANGE
     else:
         out[...] = hu_to_store(hu, size)
@@ -189,7 +189,7 @@ def _process_chunk(chunk: _Chunk) -> _Rows:
         for rel in chunk.files:
             row: dict[str, object] = {"path": rel, "reason": None, "offset": -1}
             try:
-                meta, hu = read_dicom(Path(chunk.root) / rel, integer=True, work=work)  # int32 HU where exact
+                meta, hu = read_dicom(Path(chunk.root) / rel, integer=True, work=work)  # int16/int32 HU where exact
                 _store_into(hu, chunk.size, image)
             except DicomError as err:
                 row["reason"] = err.reason
@@ -251,10 +251,7 @@ def _default_chunk_size(n_files: int) -> int:
 
 def _plan_chunks(images: Path, out: Path, size: int, step: int | None) -> tuple[int, list[_Chunk]]:
     """Split the sorted file list into chunks of ``step`` files (default: :func:`_default_chunk_size`)."""
-    prefix = len(str(images).rstrip(os.sep)) + 1  # list_dicom_files joins onto images: slicing == relative_to
-    files = [str(p)[prefix:] for p in list_dicom_files(images)]
-    if os.sep != "/":
-        files = [f.replace(os.sep, "/") for f in files]
+    files = relative_dicom_files(images)
     if not files:
         raise IchdetError(f"{images}: no files found; pass the folder that holds the DICOM files")
     step = step or _default_chunk_size(len(files))

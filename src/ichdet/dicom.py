@@ -17,13 +17,17 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.values import convert_value
 
 from ichdet.errors import DicomError
 
@@ -37,6 +41,9 @@ _MAX_REASON = 300  # characters of a library's error message kept in a DicomErro
 _NATIVE_LITTLE_ENDIAN = frozenset({ImplicitVRLittleEndian, ExplicitVRLittleEndian})
 _MAX_SIDE = 2**16 - 1  # pydicom's limit on Rows and Columns
 _EXACT_INTERCEPT = 2**23  # see _hu: keeps raw + intercept below 2**24, exact in float32
+_PIXEL_DATA = 0x7FE00010
+#: VRs whose values need no character set (binary numbers or ASCII by the standard): see _value.
+_PLAIN_VRS = frozenset({"US", "SS", "UL", "SL", "DS", "IS", "UI", "CS"})
 
 
 @dataclass(frozen=True)
@@ -118,10 +125,32 @@ def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}"
 
 
+def _value(ds: Dataset, keyword: str) -> Any:
+    """The value of the element named ``keyword`` (as ``ds.get(keyword)``), None when absent.
+
+    An element read from a file stays raw until it is first accessed; ``ds.get`` then converts it and
+    stores the result back into the dataset, with bookkeeping (tag and VR checks, ambiguous-VR fixes)
+    that costs about 15 µs an element: over 20 fields that is a quarter of reading a CT slice. A raw
+    element of a VR in :data:`_PLAIN_VRS` is converted here by pydicom's own ``convert_value`` and not
+    stored; every other element (text in a character set, sequences, UN, ambiguous VRs) takes the
+    normal path, so the value is always the one ``ds.get`` returns.
+    """
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        raise ValueError(f"{keyword!r} is not a DICOM keyword")
+    elem = ds.get_item(tag)
+    if elem is None:
+        return None
+    if isinstance(elem, RawDataElement):
+        vr = elem.VR or dictionary_VR(tag)
+        return convert_value(vr, elem) if vr in _PLAIN_VRS else ds[tag].value
+    return elem.value
+
+
 def _transfer_syntax(ds: Dataset, path: PathLike) -> UID:
     """The Transfer Syntax UID (0002,0010) from the file meta header, or DicomError."""
     file_meta = getattr(ds, "file_meta", None)
-    uid = None if file_meta is None else file_meta.get("TransferSyntaxUID")
+    uid = None if file_meta is None else _value(file_meta, "TransferSyntaxUID")
     if not uid:
         raise DicomError(
             path, "no Transfer Syntax UID (0002,0010) in the file meta header: the header is truncated "
@@ -134,7 +163,7 @@ def _transfer_syntax(ds: Dataset, path: PathLike) -> UID:
 
 
 def _text(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword)
+    value = _value(ds, keyword)
     return "" if value is None else str(value).strip()
 
 
@@ -150,7 +179,7 @@ def _validate_image_id(image_id: str, path: PathLike) -> str:
 
 def _floats(ds: Dataset, keyword: str, count: int, path: PathLike) -> list[float] | None:
     """A multi-valued decimal element as ``count`` floats; None if absent or empty."""
-    value = ds.get(keyword)
+    value = _value(ds, keyword)
     if value is None or value == "":
         return None
     try:
@@ -164,7 +193,7 @@ def _floats(ds: Dataset, keyword: str, count: int, path: PathLike) -> list[float
 
 
 def _int(ds: Dataset, keyword: str, default: int, path: PathLike) -> int:
-    value = ds.get(keyword)
+    value = _value(ds, keyword)
     if value is None or value == "":
         return default
     try:
@@ -248,10 +277,13 @@ def _check_image(ds: Dataset, path: PathLike) -> None:
         )
 
 
-def _decode(ds: Dataset, path: PathLike, work: Workspace | None = None) -> np.ndarray:
-    """The stored pixel values as pydicom decodes them (unused high bits masked, sign applied)."""
+def _decode(ds: Dataset, path: PathLike, size: tuple[int, int], work: Workspace | None = None) -> np.ndarray:
+    """The stored pixel values as pydicom decodes them (unused high bits masked, sign applied).
+
+    ``size`` is (Rows, Columns) as :func:`_size` read them.
+    """
     uid = _transfer_syntax(ds, path)
-    native = _decode_native(ds, uid, work)
+    native = _decode_native(ds, uid, size, work)
     if native is not None:
         return native
     try:
@@ -266,35 +298,38 @@ def _decode(ds: Dataset, path: PathLike, work: Workspace | None = None) -> np.nd
         raise DicomError(path, _decode_reason(err, uid)) from err
 
 
-def _decode_native(ds: Dataset, uid: UID, work: Workspace | None = None) -> np.ndarray | None:
+def _decode_native(ds: Dataset, uid: UID, size: tuple[int, int],
+                   work: Workspace | None = None) -> np.ndarray | None:
     """``ds.pixel_array`` for the layout nearly every CT slice has, without pydicom's decoder machinery.
 
     That layout: Implicit or Explicit VR Little Endian, BitsAllocated (0028,0100) 16, valid Rows,
     Columns, BitsStored (0028,0101) and PixelRepresentation (0028,0103), SamplesPerPixel (0028,0002)
     present, and exactly Rows x Columns x 2 bytes of Pixel Data. The buffer is viewed as ``<u2``/``<i2``
-    and, when BitsStored < 16, shifted left then right by the unused bits, as pydicom does (masks
-    unsigned values, sign-extends signed ones). Anything else (compressed, other widths, a missing or
+    and, when BitsStored < 16, the unused high bits are masked off (unsigned) or replaced by the sign
+    bit (signed), as pydicom does. Anything else (compressed, other widths, a missing or
     odd element, pixel data that is short or padded, which pydicom reports or trims) returns None and
     goes to pydicom, errors and warnings included. The result may be a read-only view of the buffer,
     or an array of ``work``.
     """
-    if uid not in _NATIVE_LITTLE_ENDIAN or "SamplesPerPixel" not in ds or ds.get("BitsAllocated") != 16:
+    if uid not in _NATIVE_LITTLE_ENDIAN or "SamplesPerPixel" not in ds or _value(ds, "BitsAllocated") != 16:
         return None
-    rows, cols = ds.get("Rows"), ds.get("Columns")
-    bits_stored, representation = ds.get("BitsStored"), ds.get("PixelRepresentation")
-    if not (isinstance(rows, int) and isinstance(cols, int) and isinstance(bits_stored, int)
-            and 0 < rows <= _MAX_SIDE and 0 < cols <= _MAX_SIDE and 1 <= bits_stored <= 16
+    rows, cols = size
+    bits_stored, representation = _value(ds, "BitsStored"), _value(ds, "PixelRepresentation")
+    if not (isinstance(bits_stored, int) and rows <= _MAX_SIDE and cols <= _MAX_SIDE and 1 <= bits_stored <= 16
             and representation in (0, 1)):
         return None
-    data = ds.PixelData
+    data = ds.get_item(_PIXEL_DATA).value  # the bytes as read, without pydicom's OB/OW resolution
     if not isinstance(data, bytes) or len(data) != rows * cols * 2:
         return None
     pixels = np.frombuffer(data, dtype="<i2" if representation else "<u2").reshape(rows, cols)
     unused = 16 - bits_stored
     if unused:
         out = None if work is None else work.get(pixels.shape, pixels.dtype)
-        pixels = np.left_shift(pixels, unused, out=out)
-        np.right_shift(pixels, unused, out=pixels)
+        if representation:  # sign-extend: shift the sign bit to the top and back (arithmetic shift)
+            pixels = np.left_shift(pixels, unused, out=out)
+            np.right_shift(pixels, unused, out=pixels)
+        else:
+            pixels = np.bitwise_and(pixels, (1 << bits_stored) - 1, out=out)
     return pixels
 
 
@@ -316,7 +351,7 @@ def _rescale(ds: Dataset, path: PathLike) -> tuple[float, float]:
 
 
 def _needs_rsna_fix(ds: Dataset, intercept: float) -> bool:
-    return ds.get("BitsStored") == 12 and ds.get("PixelRepresentation") == 0 and intercept > -100
+    return _value(ds, "BitsStored") == 12 and _value(ds, "PixelRepresentation") == 0 and intercept > -100
 
 
 def hu_from_dataset(ds: Dataset, path: PathLike) -> np.ndarray:
@@ -339,16 +374,17 @@ def hu_from_dataset(ds: Dataset, path: PathLike) -> np.ndarray:
 
 
 def _hu(ds: Dataset, path: PathLike, *, integer: bool, work: Workspace | None = None) -> np.ndarray:
-    """:func:`hu_from_dataset`; with ``integer``, int32 wherever that is exact.
+    """:func:`hu_from_dataset`; with ``integer``, int16 or int32 wherever that is exact.
 
     Exact means slope 1, an integral intercept of at most 2**23 and 8- or 16-bit pixels (the usual CT
-    case): every HU is then an integer below 2**24, so the int32 array casts to exactly the float32
-    array returned without ``integer``. The cache stores integer HU and so skips float32 altogether.
-    Every other case returns float32. With ``work``, the result may be one of its arrays.
+    case): every HU is then an integer below 2**24, so the integer array casts to exactly the float32
+    array returned without ``integer`` (see :func:`_integer_hu` for int16 or int32). The cache stores
+    integer HU and so skips float32 altogether. Every other case returns float32. With ``work``, the
+    result may be one of its arrays.
     """
     _check_image(ds, path)
-    raw = _decode(ds, path, work)
     size = _size(ds, path)
+    raw = _decode(ds, path, size, work)
     if raw.shape != size:
         raise DicomError(path, f"decoded pixels have shape {raw.shape}, header says {size}")
     if "ModalityLUTSequence" in ds:
@@ -361,13 +397,26 @@ def _hu(ds: Dataset, path: PathLike, *, integer: bool, work: Workspace | None = 
         intercept = -1000.0
     if slope == 1.0 and intercept.is_integer():
         if integer and raw.dtype.kind in "iu" and raw.dtype.itemsize <= 2 and abs(intercept) <= _EXACT_INTERCEPT:
-            hu = np.empty(size, np.int32) if work is None else work.get(size, np.int32)
-            return np.add(pixels, np.int32(intercept), out=hu)
+            return _integer_hu(pixels, int(intercept), work)
         # integers below 2**24 are exact in float32: one cast and an in-place add, no float64 pass
         hu32 = pixels.astype(np.float32)
         hu32 += np.float32(intercept)
         return hu32
     return (pixels * slope + intercept).astype(np.float32)
+
+
+def _integer_hu(pixels: np.ndarray, intercept: int, work: Workspace | None) -> np.ndarray:
+    """``pixels + intercept`` exactly: int16 when the pixels, the intercept and every sum fit in int16
+    (a CT slice: 12-bit values, intercept -1024), one pass with no widening; int32 otherwise."""
+    lo, hi = int(pixels.min()), int(pixels.max())
+    int16 = np.iinfo(np.int16)
+    dtype = np.int16 if (int16.min <= min(lo, lo + intercept) and max(hi, hi + intercept) <= int16.max
+                         and int16.min <= intercept <= int16.max) else np.int32
+    out = np.empty(pixels.shape, dtype) if work is None else work.get(pixels.shape, dtype)
+    if dtype == np.int16 and pixels.dtype != np.int16:
+        # exact: every value is in int16's range (uint16 below 2**15 has the same bits as int16)
+        pixels = pixels.view(np.int16) if pixels.dtype == np.uint16 else pixels.astype(np.int16)
+    return np.add(pixels, dtype(intercept), out=out)
 
 
 # --------------------------------------------------------------------------------------------- public

@@ -30,18 +30,26 @@ def list_dicom_files(folder: str | Path) -> list[Path]:
     ``DICOMDIR`` and files whose suffix says they are something else (``.csv``, ``.txt``, ...).
     """
     root = Path(folder)
-    if not root.is_dir():
+    return [root / rel for rel in relative_dicom_files(root)]
+
+
+def relative_dicom_files(folder: str | Path) -> list[str]:
+    """:func:`list_dicom_files` as paths relative to ``folder`` with ``/`` separators, sorted.
+
+    Plain strings: a walk over the 752,803 RSNA files builds no Path object per file.
+    """
+    root = os.fspath(folder)
+    if not os.path.isdir(root):
         raise FileNotFoundError(f"{root}: not a folder; pass the folder that holds the DICOM files")
-    found: list[Path] = []
+    found: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if name.startswith(".") or name in _IGNORED_NAMES:
-                continue
-            if Path(name).suffix.lower() in _NOT_DICOM_SUFFIXES:
-                continue
-            found.append(Path(dirpath) / name)
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        prefix = os.path.relpath(dirpath, root).replace(os.sep, "/") + "/" if dirpath != root else ""
+        found.extend(prefix + name for name in filenames
+                     if not name.startswith(".") and name not in _IGNORED_NAMES
+                     and os.path.splitext(name)[1].lower() not in _NOT_DICOM_SUFFIXES)
+    found.sort()
+    return found
 
 
 def _meta_or_error(path: Path) -> dict[str, object]:
