@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ichdet.ensemble import ensemble, evaluate, read_predictions
+from ichdet.ensemble import ensemble, evaluate, plot_roc, read_predictions
 from ichdet.errors import IchdetError
 from ichdet.labels import LABELS, write_labels
 
@@ -77,3 +77,10 @@ def test_evaluate_refuses_missing_predictions(tmp_path: Path) -> None:
     _preds(ROWS).to_parquet(tmp_path / "p.parquet")
     with pytest.raises(IchdetError, match="no prediction for 1 labelled images"):
         evaluate(tmp_path / "p.parquet", tmp_path / "labels.csv")
+
+
+def test_roc_plot_leaves_out_one_class_labels(tmp_path: Path) -> None:
+    y_true = np.array([[0, 0, 0, 0, 0, 0], [0, 1, 1, 1, 1, 1]], dtype=float)  # epidural: one class only
+    y_pred = np.array([[0.9, 0.2, 0.2, 0.2, 0.2, 0.2], [0.1, 0.8, 0.8, 0.8, 0.8, 0.8]])
+    out = plot_roc(y_true, y_pred, tmp_path / "roc.png")
+    assert out == tmp_path / "roc.png" and out.stat().st_size > 1000

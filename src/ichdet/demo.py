@@ -15,7 +15,7 @@ import pandas as pd
 
 from ichdet.cache import PreprocessOptions, preprocess
 from ichdet.config import load_config
-from ichdet.ensemble import ensemble, evaluate, read_predictions
+from ichdet.ensemble import ensemble, evaluate
 from ichdet.errors import ConfigError
 from ichdet.io import write_parquet_atomic
 from ichdet.labels import validate_submission, write_submission
@@ -66,8 +66,7 @@ def run_demo(out: str | Path, seed: int = 0, echo: Callable[[str], None] = print
     test_preds = predict_runs(runs, out / "cache" / "test", tta=True, device="cpu")
     write_parquet_atomic(test_preds, out / "preds" / "test.parquet")
     echo("[5/6] ensemble -> submission")
-    submission = write_submission(ensemble(read_predictions([out / "preds" / "test.parquet"])),
-                                  out / "submission.csv")
+    submission = write_submission(ensemble(test_preds), out / "submission.csv")
     validate_submission(submission, data / "stage_2_sample_submission.csv")
     echo("[6/6] evaluate the out-of-fold ensemble")
     write_parquet_atomic(_oof_predictions(runs), out / "preds" / "oof.parquet")

@@ -10,7 +10,7 @@ import pandas as pd
 
 from ichdet.errors import IchdetError
 from ichdet.labels import LABELS, read_labels, read_submission
-from ichdet.metrics import score_table
+from ichdet.metrics import per_label_auc, score_table
 
 _KEYS = ("image_id", "model", "fold")
 
@@ -86,17 +86,18 @@ def plot_roc(y_true: np.ndarray, y_pred: np.ndarray, path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_auc_score, roc_curve
+    from sklearn.metrics import roc_curve
 
     from ichdet.io import atomic_path
 
+    aucs = per_label_auc(y_true, y_pred)
     fig, ax = plt.subplots(figsize=(6, 6))
     for i, name in enumerate(LABELS):
-        if len(np.unique(y_true[:, i])) < 2:
-            ax.plot([], [], " ", label=f"{name}: one class only, no curve")
+        if aucs.at[name, "note"]:
+            ax.plot([], [], " ", label=f"{name}: {aucs.at[name, 'note']}, no curve")
             continue
         fpr, tpr, _ = roc_curve(y_true[:, i], y_pred[:, i])
-        ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(y_true[:, i], y_pred[:, i]):.3f})")
+        ax.plot(fpr, tpr, label=f"{name} (AUC {aucs.at[name, 'auc']:.3f})")
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC per label")
     ax.legend(loc="lower right", fontsize=8)
