@@ -54,10 +54,25 @@ def test_preprocess_bad_labels_fail_before_pixel_work(synth_dir: Path, tmp_path:
     assert not (tmp_path / "cache").exists()
 
 
-def test_unknown_subcommand_lists_commands() -> None:
+def test_help_lists_every_command() -> None:
     result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
     for name in ["synth", "preprocess", "train", "predict", "ensemble", "evaluate", "demo"]:
         assert name in result.output
+
+
+def test_unknown_subcommand_is_a_usage_error() -> None:
+    result = runner.invoke(app, ["trian"])
+    assert result.exit_code == 2
+    assert "No such command 'trian'" in result.output
+
+
+def test_train_rejects_an_unknown_config_key_before_reading_data(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["train", "--data", str(tmp_path / "no_cache"), "--out", str(tmp_path / "r"),
+                                 "--set", "train.epoch=2"])
+    assert result.exit_code == 2
+    assert "unknown config key 'train.epoch'" in result.output
+    assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.parametrize("weight", ["resnet34", "resnet34=", "=2", "resnet34=two", "resnet34=-1"])

@@ -49,8 +49,9 @@ def test_in_chans_and_gradients(in_chans: int) -> None:
     out.sum().backward()
     assert out.shape == (2, 6)
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
-    mean, std = input_stats(model, in_chans)
-    assert mean.shape == std.shape == (in_chans,)
+    mean, std = input_stats(model, in_chans)  # ImageNet's three channel statistics, repeated over the channels
+    assert mean.tolist() == pytest.approx([(0.485, 0.456, 0.406)[i % 3] for i in range(in_chans)])
+    assert std.tolist() == pytest.approx([(0.229, 0.224, 0.225)[i % 3] for i in range(in_chans)])
 
 
 def test_pretrained_offline_without_file_names_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -84,3 +85,11 @@ def test_unwrap_compiled_and_ddp_like() -> None:
             self.module = inner
 
     assert unwrap(Wrapper()) is inner
+
+    class Compiled(torch.nn.Module):  # what torch.compile returns: the module under ``_orig_mod``
+        def __init__(self, module: torch.nn.Module) -> None:
+            super().__init__()
+            self._orig_mod = module
+
+    assert unwrap(Compiled(Wrapper())) is inner
+    assert unwrap(inner) is inner

@@ -313,6 +313,7 @@ def test_csf_space_bleeds_replace_csf(name: str, lesion: Lesion, k: int) -> None
 def test_csf_space_bleeds_place(name: str, region: object) -> None:
     lesion, k = next((les, kk) for n, les, kk in LESIONS if n == name)
     blood, _, _ = _blood_and_clean(lesion, k)
+    assert blood.any()
     assert region(*_uv(blood)).all()  # type: ignore[operator]
 
 
@@ -482,6 +483,7 @@ def test_lesions_span_neighbouring_slices(
     default_files: dict[str, pydicom.Dataset], default_labels: dict[str, dict[str, int]]
 ) -> None:
     """Per series in z order, each subtype is positive on one run of >= 2 neighbouring slices (or none)."""
+    checked: set[str] = set()
     for stack in _series(default_files).values():
         if stack[0].SOPInstanceUID not in default_labels:
             continue  # test study: no labels
@@ -489,6 +491,8 @@ def test_lesions_span_neighbouring_slices(
             hits = [i for i, ds in enumerate(stack) if default_labels[ds.SOPInstanceUID][lab]]
             if hits:
                 assert len(hits) >= 2 and hits[-1] - hits[0] == len(hits) - 1, (lab, hits)
+                checked.add(lab)
+    assert checked == set(LABELS[:5])  # every subtype occurs somewhere, so every one was checked
 
 
 @pytest.mark.parametrize("layout", synth.LAYOUTS)

@@ -83,13 +83,15 @@ def test_killed_run_resumes_to_the_same_history(tiny_cache: Path, tmp_path: Path
     proc = subprocess.Popen(_cli(*common, "--out", str(killed)), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     metrics = killed / "fold0" / "metrics.jsonl"
+    deadline = time.monotonic() + 600  # a guard against a hung child, not a timing check
     while proc.poll() is None and not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        assert time.monotonic() < deadline, "the training child wrote no epoch within 10 minutes"
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done_before = len(_history(killed))
     assert 1 <= done_before < 4, "the run must have been killed part-way"
-    assert not (killed / "oof.parquet").exists()
+    assert not (killed / "fold0" / "oof.parquet").exists()  # written when the fold ends
     subprocess.run(_cli(*common, "--out", str(killed), "--resume"), check=True, env=env, capture_output=True)
     straight, resumed = _history(tmp_path / "straight"), _history(killed)
     assert [h["epoch"] for h in resumed] == [1, 2, 3, 4]
@@ -131,9 +133,3 @@ def test_submission_from_real_sample_test_images(tiny_cache: Path, rsna_sample: 
     assert sorted(ours["ID"]) == sorted(theirs["ID"])
     assert ours["Label"].between(0, 1).all() and not np.isnan(ours["Label"]).any()
 
-
-def test_cli_rejects_unknown_key(tiny_cache: Path, tmp_path: Path) -> None:
-    done = subprocess.run(_cli("train", "--data", str(tiny_cache), "--out", str(tmp_path / "r"),
-                               "--set", "train.epoch=2"), capture_output=True, text=True)
-    assert done.returncode == 2
-    assert "unknown config key 'train.epoch'" in done.stderr

@@ -73,6 +73,13 @@ def test_predict_batches_many_models_equal_one_at_a_time(tta: bool) -> None:
     norm = Normalizer(torch.full((3,), 0.5), torch.full((3,), 0.25), channels_last=False)
     rows, together = predict_batches(models, norm, loader, torch.device("cpu"), nullcontext, tta)
     assert rows.tolist() == list(range(10)) and together.shape == (3, 10, 6)
+    x = (images.float() / 255.0 - 0.5) / 0.25  # the normalisation written out: (x / 255 - mean) / std
+    with torch.no_grad():
+        for k, model in enumerate(models):
+            expected = torch.sigmoid(model(x))
+            if tta:
+                expected = (expected + torch.sigmoid(model(x.flip(3)))) / 2
+            np.testing.assert_allclose(together[k], expected.numpy(), rtol=1e-5, atol=1e-6)
     for k, model in enumerate(models):
         _, alone = predict_batches([model], norm, loader, torch.device("cpu"), nullcontext, tta)
         np.testing.assert_allclose(together[k], alone[0], rtol=1e-6)

@@ -113,8 +113,12 @@ def test_integers_beyond_int16_take_the_float_path() -> None:
 
 
 def test_custom_window_shares_lut_with_equal_preset() -> None:
+    from ichdet.windowing import _lut
+
     hu = np.arange(-100, 200, dtype=np.int16).reshape(3, 100)
+    _lut.cache_clear()
     assert np.array_equal(apply_windows(hu, [Window("40/80", 40, 80)]), apply_windows(hu, [BRAIN]))
+    assert (_lut.cache_info().misses, _lut.cache_info().hits) == (1, 1)  # one table, keyed by centre/width
 
 
 @pytest.mark.parametrize(("hu", "error", "match"), [
@@ -205,4 +209,5 @@ def test_window_tables_are_apply_windows_row_per_window() -> None:
     values = np.arange(65536, dtype=np.uint16).view(np.int16).reshape(1, -1)
     tables = window_tables(SEED_WINDOWS)
     assert tables.shape == (3, 65536) and tables.flags.c_contiguous
-    np.testing.assert_array_equal(tables, apply_windows(values, SEED_WINDOWS)[0].T)
+    # against the float path, which uses no table (the integer path is these tables themselves)
+    np.testing.assert_array_equal(tables, apply_windows(values.astype(np.float32), SEED_WINDOWS)[0].T)
