@@ -191,3 +191,35 @@ def test_worker_processes_deliver_after_the_parent_used_opencv(cache: PixelCache
     worker.join(timeout=120)
     assert not worker.is_alive(), "the data loader's workers hung"
     assert sum(seen) == len(cache)
+
+
+def test_augmentations_fire_independently(cache: PixelCache) -> None:
+    """Flip and crop at p=0.5 each: every combination occurs (one seed per transform made them fire together)."""
+    cfg = _cfg("data.augment.hflip=0.5", "data.augment.shift_scale_rotate=0", "data.augment.brightness_contrast=0",
+               "data.augment.random_crop=0.5")
+    rows = np.arange(len(cache))
+    ds, plain = SliceDataset(cache, rows, cfg, augment=True), SliceDataset(cache, rows, cfg)
+    seen = {"unchanged": 0, "flipped only": 0, "cropped": 0}
+    for epoch in range(2):
+        ds.set_epoch(epoch)
+        for i in range(len(rows)):
+            image, original = ds[i][0].numpy(), plain[i][0].numpy()
+            if np.array_equal(image, original):
+                seen["unchanged"] += 1
+            elif np.array_equal(image, original[:, :, ::-1]):
+                seen["flipped only"] += 1
+            else:
+                seen["cropped"] += 1
+    n = 2 * len(rows)
+    assert all(0.1 * n < count for count in seen.values()), seen  # expected: 1/4, 1/4 and 1/2 of n
+
+
+@pytest.mark.parametrize("n_windows", [5, 6])
+def test_more_than_four_windows_resize_at_a_non_integer_ratio(cache: PixelCache, n_windows: int) -> None:
+    names = ["brain", "subdural", "soft_tissue", "bone", "stroke", "narrow_bone"][:n_windows]
+    ds = SliceDataset(cache, [3], _cfg("data.image_size=48", f"data.windows=[{', '.join(names)}]"))
+    image = ds[0][0].numpy()
+    assert image.shape == (n_windows, 48, 48)
+    for j, name in enumerate(names):
+        plane = apply_windows(cache.read_row(3), [PRESETS[name]])[..., 0]
+        np.testing.assert_array_equal(image[j], cv2.resize(plane, (48, 48), interpolation=cv2.INTER_AREA))

@@ -34,7 +34,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -413,6 +413,10 @@ class PixelCache:
             return int(self._position.get_loc(image_id))
         except KeyError:
             raise KeyError(f"image id {image_id!r} is not in the cache at {self.root}") from None
+
+    def rows_of(self, image_ids: pd.Series | Sequence[str | None]) -> np.ndarray:
+        """Row numbers of many image ids at once, -1 where an id (or None) is not in the cache."""
+        return self._position.get_indexer(pd.Index(image_ids))
 
     def view_row(self, row: int) -> np.ndarray:
         """The stored int16 HU image of index row ``row``: a read-only view into the memory-mapped shard."""

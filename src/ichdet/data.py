@@ -8,8 +8,8 @@ the device (4x less data through the loader and over PCIe).
 
 Speed: channels are built straight in CHW order, one lookup-table pass per (slice, window) read from
 the memory-mapped shard. When the cache's size differs from the model's, each slice's windows are
-resized together (as the 2D input always was; OpenCV's area resize takes at most four channels, so
-more windows are resized one by one). A 2.5D sample is augmented as one albumentations call with
+resized together (OpenCV's area resize takes at most four channels at a non-integer ratio, so more
+windows are resized one by one). A 2.5D sample is augmented as one albumentations call with
 every channel as its own image target: the transform's parameters are drawn once per call, so every
 channel gets the same flip, affine, crop and brightness/contrast, and the centre slice's channels are
 exactly the 2D sample's.
@@ -18,6 +18,7 @@ exactly the 2D sample's.
 from __future__ import annotations
 
 import os
+import random
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check at import
 
@@ -58,12 +59,9 @@ def build_augment(cfg: AugmentConfig, size: int, n_images: int = 1) -> A.Compose
 
 def neighbour_rows(cache: PixelCache) -> tuple[np.ndarray, np.ndarray]:
     """Row of the previous and next slice of every index row (the row itself at a series end)."""
-    index = cache.index
-    rows = np.arange(len(index))
-    position = {image_id: i for i, image_id in enumerate(index["image_id"])}
-    prev = np.array([position.get(p, r) for r, p in zip(rows, index["prev_id"], strict=True)])  # None/NaN: no neighbour
-    nxt = np.array([position.get(n, r) for r, n in zip(rows, index["next_id"], strict=True)])
-    return prev, nxt
+    rows = np.arange(len(cache))
+    prev, nxt = (cache.rows_of(cache.index[column]) for column in ("prev_id", "next_id"))
+    return np.where(prev < 0, rows, prev), np.where(nxt < 0, rows, nxt)  # -1: None, no neighbour
 
 
 class SliceDataset(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
@@ -107,36 +105,31 @@ class SliceDataset(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
             row = int(step[row])
         return row
 
-    def _resize(self, plane: np.ndarray) -> np.ndarray:
-        """A stored-size plane (H, W[, C <= 4]) at the model's size: area to shrink, bilinear to enlarge."""
-        interp = cv2.INTER_AREA if plane.shape[0] > self.size else cv2.INTER_LINEAR
-        return cv2.resize(plane, (self.size, self.size), interpolation=interp)
+    def _resize(self, img: np.ndarray) -> np.ndarray:
+        """A stored-size (H, W, C) image at the model's size: area to shrink, bilinear to enlarge."""
+        interp = cv2.INTER_AREA if img.shape[0] > self.size else cv2.INTER_LINEAR
+        size = (self.size, self.size)
+        if img.shape[2] > 4:  # OpenCV's area resize takes at most 4 channels: one by one instead
+            return np.stack([cv2.resize(np.ascontiguousarray(img[..., c]), size, interpolation=interp)
+                             for c in range(img.shape[2])], axis=-1)
+        out = cv2.resize(img, size, interpolation=interp)
+        return out[..., None] if out.ndim == 2 else out
 
     def _slice_hwc(self, hu: np.ndarray) -> np.ndarray:
         """Every window of one stored slice, at the model's size: uint8 (H, W, len(windows))."""
         img = apply_windows(hu, self.windows)
-        if img.shape[0] == self.size:
-            return img
-        if img.shape[2] > 4:  # OpenCV resizes at most 4 channels at once (area); one by one instead
-            return np.ascontiguousarray(self._slice_chw(hu).transpose(1, 2, 0))
-        img = self._resize(img)
-        return img[..., None] if img.ndim == 2 else img
+        return img if img.shape[0] == self.size else self._resize(img)
 
     def _slice_chw(self, hu: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Every window of one stored slice, at the model's size: uint8 (len(windows), H, W), into ``out``."""
         if out is None:
             out = np.empty((len(self.windows), self.size, self.size), np.uint8)
-        bits = hu.view(np.uint16)
-        if hu.shape[0] == self.size:  # one lookup pass per window, straight into its channel
-            for lut, channel in zip(self._luts, out, strict=True):
-                np.take(lut, bits, out=channel, mode="clip")  # clip: straight into out (raise buffers)
-        elif len(self.windows) <= 4:  # OpenCV resizes up to 4 channels at once, faster than one by one
+        if hu.shape[0] != self.size:  # the windows resized together (see _resize)
             out[...] = self._slice_hwc(hu).transpose(2, 0, 1)
-        else:
-            plane = np.empty(hu.shape, np.uint8)
-            for lut, channel in zip(self._luts, out, strict=True):
-                np.take(lut, bits, out=plane, mode="clip")
-                channel[...] = self._resize(plane)
+            return out
+        bits = hu.view(np.uint16)
+        for lut, channel in zip(self._luts, out, strict=True):  # one lookup pass per window, into its channel
+            np.take(lut, bits, out=channel, mode="clip")  # clip: straight into out (raise buffers)
         return out
 
     def chw(self, row: int) -> np.ndarray:
@@ -161,7 +154,10 @@ class SliceDataset(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
         if self.augment is None:
             chw = self.chw(row)
         else:
-            self.augment.set_random_seed(hash((self.seed, self.epoch, row)) % 2**32)
+            # one stream shared by the transforms, seeded per sample (set_random_seed would give each
+            # transform its own generator from the same seed: all of them would fire together)
+            seed = hash((self.seed, self.epoch, row)) % 2**32
+            self.augment.set_random_state(np.random.default_rng(seed), random.Random(seed))
             if len(self._targets) == 1:  # 2D: the HWC image, as albumentations is fastest with it
                 img = self.augment(image=self.image(row))["image"]
                 chw = np.ascontiguousarray(img.transpose(2, 0, 1))

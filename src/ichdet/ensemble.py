@@ -90,14 +90,15 @@ def plot_roc(y_true: np.ndarray, y_pred: np.ndarray, path: str | Path) -> Path:
 
     from ichdet.io import atomic_path
 
-    aucs = per_label_auc(y_true, y_pred)
+    table = per_label_auc(y_true, y_pred)
+    notes, aucs = table["note"].tolist(), table["auc"].to_numpy()
     fig, ax = plt.subplots(figsize=(6, 6))
     for i, name in enumerate(LABELS):
-        if aucs.at[name, "note"]:
-            ax.plot([], [], " ", label=f"{name}: {aucs.at[name, 'note']}, no curve")
+        if notes[i]:
+            ax.plot([], [], " ", label=f"{name}: {notes[i]}, no curve")
             continue
         fpr, tpr, _ = roc_curve(y_true[:, i], y_pred[:, i])
-        ax.plot(fpr, tpr, label=f"{name} (AUC {aucs.at[name, 'auc']:.3f})")
+        ax.plot(fpr, tpr, label=f"{name} (AUC {aucs[i]:.3f})")
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC per label")
     ax.legend(loc="lower right", fontsize=8)
