@@ -32,7 +32,8 @@ def test_every_seed_config_builds_its_architecture(name: str, arch: str) -> None
 
 
 @pytest.mark.parametrize(("name", "arch"), [("se_resnext50_32x4d", "seresnext50_32x4d"),
-                                            ("resnet18", "resnet18"), ("convnext_tiny", "convnext_tiny")])
+                                            ("resnet18", "resnet18"), ("convnext_tiny", "convnext_tiny"),
+                                            ("resnet34.a1_in1k", "resnet34.a1_in1k")])  # a pretrained tag
 def test_resolve_backbone(name: str, arch: str) -> None:
     assert resolve_backbone(name) == arch
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import timm
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from ichdet.config import ModelConfig
@@ -40,7 +41,7 @@ def resolve_backbone(name: str) -> str:
     """The timm architecture for ``name`` (a seed alias or any timm name); ConfigError if unknown."""
     if name in SEED_BACKBONES:
         return SEED_BACKBONES[name]
-    if name in _timm_names():
+    if timm.is_model(name):  # also pretrained tags such as resnet34.a1_in1k
         return name
     close = difflib.get_close_matches(name, sorted(_timm_names() | set(SEED_BACKBONES)), n=5)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
@@ -81,8 +82,8 @@ def build_model(cfg: ModelConfig, in_chans: int, num_classes: int = len(LABELS))
 def input_stats(model: nn.Module, in_chans: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std (0-1 scale) the backbone was trained with, cycled to ``in_chans``."""
     pcfg = getattr(model, "pretrained_cfg", None) or {}
-    mean = list(pcfg.get("mean", (0.485, 0.456, 0.406)))
-    std = list(pcfg.get("std", (0.229, 0.224, 0.225)))
+    mean = list(pcfg.get("mean", IMAGENET_DEFAULT_MEAN))
+    std = list(pcfg.get("std", IMAGENET_DEFAULT_STD))
     idx = [i % len(mean) for i in range(in_chans)]
     return torch.tensor([mean[i] for i in idx]), torch.tensor([std[i] for i in idx])
 

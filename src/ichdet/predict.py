@@ -19,9 +19,8 @@ from ichdet.checkpoint import load_weights
 from ichdet.config import Config, load_config
 from ichdet.data import SliceDataset
 from ichdet.errors import CheckpointError
-from ichdet.labels import LABELS
 from ichdet.models import build_model, input_stats
-from ichdet.train import Normalizer, init_runtime, make_loader, precision, predict_batches
+from ichdet.train import Normalizer, init_runtime, make_loader, precision, predict_batches, prediction_table
 
 
 def fold_weights(run: str | Path) -> list[tuple[int, Path]]:
@@ -69,14 +68,9 @@ def predict_run(run: str | Path, cache: PixelCache, tta: bool = True, batch_size
     normalize = Normalizer(mean, std, cfg.train.channels_last).to(rt.device)
     autocast, _ = precision(rt.device, cfg.train.amp)
     rows, probs = predict_batches(models, normalize, loader, rt.device, autocast, tta, progress)
-    parts = []
-    for (fold, _), fold_probs in zip(folds, probs, strict=True):
-        part = pd.DataFrame(fold_probs, columns=list(LABELS))
-        part.insert(0, "image_id", cache.index["image_id"].to_numpy()[rows])
-        part.insert(1, "model", Path(run).resolve().name)
-        part.insert(2, "fold", fold)
-        parts.append(part)
-    return pd.concat(parts, ignore_index=True)
+    name = Path(run).resolve().name
+    return pd.concat([prediction_table(cache, rows, fold_probs, model=name, fold=fold)
+                      for (fold, _), fold_probs in zip(folds, probs, strict=True)], ignore_index=True)
 
 
 def predict_runs(runs: Sequence[str | Path], data: str | Path, tta: bool = True, device: str = "auto",

@@ -15,6 +15,7 @@ the epochs an uninterrupted one would have run.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -146,7 +147,6 @@ class Trainer:
     autocast: Callable[[], AbstractContextManager[Any]]
     train_loader: DataLoader[Any]
     val_loader: DataLoader[Any]
-    val_rows: np.ndarray
     cache: PixelCache
 
 
@@ -197,15 +197,19 @@ def build_trainer(cfg: Config, cache: PixelCache, fold: int, rt: Runtime) -> Tra
     train_ds = SliceDataset(cache, train_rows, cfg.data, augment=True, seed=cfg.train.seed)
     val_ds = SliceDataset(cache, val_rows[rt.rank::rt.world_size], cfg.data)  # no padding duplicates
     train_loader = _loader(train_ds, cfg, rt, train=True)
-    steps = len(train_loader) if cfg.train.limit_train_batches is None else min(
-        len(train_loader), cfg.train.limit_train_batches)
+    steps = _steps_per_epoch(cfg, train_loader)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                                   fused=rt.device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(steps * cfg.train.epochs, round(steps * cfg.train.warmup_epochs)))
     autocast, scaler = precision(rt.device, cfg.train.amp)
     return Trainer(cfg, rt, model, normalize, WeightedBCE().to(rt.device), optimizer, scheduler, scaler,
-                   autocast, train_loader, _loader(val_ds, cfg, rt, train=False), val_rows, cache)
+                   autocast, train_loader, _loader(val_ds, cfg, rt, train=False), cache)
+
+
+def _steps_per_epoch(cfg: Config, loader: DataLoader[Any]) -> int:
+    """Batches one epoch trains on: the loader's, or ``train.limit_train_batches`` if fewer."""
+    return min(len(loader), cfg.train.limit_train_batches or len(loader))
 
 
 def train_step(t: Trainer, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -232,13 +236,10 @@ def train_one_epoch(t: Trainer, epoch: int, progress: bool) -> dict[str, float]:
     if isinstance(sampler, DistributedSampler):
         sampler.set_epoch(epoch)
     t.train_loader.dataset.set_epoch(epoch)  # type: ignore[attr-defined]
-    limit = t.cfg.train.limit_train_batches or len(t.train_loader)
+    steps = _steps_per_epoch(t.cfg, t.train_loader)
     total_loss, n_images, start = torch.zeros((), device=t.rt.device), 0, time.perf_counter()
-    bar = tqdm(total=min(limit, len(t.train_loader)), desc=f"epoch {epoch + 1}", leave=False,
-               disable=not (progress and t.rt.is_main))
-    for step, (images, target, _) in enumerate(t.train_loader):
-        if step >= limit:
-            break
+    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}", leave=False, disable=not (progress and t.rt.is_main))
+    for step, (images, target, _) in enumerate(itertools.islice(t.train_loader, steps)):
         loss = train_step(t, images, target)
         total_loss += loss * len(images)  # stays on the device: no sync per step
         n_images += len(images)
@@ -266,9 +267,10 @@ def predict_batches(models: Sequence[nn.Module], normalize: Normalizer, loader: 
         model.eval()
     rows, probs = [], []
     for images, _, row in tqdm(loader, desc="predict", leave=False, disable=not progress):
-        x = normalize(images.to(device, non_blocking=True))
-        if tta:
-            x = torch.cat([x, torch.flip(x, dims=[3])])
+        images = images.to(device, non_blocking=True)
+        if tta:  # the mirror image in the same batch, flipped while still uint8 (4x less data than float)
+            images = torch.cat([images, torch.flip(images, dims=[3])])
+        x = normalize(images)
         with autocast():
             p = torch.stack([torch.sigmoid(model(x).float()) for model in models])
         probs.append(p.view(len(models), 2, -1, p.shape[-1]).mean(1) if tta else p)  # on the device: no sync
@@ -293,7 +295,7 @@ def validate(t: Trainer, tta: bool = False) -> tuple[dict[str, float], np.ndarra
     """Validation weighted log loss and per-label AUC (identical on every rank), rows and probs."""
     rows, probs = predict_batches([unwrap(t.model)], t.normalize, t.val_loader, t.rt.device, t.autocast, tta)
     rows, probs = gather(t.rt, rows, probs[0])
-    truth = t.cache.index[list(LABELS)].to_numpy(dtype=np.float64)[rows]
+    truth = t.cache.index[list(LABELS)].iloc[rows].to_numpy(dtype=np.float64)
     metrics = {"val_loss": weighted_log_loss(truth, probs)}
     auc = per_label_auc(truth, probs)["auc"]
     metrics.update({f"auc_{name}": float(auc[name]) for name in LABELS})
@@ -394,10 +396,16 @@ def _write_oof(t: Trainer, fold_dir: Path, fold: int) -> None:
     load_weights(unwrap(t.model), fold_dir / "best.safetensors")
     _, rows, probs = validate(t, tta=t.cfg.train.tta)
     if t.rt.is_main:
-        oof = pd.DataFrame(probs, columns=list(LABELS))
-        oof.insert(0, "image_id", t.cache.index["image_id"].to_numpy()[rows])
-        oof.insert(1, "fold", fold)
-        write_parquet_atomic(oof, fold_dir / "oof.parquet")
+        write_parquet_atomic(prediction_table(t.cache, rows, probs, fold=fold), fold_dir / "oof.parquet")
+
+
+def prediction_table(cache: PixelCache, rows: np.ndarray, probs: np.ndarray, **keys: str | int) -> pd.DataFrame:
+    """Probabilities (N, 6) of index ``rows`` as a table: image_id, one column per ``keys`` item, LABELS."""
+    table = pd.DataFrame(probs, columns=list(LABELS))
+    table.insert(0, "image_id", cache.index["image_id"].to_numpy()[rows])
+    for position, (name, value) in enumerate(keys.items(), start=1):
+        table.insert(position, name, value)
+    return table
 
 
 def folds_to_train(cache: PixelCache, fold: str) -> list[int]:
