@@ -151,23 +151,13 @@ class Scratch:
 
 
 def _compute_only(files: Sequence[str]) -> int:
-    """ichdet's per-file work in the preprocessor (read, HU, store conversion) with nothing written.
+    """ichdet's per-file work in the preprocessor (read, HU, store conversion) with nothing written."""
+    from ichdet.cache import hu_to_store
+    from ichdet.dicom import Workspace, read_dicom
 
-    Uses the preprocessor's internal path; where it does not exist (older ichdet), the public one.
-    """
-    try:
-        from ichdet.cache import _store_into
-        from ichdet.dicom import Workspace, read_dicom
-    except ImportError:
-        from ichdet.cache import hu_to_store
-        from ichdet.dicom import read_dicom
-
-        for path in files:
-            hu_to_store(read_dicom(path)[1], SIZE)
-        return len(files)
     work, out = Workspace(), np.empty((SIZE, SIZE), np.int16)
     for path in files:
-        _store_into(read_dicom(path, integer=True, work=work)[1], SIZE, out)
+        hu_to_store(read_dicom(path, integer=True, work=work)[1], SIZE, out=out)
     return len(files)
 
 
@@ -223,7 +213,7 @@ def breakdown(farm: Path, scratch_root: Path, repeats: int) -> dict[str, float]:
     import ichdet.cache as cache_mod
 
     steps = {"read DICOM + HU (read_dicom)": (cache_mod, "read_dicom"),
-             "HU -> int16 store (_store_into)": (cache_mod, "_store_into"),
+             "HU -> int16 store (hu_to_store)": (cache_mod, "hu_to_store"),
              "shard manifests (_write_manifest)": (cache_mod, "_write_manifest"),
              PROCESS_CHUNK: (cache_mod, "_process_chunk"),
              "list files, plan chunks (_plan_chunks)": (cache_mod, "_plan_chunks"),
@@ -254,7 +244,7 @@ def breakdown(farm: Path, scratch_root: Path, repeats: int) -> dict[str, float]:
     result = {name: median(v) / n_files for name, v in spent.items() if v}
     if PROCESS_CHUNK in result:  # the part of a chunk's time not in the steps inside it: the pixel writes
         chunk = result.pop(PROCESS_CHUNK)
-        inside = ("read DICOM + HU (read_dicom)", "HU -> int16 store (_store_into)",
+        inside = ("read DICOM + HU (read_dicom)", "HU -> int16 store (hu_to_store)",
                   "shard manifests (_write_manifest)")
         result["shard writes, rows (rest of _process_chunk)"] = chunk - sum(result.get(k, 0.0) for k in inside)
     result["other (pool, cache.json, ...)"] = median(totals) / n_files - sum(result.values())
