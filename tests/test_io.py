@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ichdet.io import atomic_path, write_json_atomic, write_parquet_atomic, write_text_atomic
+from ichdet.io import atomic_path, remove_stale_temps, write_json_atomic, write_parquet_atomic, write_text_atomic
 
 
 @pytest.fixture
@@ -124,3 +124,14 @@ def test_write_parquet_atomic_round_trip(tmp_path: Path) -> None:
     path = write_parquet_atomic(df, tmp_path / "t.parquet")
     pd.testing.assert_frame_equal(pd.read_parquet(path), df)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.parquet"]
+
+
+def test_remove_stale_temps_removes_only_atomic_path_leftovers(tmp_path: Path) -> None:
+    with atomic_path(tmp_path / "shard.npy") as tmp:
+        tmp.write_bytes(b"done")
+    tmp.write_bytes(b"half")  # the temporary name a SIGKILL-ed writer would have left behind
+    keep = ["shard.npy", ".hidden", "shard.npy.tmp", ".x.tmp.npy", ".shard.npy.0123456789ab.npy", "ID_1.dcm"]
+    for name in keep[1:]:
+        (tmp_path / name).write_bytes(b"keep")
+    assert remove_stale_temps(tmp_path) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)

@@ -585,7 +585,8 @@ def test_refuses_folder_with_foreign_dicoms(tmp_path: Path) -> None:
 
 def test_leftover_temp_files_of_a_killed_run_are_removed(tmp_path: Path) -> None:
     (tmp_path / "stage_2_train_images").mkdir(parents=True)
-    stale = [tmp_path / "stage_2_train_images" / ".ID_0123456789.dcm.999.part", tmp_path / ".stage_2_train.csv.9.part"]
+    stale = [tmp_path / "stage_2_train_images" / ".ID_0123456789.dcm.0123456789ab.tmp.dcm",  # atomic_path's names
+             tmp_path / ".stage_2_train.csv.0123456789ab.tmp.csv"]
     for p in stale:
         p.write_bytes(b"half")
     synth.make_dataset(tmp_path, SMALL)

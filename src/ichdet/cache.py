@@ -48,7 +48,7 @@ from tqdm import tqdm
 from ichdet.dicom import DicomMeta, Workspace, read_dicom
 from ichdet.errors import DicomError, IchdetError
 from ichdet.index import build_index, relative_dicom_files
-from ichdet.io import atomic_path, write_json_atomic, write_parquet_atomic
+from ichdet.io import atomic_path, remove_stale_temps, write_json_atomic, write_parquet_atomic
 from ichdet.labels import read_labels
 
 #: Integer HU kept in the store: air (-1024) to dense bone (3071), the 12-bit CT range.
@@ -269,14 +269,6 @@ def _check_compatible(out: Path, old: dict[str, object], settings: dict[str, obj
                               f"{settings[key]!r}; choose another --out or delete that folder")
 
 
-def _remove_stale_temps(shard_dir: Path) -> None:
-    """Temporary shard files left by a killed run (an interrupted run removes its own)."""
-    with os.scandir(shard_dir) as entries:
-        for entry in entries:
-            if entry.name.startswith(".shard_") and ".tmp" in entry.name:
-                Path(entry.path).unlink(missing_ok=True)
-
-
 def _run_chunks(todo: list[_Chunk], workers: int, progress: bool, total: int, done: int) -> dict[int, _Rows]:
     """Process ``todo`` (in this process, or in a pool of ``workers``); returns rows by chunk number."""
     results: dict[int, _Rows] = {}
@@ -351,7 +343,7 @@ def preprocess(images: str | Path, out: str | Path, labels_csv: str | Path | Non
         "n_folds": opts.n_folds, "seed": opts.seed}
     _check_compatible(out, previous, settings)
     (out / "pixels").mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(out / "pixels")
+    remove_stale_temps(out / "pixels")  # left by a killed run (an interrupted one removes its own)
     with atomic_path(out / "cache.json", fsync=False) as tmp:  # rewritten, with fsync, at the end
         tmp.write_text(json.dumps(settings, indent=2) + "\n")
     rows: dict[int, _Rows] = {}

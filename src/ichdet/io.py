@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,12 +19,30 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["atomic_path", "write_json_atomic", "write_parquet_atomic", "write_text_atomic"]
+__all__ = ["atomic_path", "remove_stale_temps", "write_json_atomic", "write_parquet_atomic", "write_text_atomic"]
+
+
+#: The names :func:`_temp_sibling` makes: ``.<name>.<12 hex digits>.tmp<suffix>``.
+_TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp(\.[^.]*)?$")
 
 
 def _temp_sibling(path: Path) -> Path:
     """A fresh hidden name next to ``path`` that keeps its suffix (writers that pick a format by suffix)."""
     return path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp{path.suffix}")
+
+
+def remove_stale_temps(folder: str | os.PathLike[str]) -> int:
+    """Delete the temporary files a killed :func:`atomic_path` writer left in ``folder``; return how many.
+
+    An interrupted (not killed) writer removes its own. Call it only where no other process is writing.
+    """
+    removed = 0
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if _TEMP_NAME.match(entry.name) and entry.is_file(follow_symlinks=False):
+                Path(entry.path).unlink(missing_ok=True)
+                removed += 1
+    return removed
 
 
 def _fsync_file(path: Path) -> None:

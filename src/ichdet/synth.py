@@ -40,14 +40,14 @@ from __future__ import annotations
 
 import io
 import math
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal, TypeVar
 
 import numpy as np
+import pandas as pd
 import pydicom
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
@@ -61,7 +61,8 @@ from pydicom.uid import (
 )
 
 from ichdet.errors import ConfigError, IchdetError
-from ichdet.labels import LABELS
+from ichdet.io import atomic_path, remove_stale_temps
+from ichdet.labels import LABELS, write_labels, write_submission
 
 __all__ = [
     "HU_RANGE",
@@ -863,25 +864,18 @@ def _dicom_bytes(ds: Dataset) -> bytes:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a hidden ``.part`` sibling and ``os.replace``.
+    """Write ``data`` to ``path`` through :func:`ichdet.io.atomic_path` (hidden temporary name, rename).
 
-    The temporary name does not end in ``.dcm``, so a folder scan never picks up a half-written file.
     No fsync: the data set is regenerated in seconds, and a killed process cannot leave a partial file.
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
+    with atomic_path(path, fsync=False) as tmp:
         tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _prepare_folder(folder: Path, expected: set[str]) -> None:
-    """Create ``folder``, drop our own leftover ``.part`` files, refuse DICOMs this spec does not make."""
+    """Create ``folder``, drop temporary files a killed run left, refuse DICOMs this spec does not make."""
     folder.mkdir(parents=True, exist_ok=True)
-    for leftover in folder.glob(".ID_*.dcm.*.part"):
-        leftover.unlink()
+    remove_stale_temps(folder)
     foreign = sorted(p.name for p in folder.glob("*.dcm") if p.stem not in expected)
     if foreign:
         raise IchdetError(
@@ -900,14 +894,6 @@ def _write_study(plan: StudyPlan, folder: Path) -> np.ndarray:
     return np.stack(labels)
 
 
-def _long_csv(rows: Mapping[str, Sequence[str]]) -> bytes:
-    """Kaggle long form: header ``ID,Label``, six rows per image in LABELS order, images sorted by id."""
-    lines = ["ID,Label"]
-    for image_id in sorted(rows):
-        lines += [f"{image_id}_{lab},{val}" for lab, val in zip(LABELS, rows[image_id], strict=True)]
-    return ("\n".join(lines) + "\n").encode()
-
-
 def make_dataset(out: Path, spec: SynthSpec) -> SynthSummary:
     """Write the synthetic data set of ``spec`` under ``out`` in the Kaggle layout; return a summary.
 
@@ -922,24 +908,22 @@ def make_dataset(out: Path, spec: SynthSpec) -> SynthSummary:
     out = Path(out)
     train, test = plan_dataset(spec)
     out.mkdir(parents=True, exist_ok=True)
-    for leftover in out.glob(".stage_2_*.csv.*.part"):  # from an interrupted run of ours
-        leftover.unlink()
+    remove_stale_temps(out)  # temporary files of a killed run
     train_dir, test_dir = out / TRAIN_DIR, out / TEST_DIR
     _prepare_folder(train_dir, {i for p in train for i in p.image_ids})
     _prepare_folder(test_dir, {i for p in test for i in p.image_ids})
-    labels: dict[str, Sequence[str]] = {}
-    for plan in train:
-        for image_id, row in zip(plan.image_ids, _write_study(plan, train_dir), strict=True):
-            labels[image_id] = [str(int(x)) for x in row]
+    rows = [_write_study(plan, train_dir) for plan in train]
+    labels = pd.DataFrame(np.concatenate(rows).astype(np.uint8) if rows else np.zeros((0, len(LABELS)), np.uint8),
+                          index=[i for p in train for i in p.image_ids], columns=list(LABELS)).sort_index()
     for plan in test:
         _write_study(plan, test_dir)
-    test_rows = {i: ["0.5"] * len(LABELS) for p in test for i in p.image_ids}
-    _write_atomic(out / TRAIN_CSV, _long_csv(labels))
-    _write_atomic(out / SUBMISSION_CSV, _long_csv(test_rows))
-    positives = {lab: sum(int(r[j]) for r in labels.values()) for j, lab in enumerate(LABELS)}
+    test_ids = sorted(i for p in test for i in p.image_ids)
+    write_labels(labels, out / TRAIN_CSV)
+    write_submission(pd.DataFrame(0.5, index=test_ids, columns=list(LABELS)), out / SUBMISSION_CSV)
+    positives = {lab: int(labels[lab].sum()) for lab in LABELS}
     return SynthSummary(
         out=out, train_dir=train_dir, test_dir=test_dir, train_csv=out / TRAIN_CSV,
         submission_csv=out / SUBMISSION_CSV, n_studies=len(train), n_test_studies=len(test),
-        n_images=len(labels), n_test_images=len(test_rows), positives=positives,
+        n_images=len(labels), n_test_images=len(test_ids), positives=positives,
         layouts={lay: sum(p.style.layout == lay for p in train + test) for lay in LAYOUTS},
     )  # fmt: skip
