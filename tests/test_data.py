@@ -223,3 +223,19 @@ def test_more_than_four_windows_resize_at_a_non_integer_ratio(cache: PixelCache,
     for j, name in enumerate(names):
         plane = apply_windows(cache.read_row(3), [PRESETS[name]])[..., 0]
         np.testing.assert_array_equal(image[j], cv2.resize(plane, (48, 48), interpolation=cv2.INTER_AREA))
+
+
+def test_offsets_two_slices_away_follow_the_neighbour_chain(cache: PixelCache) -> None:
+    _, middle = _first_and_middle(cache)
+    index = cache.index
+
+    def walk(row: int, column: str, steps: int) -> int:
+        for _ in range(steps):
+            row = cache.row_of(index.loc[row, column])
+        return row
+
+    ds = SliceDataset(cache, [middle], _cfg("data.windows=[brain]", "data.slice_offsets=[-2, 0, 2]"))
+    image = ds[0][0].numpy()
+    for channel, row in enumerate([walk(middle, "prev_id", 2), middle, walk(middle, "next_id", 2)]):
+        np.testing.assert_array_equal(image[channel], apply_windows(cache.read_row(row), [PRESETS["brain"]])[..., 0])
+    assert len({walk(middle, "prev_id", 2), middle, walk(middle, "next_id", 2)}) == 3  # three distinct slices

@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from ichdet.dicom import DicomMeta, Workspace, read_dicom
 from ichdet.errors import DicomError, IchdetError
-from ichdet.index import build_index, relative_dicom_files
+from ichdet.index import build_index, default_workers, relative_dicom_files
 from ichdet.io import atomic_path, remove_stale_temps, write_json_atomic, write_parquet_atomic
 from ichdet.labels import read_labels
 
@@ -92,11 +92,6 @@ class PreprocessSummary:
             out.append(f"labelled images without a usable file: {len(self.labelled_without_image)} "
                        f"(e.g. {', '.join(self.labelled_without_image[:3])})")
         return out
-
-
-def default_workers() -> int:
-    """The number of cores this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def hu_to_store(hu: np.ndarray, size: int, out: np.ndarray | None = None) -> np.ndarray:

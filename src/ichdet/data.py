@@ -87,10 +87,15 @@ class SliceDataset(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
         self.epoch = 0
         labels = cache.index[list(LABELS)].to_numpy(dtype=np.float32)
         self.labels = np.nan_to_num(labels, nan=0.0)
-        no_context = (np.zeros(0, np.int64), np.zeros(0, np.int64))
-        self.prev: np.ndarray
-        self.next: np.ndarray
-        self.prev, self.next = neighbour_rows(cache) if self.offsets != [0] else no_context
+        # index row -> row of the slice at each offset, once for the whole cache (the row itself past a series end)
+        self._rows_at: dict[int, np.ndarray] = {}
+        if self.offsets != [0]:
+            prev, nxt = neighbour_rows(cache)
+            for offset in set(self.offsets) - {0}:
+                at, step = np.arange(len(cache)), prev if offset < 0 else nxt
+                for _ in range(abs(offset)):
+                    at = step[at]
+                self._rows_at[offset] = at
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -100,10 +105,7 @@ class SliceDataset(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
         self.epoch = epoch
 
     def _row_at(self, row: int, offset: int) -> int:
-        step = self.prev if offset < 0 else self.next
-        for _ in range(abs(offset)):
-            row = int(step[row])
-        return row
+        return row if offset == 0 else int(self._rows_at[offset][row])
 
     def _resize(self, img: np.ndarray) -> np.ndarray:
         """A stored-size (H, W, C) image at the model's size: area to shrink, bilinear to enlarge."""

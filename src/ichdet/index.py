@@ -23,6 +23,11 @@ _IGNORED_NAMES = frozenset({"DICOMDIR"})
 _NOT_DICOM_SUFFIXES = frozenset({".csv", ".txt", ".json", ".md", ".parquet", ".xml", ".html", ".zip"})
 
 
+def default_workers() -> int:
+    """The number of cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def list_dicom_files(folder: str | Path) -> list[Path]:
     """All candidate DICOM files under ``folder``, recursively, sorted by relative path.
 
@@ -67,7 +72,7 @@ def scan_folder(folder: str | Path, workers: int | None = None) -> tuple[pd.Data
     The second table has columns ``path, reason``; nothing is dropped silently.
     """
     files = list_dicom_files(folder)
-    workers = workers or os.cpu_count() or 1
+    workers = workers or default_workers()
     if workers > 1 and len(files) > 64:
         with ProcessPoolExecutor(workers) as pool:
             rows = list(pool.map(_meta_or_error, files, chunksize=64))

@@ -4,7 +4,7 @@ Three layers, kept apart (the math first, the I/O last):
 
 1. **plan** (:func:`plan_dataset`): every random choice (anatomy, lesions, ids, DICOM style) is drawn from
    one ``np.random.default_rng(spec.seed)`` into frozen :class:`StudyPlan` objects, in a fixed order.
-2. **phantom** (:func:`phantom_slice`, :func:`render_slice`, :func:`render_study`): pure functions from a
+2. **phantom** (:func:`phantom_slice`, :func:`render_slice`): pure functions from a
    plan and a slice index to HU, blood masks and labels. The noise of a slice comes from
    ``default_rng([plan.noise_seed, k])``, so a slice renders the same every time, in any order.
 3. **I/O** (:func:`make_dataset`): DICOM files and the Kaggle CSVs, each written atomically.
@@ -83,7 +83,6 @@ __all__ = [
     "phantom_slice",
     "plan_dataset",
     "render_slice",
-    "render_study",
     "visible_slices",
 ]
 
@@ -557,12 +556,6 @@ def _labels(plan: StudyPlan, blood: Sequence[np.ndarray]) -> np.ndarray:
 def render_slice(plan: StudyPlan, k: int) -> np.ndarray:
     """HU image (int16, ``(size, size)``) of slice ``k`` of ``plan``; see :func:`phantom_slice`."""
     return phantom_slice(plan, k).hu
-
-
-def render_study(plan: StudyPlan) -> tuple[np.ndarray, np.ndarray]:
-    """HU volume ``(n, size, size)`` int16 and labels ``(n, 6)`` uint8, slices from base to vertex."""
-    slices = [phantom_slice(plan, k) for k in range(plan.n_slices)]
-    return np.stack([s.hu for s in slices]), np.stack([s.labels for s in slices])
 
 
 # -------------------------------------------------------------------------------------------- plan
