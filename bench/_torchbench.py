@@ -9,6 +9,7 @@ functions that need it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import shutil
@@ -24,6 +25,7 @@ from typing import Any
 
 import common  # bench/common.py: shared with the data benchmarks
 import torch
+import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -34,17 +36,10 @@ TARGET_RATIO = 1.1  # ichdet's step may cost at most 10 % more than the bare tim
 # ----------------------------------------------------------------------------------------- machine
 
 
-def usable_cores() -> int:
-    """Cores this process may run on (the affinity mask, not the machine's total)."""
-    from ichdet.cache import default_workers  # ichdet may come from src/ on the GPU machine: import late
-
-    return default_workers()
-
-
 def describe_machine(device: torch.device) -> dict[str, Any]:
     """What the numbers were measured on: CPU, cores, torch build and threads, GPU if any."""
     info: dict[str, Any] = {
-        "cpu": common.cpu_model(), "cores": usable_cores(), "python": platform.python_version(),
+        "cpu": common.cpu_model(), "cores": common.usable_cores(), "python": platform.python_version(),
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": str(device)}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -101,15 +96,19 @@ def interleaved(runs: dict[str, Callable[[], object]], steps: int, repeats: int,
                 device: torch.device) -> dict[str, list[float]]:
     """Per-step milliseconds of each run, ``repeats`` times, the order rotated every repeat.
 
-    Each ``runs[name]()`` does ``steps`` steps; rotating the order spreads slow phases of a shared,
-    noisy machine over all candidates instead of charging them to one.
+    Each ``runs[name]()`` does ``steps`` steps, timed by :func:`common.run_interleaved` with the device
+    queue drained before and after; rotating the order spreads slow phases of a shared, noisy machine
+    over all candidates instead of charging them to one.
     """
-    names = list(runs)
-    out: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            out[name].append(1000.0 * timed(runs[name], device) / steps)
-    return out
+    def counted(fn: Callable[[], object]) -> Callable[[], int]:
+        def run() -> int:
+            fn()
+            return steps
+        return run
+
+    variants = [common.Variant(name, counted(fn)) for name, fn in runs.items()]
+    timings = common.run_interleaved(variants, repeats, log=None, sync=lambda: sync(device))
+    return {name: [1000.0 * s / steps for s in t["seconds"]] for name, t in timings.items()}
 
 
 def summarize(ms: dict[str, list[float]], batch: int) -> dict[str, dict[str, float | list[float]]]:
@@ -157,10 +156,9 @@ def add_common_args(parser: argparse.ArgumentParser, batch: int) -> None:
                              "it over, so the copy to the device is timed) or device. The bare loop always "
                              "gets the normalized float batch already on the device")
     parser.add_argument("--steps", type=int, default=10, help="steps per timed repeat")
-    parser.add_argument("--repeats", type=int, default=7, help="timed repeats, interleaved")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each loop first")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    common.add_common_args(parser, repeats=7)  # --repeats (interleaved), --json
 
 
 def resolve_device(name: str) -> torch.device:
@@ -199,10 +197,82 @@ def memory_format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def write_json(path: Path | None, result: dict[str, Any]) -> None:
-    """Write ``result`` to ``path`` if one is given (see ``common.write_json``)."""
-    if path is not None:
-        common.write_json(path, result)
+def setup(args: argparse.Namespace) -> tuple[torch.device, str, bool]:
+    """``--threads``, then (device, amp, channels_last) from ``--device``, ``--amp``, ``--channels-last``."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
+    return device, resolve_amp(args.amp, device), channels_last
+
+
+def versus_main(doc: str, batch: int, run: Callable[[argparse.Namespace], dict[str, Any]],
+                argv: list[str] | None = None) -> int:
+    """The ichdet-vs-bare scripts' ``main``: options, ``run(args)``, ``--json``; 0 whatever the verdict."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    add_common_args(parser, batch=batch)
+    args = parser.parse_args(argv)
+    result = run(args)
+    if args.json is not None:
+        common.write_json(args.json, result)
+    return 0
+
+
+# --------------------------------------------------------------------------------- ichdet vs bare
+
+
+def versus_result(bench: str, device: torch.device, settings: dict[str, Any], ms: dict[str, list[float]],
+                  batch: int, **extra: Any) -> dict[str, Any]:
+    """The result of an ichdet-vs-bare run (``ms`` from :func:`interleaved`, with ``ichdet`` and
+    ``bare_timm``): ``extra`` goes before the per-run results, then ichdet/bare as the ratio of medians
+    (the target), the median of the per-repeat ratios and the ratio of minima."""
+    stats = summarize(ms, batch)
+    ratio_of_medians = stats["ichdet"]["median_ms"] / stats["bare_timm"]["median_ms"]  # type: ignore[operator]
+    return {
+        "bench": bench, "machine": describe_machine(device), "settings": settings, **extra, "results": stats,
+        "ratio_of_medians": ratio_of_medians, "ratio_paired_median": paired_ratio(ms, "ichdet", "bare_timm"),
+        "ratio_of_minima": stats["ichdet"]["min_ms"] / stats["bare_timm"]["min_ms"],  # type: ignore[operator]
+        "target_ratio": TARGET_RATIO, "pass": ratio_of_medians <= TARGET_RATIO}
+
+
+def versus_report(result: dict[str, Any], title: str, unit: str) -> None:
+    """Print the machine, ``title``, ms per ``unit`` of each run and the ichdet / bare ratios."""
+    print(machine_line(result["machine"]))
+    print(title)
+    for name, st in result["results"].items():
+        print(f"  {name:10s} median {st['median_ms']:9.2f} {'ms/' + unit:8s} (min {st['min_ms']:.2f}, "
+              f"max {st['max_ms']:.2f})  {st['images_per_s']:8.1f} img/s")
+    print(f"  ichdet / bare: {result['ratio_of_medians']:.3f} (ratio of medians), "
+          f"{result['ratio_paired_median']:.3f} (median of per-repeat ratios), "
+          f"{result['ratio_of_minima']:.3f} (ratio of minima); target <= {TARGET_RATIO} on the medians: "
+          f"{common.verdict(result['pass'])}")
+
+
+def bare_twin(arch: str, ichdet_model: torch.nn.Module, device: torch.device, channels_last: bool) -> torch.nn.Module:
+    """``timm.create_model(arch)`` (ichdet's alias resolved) with ``ichdet_model``'s weights, on ``device``."""
+    import timm
+
+    from ichdet.models import resolve_backbone, unwrap
+
+    bare = timm.create_model(resolve_backbone(arch), num_classes=6)
+    bare.load_state_dict(unwrap(ichdet_model).state_dict())
+    return bare.to(device).to(memory_format=memory_format(channels_last))
+
+
+def bare_train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer,
+                    autocast: Callable[[], AbstractContextManager[Any]], scaler: Any = None) -> None:
+    """One plain training step: BCE-with-logits under ``autocast``, zero_grad, backward, optimizer step
+    (through ``scaler``, a ``torch.amp.GradScaler``, where one is given)."""
+    with autocast():
+        loss = F.binary_cross_entropy_with_logits(model(x).float(), y)
+    opt.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        opt.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
 
 
 # --------------------------------------------------------------------------------------- ichdet bits
@@ -268,7 +338,7 @@ class FixedBatchLoader:
         def set_epoch(self, epoch: int) -> None:
             pass
 
-    def __init__(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], steps: int) -> None:
+    def __init__(self, batch: tuple[torch.Tensor, ...], steps: int) -> None:
         self.batch = batch
         self.steps = steps
         self.sampler = None
@@ -277,9 +347,17 @@ class FixedBatchLoader:
     def __len__(self) -> int:
         return self.steps
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         for _ in range(self.steps):
             yield self.batch
+
+
+def fixed_batch_epochs(trainer: Any, batch: tuple[torch.Tensor, ...]) -> Callable[[int], object]:
+    """``run(n)``: ichdet's real epoch loop (``train_one_epoch``) over ``trainer`` on ``batch``, ``n`` steps."""
+    from ichdet.train import train_one_epoch
+
+    return lambda n: train_one_epoch(dataclasses.replace(trainer, train_loader=FixedBatchLoader(batch, n)),
+                                     epoch=0, progress=False)
 
 
 def premade_batch(dataset: Any, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -31,40 +31,31 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _torchbench import (
-    TARGET_RATIO,
-    add_common_args,
     autocast_for,
+    bare_twin,
     bench_config,
-    describe_machine,
     interleaved,
-    machine_line,
     memory_format,
     paired_ratio,
     pin,
     random_batches,
-    resolve_amp,
-    resolve_device,
-    summarize,
+    setup,
     temp_dir,
-    write_json,
+    versus_main,
+    versus_report,
+    versus_result,
 )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build both sides, time them interleaved, return the results (also printed)."""
-    import timm
-
     from ichdet.checkpoint import save_weights
     from ichdet.config import config_to_yaml
-    from ichdet.models import build_model, input_stats, resolve_backbone
+    from ichdet.models import build_model, input_stats
     from ichdet.predict import load_run_model
     from ichdet.train import Normalizer, init_runtime, precision, predict_batches
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    amp = resolve_amp(args.amp, device)
-    channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
+    device, amp, channels_last = setup(args)
     cfg = bench_config(args.arch, args.size, args.batch, device, amp, channels_last)
     rt = init_runtime(str(device))
     with temp_dir("ichdet-bench-infer-") as tmp:
@@ -89,9 +80,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with torch.no_grad():
         x_bare = [normalize(b[0].to(device)).contiguous(memory_format=memory_format(channels_last)) for b in batches]
 
-    bare = timm.create_model(resolve_backbone(args.arch), num_classes=6)
-    bare.load_state_dict(model.state_dict())
-    bare = bare.to(device).to(memory_format=memory_format(channels_last)).eval()
+    bare = bare_twin(args.arch, model, device, channels_last).eval()
     bare_autocast = autocast_for(amp, device)
 
     def bare_loop() -> list[torch.Tensor]:
@@ -115,47 +104,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     ms = interleaved({"ichdet": lambda: ichdet_loop(False), "bare_timm": bare_loop,
                       "ichdet_tta": lambda: ichdet_loop(True)}, args.steps, args.repeats, device)
-    stats = summarize(ms, args.batch)
-    ratio = stats["ichdet"]["median_ms"] / stats["bare_timm"]["median_ms"]  # type: ignore[operator]
-    result: dict[str, Any] = {
-        "bench": "inference", "machine": describe_machine(device),
-        "settings": {"arch": args.arch, "size": args.size, "batch": args.batch, "amp": amp,
-                     "channels_last": channels_last, "input": args.input, "batches": args.steps,
-                     "repeats": args.repeats, "warmup": args.warmup},
-        "timed_s": round(time.perf_counter() - start, 1), "results": stats, "max_abs_prob_diff": max_diff,
-        "ratio_of_medians": ratio, "ratio_paired_median": paired_ratio(ms, "ichdet", "bare_timm"),
-        "ratio_of_minima": stats["ichdet"]["min_ms"] / stats["bare_timm"]["min_ms"],  # type: ignore[operator]
-        "tta_ratio": paired_ratio(ms, "ichdet_tta", "bare_timm"),
-        "target_ratio": TARGET_RATIO, "pass": ratio <= TARGET_RATIO}
-    report(result)
+    settings = {"arch": args.arch, "size": args.size, "batch": args.batch, "amp": amp, "channels_last": channels_last,
+                "input": args.input, "batches": args.steps, "repeats": args.repeats, "warmup": args.warmup}
+    result = versus_result("inference", device, settings, ms, args.batch, timed_s=round(time.perf_counter() - start, 1),
+                           max_abs_prob_diff=max_diff, tta_ratio=paired_ratio(ms, "ichdet_tta", "bare_timm"))
+    versus_report(result, f"inference: {args.arch} {args.size} px, batch {args.batch}, amp {amp}, channels_last "
+                          f"{channels_last}, input {args.input}; {args.repeats} x {args.steps} batches interleaved "
+                          f"after a check pass and {args.warmup} warm-up batches", "batch")
+    print(f"  with h-flip TTA / bare: {result['tta_ratio']:.3f} (information; two forward passes)")
+    print(f"  max |p_ichdet - p_bare| = {result['max_abs_prob_diff']:.2e}")
     return result
 
 
-def report(result: dict[str, Any]) -> None:
-    """Print the results table."""
-    s = result["settings"]
-    print(machine_line(result["machine"]))
-    print(f"inference: {s['arch']} {s['size']} px, batch {s['batch']}, amp {s['amp']}, "
-          f"channels_last {s['channels_last']}, input {s['input']}; {s['repeats']} x {s['batches']} batches "
-          f"interleaved after a check pass and {s['warmup']} warm-up batches")
-    for name, st in result["results"].items():
-        print(f"  {name:10s} median {st['median_ms']:9.2f} ms/batch (min {st['min_ms']:.2f}, max {st['max_ms']:.2f})"
-              f"  {st['images_per_s']:8.1f} img/s")
-    verdict = "PASS" if result["pass"] else "FAIL"
-    print(f"  ichdet / bare: {result['ratio_of_medians']:.3f} (ratio of medians), "
-          f"{result['ratio_paired_median']:.3f} (median of per-repeat ratios), "
-          f"{result['ratio_of_minima']:.3f} (ratio of minima); target <= {TARGET_RATIO} on the medians: {verdict}")
-    print(f"  with h-flip TTA / bare: {result['tta_ratio']:.3f} (information; two forward passes)")
-    print(f"  max |p_ichdet - p_bare| = {result['max_abs_prob_diff']:.2e}")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_common_args(parser, batch=32)
-    args = parser.parse_args(argv)
-    result = run(args)
-    write_json(args.json, result)
-    return 0
+    return versus_main(__doc__, 32, run, argv)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check at import
 
@@ -49,22 +48,21 @@ from common import (
     RSNA_SAMPLE,
     Variant,
     add_common_args,
+    add_input_args,
     format_machine,
+    input_folder,
     machine_info,
+    rate_table,
     run_interleaved,
-    symlink_farm,
-    table,
+    save_json,
     verdict,
     warm_files,
-    write_json,
 )
 
 from ichdet.cache import PixelCache, PreprocessOptions, preprocess
 from ichdet.config import DataConfig
 from ichdet.data import SliceDataset
-from ichdet.index import list_dicom_files
 
-RSNA = RSNA_SAMPLE
 SIZE = 256
 TARGET = 400.0  # samples/s per core, 2d_augment
 VARIANTS: dict[str, tuple[list[int], bool]] = {  # name -> (slice offsets, augment)
@@ -77,21 +75,7 @@ VARIANTS: dict[str, tuple[list[int], bool]] = {  # name -> (slice offsets, augme
 
 def build_cache(args: argparse.Namespace, tmp: Path) -> PixelCache:
     """Preprocess the input folder(s) at SIZE into ``tmp/cache`` (untimed)."""
-    folders = list(args.images or [RSNA])
-    if args.synthetic_studies:
-        from ichdet.synth import SynthSpec, make_dataset
-
-        synth = make_dataset(tmp / "synth", SynthSpec(n_studies=args.synthetic_studies, n_test_studies=0,
-                                                      size=SIZE, seed=0))
-        folders.append(synth.train_dir)
-    for folder in folders:
-        if not Path(folder).is_dir():
-            raise SystemExit(f"{folder}: no such folder; pass --images DIR")
-    if len(folders) == 1:
-        root = Path(folders[0])
-    else:  # preprocess takes one folder: link every file under one
-        root = tmp / "images"
-        symlink_farm([p for folder in folders for p in list_dicom_files(folder)], root)
+    root = input_folder(tmp, args.images or [RSNA_SAMPLE], synthetic_studies=args.synthetic_studies, size=SIZE)
     summary = preprocess(root, tmp / "cache", None, PreprocessOptions(size=SIZE, workers=None, progress=False))
     print(f"cache: {summary.n_images} images at {SIZE} px from {root} ({summary.seconds:.1f} s, untimed)")
     return PixelCache(tmp / "cache")
@@ -130,10 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     """Build the cache, time the variants interleaved, print, optionally write JSON."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
-    parser.add_argument("--images", type=Path, action="append", metavar="DIR",
-                        help="DICOM folder (repeatable; default: the RSNA sample, train and test)")
-    parser.add_argument("--synthetic-studies", type=int, default=0, metavar="N",
-                        help=f"also generate N synthetic {SIZE} px studies (untimed) and include them")
+    add_input_args(parser, SIZE)
     parser.add_argument("--profile", action="store_true", help="also print a cProfile of one 2d_augment pass")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\..*")  # ID_… UIDs, expected
@@ -156,20 +137,15 @@ def main(argv: list[str] | None = None) -> int:
         profile_text = profile(datasets["2d_augment"]) if args.profile else None
     rate = results["2d_augment"]["median_rate"]
     passed = rate >= TARGET
-    rows = [[name, f"{r['median_rate']:.0f}", f"{1e3 / r['median_rate']:.2f}",
-             f"{min(r['rate']):.0f}-{max(r['rate']):.0f}"] for name, r in results.items()]
     print()
-    print(table(["variant", "samples/s (median)", "ms/sample", "samples/s (min-max)"], rows))
+    print(rate_table(results, "ms/sample", lambda r: f"{1e3 / r['median_rate']:.2f}"))
     print(f"\n2d_augment {rate:.0f} samples/s per core, target >= {TARGET:.0f}: {verdict(passed)}")
     if profile_text:
         print("\ncProfile of one 2d_augment pass:\n" + profile_text)
-    if args.json:
-        out: dict[str, Any] = {
-            "benchmark": "loader", "machine": machine,
-            "setup": {"images": len(cache), "size": SIZE, "repeats": args.repeats, "processes": 1},
-            "results": results, "target": {"variant": "2d_augment", "samples_per_s": TARGET, "pass": passed}}
-        write_json(args.json, out)
-        print(f"\nwrote {args.json}")
+    save_json(args.json, {
+        "benchmark": "loader", "machine": machine,
+        "setup": {"images": len(cache), "size": SIZE, "repeats": args.repeats, "processes": 1},
+        "results": results, "target": {"variant": "2d_augment", "samples_per_s": TARGET, "pass": passed}})
     return 0
 
 

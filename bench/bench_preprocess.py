@@ -69,24 +69,24 @@ from common import (
     RSNA_SAMPLE,
     Variant,
     add_common_args,
+    add_input_args,
     format_machine,
+    input_folder,
     machine_info,
     median,
+    rate_table,
     run_interleaved,
-    symlink_farm,
-    table,
+    save_json,
     verdict,
     warm_files,
-    write_json,
 )
 
 import ichdet.io
-from ichdet.cache import PreprocessOptions, preprocess
+from ichdet.cache import PreprocessOptions, _default_chunk_size, preprocess
 from ichdet.index import list_dicom_files
+from ichdet.windowing import SEED_WINDOWS  # brain 40/80, subdural 80/200, soft tissue 40/380 (center/width HU)
 
-RSNA = RSNA_SAMPLE
-DEFAULT_IMAGES = (RSNA / "stage_2_train_images", RSNA / "stage_2_test_images")
-SEED_WINDOWS = ((40, 80), (80, 200), (40, 380))  # brain, subdural, soft tissue (center, width HU)
+DEFAULT_IMAGES = (RSNA_SAMPLE / "stage_2_train_images", RSNA_SAMPLE / "stage_2_test_images")
 SIZE = 512
 TARGET_VS_BASELINE = 8.0
 TARGET_VS_FLOOR = 0.6
@@ -100,8 +100,8 @@ def naive_2019(path: str, out_dir: Path) -> None:
     ds = pydicom.dcmread(path)
     hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
     channels = []
-    for center, width in SEED_WINDOWS:
-        lo, hi = center - width / 2, center + width / 2
+    for window in SEED_WINDOWS:
+        lo, hi = window.low, window.high  # center -/+ width / 2
         channels.append((np.clip(hu, lo, hi) - lo) / (hi - lo))
     image = (np.stack(channels, axis=-1) * 255).astype(np.uint8)
     cv2.imwrite(str(out_dir / f"{Path(path).stem}.png"), image)
@@ -122,7 +122,7 @@ def floor_pool(chunks: Sequence[Sequence[str]], workers: int) -> int:
 
 def chunked(files: Sequence[str]) -> list[list[str]]:
     """The files in the chunks ichdet.cache would use (~64 chunks, 16 to 256 files each)."""
-    step = int(np.clip(np.ceil(len(files) / 64), 16, 256))
+    step = _default_chunk_size(len(files))
     return [list(files[i:i + step]) for i in range(0, len(files), step)]
 
 
@@ -265,25 +265,14 @@ def _timed(fn: Callable[..., Any], name: str, seconds: dict[str, float]) -> Call
 # ------------------------------------------------------------------------------------ the input
 
 
-def gather(args: argparse.Namespace, tmp: Path) -> list[Path]:
-    """The source files: --files-from, else the --images folders, plus an optional synthetic set."""
+def gather(args: argparse.Namespace, tmp: Path) -> Path:
+    """One folder of the source files: --files-from, else the --images folders, plus an optional synthetic set."""
     if args.files_from:
-        sources = [Path(line.strip()) for line in args.files_from.read_text().splitlines() if line.strip()]
+        files, folders = [Path(line.strip()) for line in args.files_from.read_text().splitlines() if line.strip()], []
     else:
-        folders = args.images or list(DEFAULT_IMAGES)
-        for folder in folders:
-            if not Path(folder).is_dir():
-                raise SystemExit(f"{folder}: no such folder; pass --images DIR or --files-from LIST")
-        sources = [p for folder in folders for p in list_dicom_files(folder)]
-    if args.synthetic_studies:
-        from ichdet.synth import SynthSpec, make_dataset
-
-        spec = SynthSpec(n_studies=args.synthetic_studies, n_test_studies=0, size=SIZE, seed=0)
-        synth = make_dataset(tmp / "synth", spec)
-        sources += list_dicom_files(synth.train_dir)
-    if not sources:
-        raise SystemExit("no input files")
-    return sources
+        files, folders = [], args.images or list(DEFAULT_IMAGES)
+    return input_folder(tmp, folders, files, synthetic_studies=args.synthetic_studies, size=SIZE,
+                        hint="pass --images DIR or --files-from LIST")
 
 
 def filesystem_of(path: Path) -> str:
@@ -321,9 +310,7 @@ def summarise(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def report(results: dict[str, dict[str, Any]], summary: dict[str, Any], steps: dict[str, float] | None) -> str:
     """The table of medians, the ratios, the verdicts and the breakdown."""
-    rows = [[name, f"{r['median_rate']:.0f}", f"{r['median_seconds']:.3f}",
-             f"{min(r['rate']):.0f}-{max(r['rate']):.0f}"] for name, r in results.items()]
-    lines = [table(["variant", "files/s (median)", "s (median)", "files/s (min-max)"], rows), ""]
+    lines = [rate_table(results, "s (median)", lambda r: f"{r['median_seconds']:.3f}"), ""]
     for name, value in summary["ratios"].items():
         target = summary["targets"].get(name)
         tail = f"   target >= {target['target']:g}: {verdict(target['pass'])}" if target else ""
@@ -338,11 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     """Gather and warm the files, time the variants interleaved, print, optionally write JSON."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
-    parser.add_argument("--images", type=Path, action="append", metavar="DIR",
-                        help="DICOM folder (repeatable; default: the RSNA sample's train and test folders)")
+    add_input_args(parser, SIZE)
     parser.add_argument("--files-from", type=Path, metavar="LIST", help="text file, one DICOM path per line")
-    parser.add_argument("--synthetic-studies", type=int, default=0, metavar="N",
-                        help="also generate N synthetic 512 px studies (untimed) and include their files")
     parser.add_argument("--tmp", type=Path, default=Path(tempfile.gettempdir()),
                         help="where inputs links and outputs go (default: the system temp folder)")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the per-step breakdown runs")
@@ -353,27 +337,24 @@ def main(argv: list[str] | None = None) -> int:
     print(format_machine(machine))
     with tempfile.TemporaryDirectory(prefix="bench_preprocess_", dir=args.tmp) as tmp_name:
         tmp = Path(tmp_name)
-        symlink_farm(gather(args, tmp), tmp / "images")
-        files = [str(p) for p in list_dicom_files(tmp / "images")]  # in ichdet's order
+        farm = gather(args, tmp)
+        files = [str(p) for p in list_dicom_files(farm)]  # in ichdet's order
         nbytes = warm_files(files)
         fs = filesystem_of(tmp)
         print(f"input: {len(files)} files, {nbytes / 1e6:.0f} MB; OS file cache warmed (every file read once "
               f"before timing, so the disk read is not measured)\n"
               f"output: {tmp} ({fs}); {args.repeats} rounds, variants interleaved, order rotated\n")
         (tmp / "out").mkdir()
-        results = run_interleaved(build_variants(tmp / "images", files, tmp / "out"), args.repeats)
-        steps = None if args.no_breakdown else breakdown(tmp / "images", tmp / "out", max(3, args.repeats // 2))
+        results = run_interleaved(build_variants(farm, files, tmp / "out"), args.repeats)
+        steps = None if args.no_breakdown else breakdown(farm, tmp / "out", max(3, args.repeats // 2))
     summary = summarise(results)
     print()
     print(report(results, summary, steps))
-    if args.json:
-        write_json(args.json, {
-            "benchmark": "preprocess", "machine": machine,
-            "setup": {"files": len(files), "bytes": nbytes, "size": SIZE, "repeats": args.repeats,
-                      "output_filesystem": fs, "os_cache_warmed": True,
-                      "start_method": multiprocessing.get_start_method()},
-            "results": results, **summary, "breakdown_s_per_file": steps})
-        print(f"\nwrote {args.json}")
+    save_json(args.json, {
+        "benchmark": "preprocess", "machine": machine,
+        "setup": {"files": len(files), "bytes": nbytes, "size": SIZE, "repeats": args.repeats,
+                  "output_filesystem": fs, "os_cache_warmed": True, "start_method": multiprocessing.get_start_method()},
+        "results": results, **summary, "breakdown_s_per_file": steps})
     return 0
 
 

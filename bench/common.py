@@ -18,7 +18,6 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +25,18 @@ __all__ = [
     "RSNA_SAMPLE",
     "Variant",
     "add_common_args",
+    "add_input_args",
     "cpu_model",
     "format_machine",
+    "input_folder",
     "machine_info",
     "median",
+    "rate_table",
     "run_interleaved",
+    "save_json",
     "symlink_farm",
     "table",
+    "usable_cores",
     "verdict",
     "warm_files",
     "write_json",
@@ -69,19 +73,25 @@ def _ram_gib() -> float | None:
 
 
 def _version(distribution: str) -> str:
+    from importlib import metadata  # here, not at the top: bench_labels_scale's measured child imports common
+
     try:
         return metadata.version(distribution)
     except metadata.PackageNotFoundError:
         return "not installed"
 
 
+def usable_cores() -> int:
+    """Cores this process may run on: its affinity mask, not the machine's total (as ichdet counts them)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def machine_info() -> dict[str, Any]:
     """CPU model, cores (total and usable by this process), RAM, load, OS and package versions."""
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
-        "cores_usable": usable,
+        "cores_usable": usable_cores(),
         "ram_gib": _ram_gib(),
         "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "os": platform.platform(),
@@ -113,13 +123,14 @@ class Variant:
         self.name, self.run, self.setup, self.unit = name, run, setup, unit
 
 
-def run_interleaved(variants: Sequence[Variant], repeats: int, *,
-                    log: Callable[[str], None] | None = print) -> dict[str, dict[str, Any]]:
+def run_interleaved(variants: Sequence[Variant], repeats: int, *, log: Callable[[str], None] | None = print,
+                    sync: Callable[[], None] | None = None) -> dict[str, dict[str, Any]]:
     """Time every variant ``repeats`` times, interleaved, rotating the order each round.
 
     Returns per variant: ``seconds`` and ``rate`` (items/s) of every run, their medians, and ``items``.
     The rotation keeps a variant from always running right after the same neighbour (whose leftovers,
-    such as dirty pages being written back, would then always land on it).
+    such as dirty pages being written back, would then always land on it). ``sync`` (optional) is
+    called right before the clock starts and right before it stops, e.g. to drain a GPU's queue.
     """
     runs: dict[str, list[tuple[float, int]]] = {v.name: [] for v in variants}
     for r in range(repeats):
@@ -127,8 +138,12 @@ def run_interleaved(variants: Sequence[Variant], repeats: int, *,
         for v in [*variants[k:], *variants[:k]]:
             if v.setup is not None:
                 v.setup()
+            if sync is not None:
+                sync()
             t0 = time.perf_counter()
             items = v.run()
+            if sync is not None:
+                sync()
             runs[v.name].append((time.perf_counter() - t0, items))
         if log is not None:
             log(f"  round {r + 1}/{repeats}: " + ", ".join(
@@ -177,6 +192,35 @@ def symlink_farm(sources: Iterable[Path], farm: Path) -> list[Path]:
     return links
 
 
+def input_folder(tmp: Path, folders: Sequence[Path] = (), files: Sequence[Path] = (), *, synthetic_studies: int = 0,
+                 size: int = 512, hint: str = "pass --images DIR") -> Path:
+    """One folder holding every input DICOM file, for tools that take one folder (ichdet.cache.preprocess).
+
+    The inputs: ``files``, every DICOM file under ``folders`` (each must be a folder, else exit with
+    ``hint``) and, with ``synthetic_studies``, that many synthetic studies at ``size`` px generated
+    (untimed) under ``tmp/synth``. Returned: the folder itself where the inputs are exactly one folder,
+    else ``tmp/images``, a :func:`symlink_farm` of all the files. ichdet is imported only here.
+    """
+    folders = list(folders)
+    for folder in folders:
+        if not Path(folder).is_dir():
+            raise SystemExit(f"{folder}: no such folder; {hint}")
+    if synthetic_studies:
+        from ichdet.synth import SynthSpec, make_dataset
+
+        spec = SynthSpec(n_studies=synthetic_studies, n_test_studies=0, size=size, seed=0)
+        folders.append(make_dataset(tmp / "synth", spec).train_dir)
+    if len(folders) == 1 and not files:
+        return Path(folders[0])
+    from ichdet.index import list_dicom_files
+
+    sources = [*files, *(p for folder in folders for p in list_dicom_files(folder))]
+    if not sources:
+        raise SystemExit("no input files")
+    symlink_farm(sources, tmp / "images")
+    return tmp / "images"
+
+
 # ------------------------------------------------------------------------------------ reporting
 
 
@@ -196,10 +240,26 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths), *map(line, cells[1:])])
 
 
+def rate_table(results: dict[str, dict[str, Any]], column: str, value: Callable[[dict[str, Any]], str]) -> str:
+    """:func:`run_interleaved`'s results as a table: median rate, ``column`` (``value(result)``), min-max rate."""
+    unit = next(iter(results.values()))["unit"]
+    rows = [[name, f"{r['median_rate']:.0f}", value(r), f"{min(r['rate']):.0f}-{max(r['rate']):.0f}"]
+            for name, r in results.items()]
+    return table(["variant", f"{unit}/s (median)", column, f"{unit}/s (min-max)"], rows)
+
+
 def add_common_args(parser: argparse.ArgumentParser, repeats: int = 5) -> None:
     """``--repeats N`` and ``--json PATH``, the options every benchmark script takes."""
     parser.add_argument("--repeats", type=int, default=repeats, help=f"timed rounds per variant (default {repeats})")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON here")
+
+
+def add_input_args(parser: argparse.ArgumentParser, size: int) -> None:
+    """``--images DIR`` (repeatable) and ``--synthetic-studies N``: the inputs of :func:`input_folder`."""
+    parser.add_argument("--images", type=Path, action="append", metavar="DIR",
+                        help="DICOM folder (repeatable; default: the RSNA sample's train and test images)")
+    parser.add_argument("--synthetic-studies", type=int, default=0, metavar="N",
+                        help=f"also generate N synthetic {size} px studies (untimed) and include their files")
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
@@ -207,3 +267,10 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def save_json(path: str | os.PathLike[str] | None, obj: Any) -> None:
+    """:func:`write_json` where ``path`` is given (``--json``), and a line saying so."""
+    if path:
+        write_json(path, obj)
+        print(f"\nwrote {path}")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # ichdet on a GPU: throughput (bf16+channels_last vs fp32), ichdet's train step and inference vs bare
-# timm, and whether the data loader keeps the GPU busy. ~5-8 minutes on an H100; results printed and
+# timm, and whether the data loader keeps the GPU busy. sized to finish within 10 minutes on an H100 (not yet run on one); results printed and
 # written to "${OUT:-bench_out}/gpu.json". The Python is bench/gpu_bench.py (see its docstring).
 #
 #   bash bench/gpu.sh                       # from the repository root, on the GPU machine

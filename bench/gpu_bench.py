@@ -15,8 +15,10 @@ Sections (each prints its figures; a failure is printed and recorded, and the ne
                    settings, augmentation on, ``num_workers`` = cores) against the same loop on one
                    pre-made batch (the ceiling); the ratio (>= 0.95: the GPU never waits) and the
                    DataLoader's own samples/s with those workers.
-6. ``knobs``       what two settings ichdet leaves at torch's defaults would give: cudnn.benchmark
-                   on vs off, and AdamW(fused=True) vs the default (foreach), bare timm, bf16 + CL.
+6. ``knobs``       what the two speed settings ichdet turns on for CUDA give over torch's defaults,
+                   bare timm, bf16 + CL: ``default`` has both off (cudnn.benchmark off, AdamW's
+                   default foreach), ``cudnn_benchmark`` turns on the first (ichdet.train.init_runtime
+                   does), ``fused_adamw`` the second (AdamW(fused=True), as ichdet.train.build_trainer).
 
 ``--smoke`` (``ICHDET_GPU_SMOKE=1 bash bench/gpu.sh``): the same sections with tiny sizes, on the CPU
 where there is no GPU, to check the script in a couple of minutes.
@@ -38,14 +40,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
 from _torchbench import (
-    FixedBatchLoader,
     autocast_for,
+    bare_train_step,
     bench_config,
     describe_machine,
+    fixed_batch_epochs,
     machine_line,
     make_cache,
     memory_format,
@@ -58,7 +61,6 @@ from _torchbench import (
     sync,
     temp_dir,
     timed,
-    usable_cores,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -120,8 +122,7 @@ class Report:
         free_memory()
 
     def write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(self.data, indent=2, default=str) + "\n")
+        common.write_json(self.path, self.data)
 
 
 def free_memory() -> None:
@@ -164,11 +165,7 @@ def bare_steps(arch: str, size: int, batch: int, device: torch.device, bf16_cl: 
 
     def train() -> None:
         model.train()
-        with autocast():
-            loss = F.binary_cross_entropy_with_logits(model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        bare_train_step(model, x, y, opt, autocast)
 
     def infer() -> None:
         model.eval()
@@ -285,7 +282,7 @@ def section_loader(plan: Plan, device: torch.device) -> dict[str, Any]:
     from ichdet.data import SliceDataset
     from ichdet.train import _loader, build_trainer, init_runtime, train_one_epoch
 
-    workers = usable_cores()
+    workers = common.usable_cores()
     out: dict[str, Any] = {"workers": workers}
     with temp_dir("ichdet-gpu-loader-") as tmp:
         start = time.perf_counter()
@@ -300,10 +297,10 @@ def section_loader(plan: Plan, device: torch.device) -> dict[str, Any]:
             t = build_trainer(cfg, cache, fold=0, rt=rt)
             # ceiling: the real epoch loop on one pre-made batch (pinned host uint8, as the loader delivers it)
             fixed = pin(premade_batch(t.train_loader.dataset, batch), device)
-            train_one_epoch(dataclasses.replace(t, train_loader=FixedBatchLoader(fixed, plan.warmup + 2)), 0, False)  # type: ignore[arg-type]
+            on_fixed = fixed_batch_epochs(t, fixed)
+            on_fixed(plan.warmup + 2)
             steps = plan.loader_steps
-            sec = timed(lambda t=t, fixed=fixed, steps=steps: train_one_epoch(  # type: ignore[misc]
-                dataclasses.replace(t, train_loader=FixedBatchLoader(fixed, steps)), 0, False), device)
+            sec = timed(lambda run=on_fixed, steps=steps: run(steps), device)  # type: ignore[misc]
             ceiling = steps * batch / sec
             # fed by the real dataset (augmented, train rows repeated) through ichdet's own loader settings
             drain = workers * 4 + workers  # the in-flight batches of prefetch_factor=4, then one more round
@@ -321,7 +318,7 @@ def section_loader(plan: Plan, device: torch.device) -> dict[str, Any]:
                   f"({'GPU never waits' if fed / ceiling >= 0.95 else 'GPU WAITS for data'}) | "
                   f"DataLoader alone {steady.loader_samples_per_s:8.1f} samples/s", flush=True)
             out[f"{arch}@{size}"] = res
-            del t, steady, fixed
+            del t, steady, fixed, on_fixed
             free_memory()
     return out
 

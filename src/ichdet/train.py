@@ -15,7 +15,6 @@ the epochs an uninterrupted one would have run.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -239,7 +238,9 @@ def train_one_epoch(t: Trainer, epoch: int, progress: bool) -> dict[str, float]:
     steps = _steps_per_epoch(t.cfg, t.train_loader)
     total_loss, n_images, start = torch.zeros((), device=t.rt.device), 0, time.perf_counter()
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}", leave=False, disable=not (progress and t.rt.is_main))
-    for step, (images, target, _) in enumerate(itertools.islice(t.train_loader, steps)):
+    for step, (images, target, _) in enumerate(t.train_loader):
+        if step >= steps:  # not islice: a loader run to its end finishes its own iteration (and timers)
+            break
         loss = train_step(t, images, target)
         total_loss += loss * len(images)  # stays on the device: no sync per step
         n_images += len(images)
