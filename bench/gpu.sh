@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # ichdet on a GPU: throughput (bf16+channels_last vs fp32), ichdet's train step and inference vs bare
 # timm, and whether the data loader keeps the GPU busy. Sized to finish within 10 minutes on an H100
-# (not yet run on one); results printed and written to "${OUT:-bench_out}/gpu.json". The Python is bench/gpu_bench.py (see its docstring).
+# (not yet run on one); results printed and written to "${OUT:-bench_out}/gpu.json". The Python is
+# bench/gpu_bench.py (see its docstring).
 #
 #   bash bench/gpu.sh                       # from the repository root, on the GPU machine
 #   ICHDET_GPU_SMOKE=1 bash bench/gpu.sh    # every section with tiny sizes (CPU is fine): a quick check
