@@ -239,3 +239,14 @@ def test_offsets_two_slices_away_follow_the_neighbour_chain(cache: PixelCache) -
     for channel, row in enumerate([walk(middle, "prev_id", 2), middle, walk(middle, "next_id", 2)]):
         np.testing.assert_array_equal(image[channel], apply_windows(cache.read_row(row), [PRESETS["brain"]])[..., 0])
     assert len({walk(middle, "prev_id", 2), middle, walk(middle, "next_id", 2)}) == 3  # three distinct slices
+
+
+@pytest.mark.parametrize(("augment", "persistent"), [(True, False), (False, True)])
+def test_only_augmenting_loaders_restart_their_workers(cache: PixelCache, augment: bool, persistent: bool) -> None:
+    """Augmentation is seeded by the epoch, which reaches workers only when they restart each epoch."""
+    import torch
+
+    from ichdet.train import make_loader
+
+    loader = make_loader(SliceDataset(cache, [0, 1], _cfg(), augment=augment), 2, 1, torch.device("cpu"))
+    assert loader.persistent_workers is persistent

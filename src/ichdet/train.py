@@ -153,12 +153,14 @@ def make_loader(ds: SliceDataset, batch_size: int, num_workers: int, device: tor
                 sampler: DistributedSampler[int] | None = None, drop_last: bool = False) -> DataLoader[Any]:
     """A DataLoader with the settings that keep a GPU fed: pinned memory, prefetching, 1 OpenCV thread per worker.
 
-    Workers restart each epoch (not persistent) so the dataset's epoch number, which seeds augmentation,
-    reaches them.
+    The workers of an augmenting dataset restart each epoch so that the dataset's epoch number, which
+    seeds augmentation, reaches them; those of a plain one (validation, prediction) stay up between
+    passes.
     """
     extra: dict[str, Any] = {}
     if num_workers > 0:
         extra["prefetch_factor"] = 4
+        extra["persistent_workers"] = ds.augment is None
         # One process per core already, so no OpenCV threads on top. Set here, in the parent, and inherited:
         # cv2.setNumThreads in a forked worker deadlocks once the parent has used OpenCV's thread pool.
         cv2.setNumThreads(1)
