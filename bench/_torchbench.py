@@ -164,7 +164,7 @@ def add_common_args(parser: argparse.ArgumentParser, batch: int) -> None:
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> cuda when available, else cpu; a bare ``cuda`` gets its index (``cuda:0``).
 
-    The index matters: ``ichdet.train.init_runtime("cuda")`` calls ``torch.cuda.set_device``, which
+    The index matters: ``ichdet.engine.init_runtime("cuda")`` calls ``torch.cuda.set_device``, which
     refuses a CUDA device without an index.
     """
     if name == "auto":
@@ -176,7 +176,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:
-    """ichdet's rule (``ichdet.train.precision``) for ``auto``: bf16 if supported, else fp16; off on CPU."""
+    """ichdet's rule (``ichdet.engine.precision``) for ``auto``: bf16 if supported, else fp16; off on CPU."""
     if amp != "auto":
         return amp
     if device.type != "cuda":

@@ -59,9 +59,10 @@ from common import (
     warm_files,
 )
 
-from ichdet.cache import PixelCache, PreprocessOptions, preprocess
+from ichdet.cache import PreprocessOptions, preprocess
 from ichdet.config import DataConfig
 from ichdet.data import SliceDataset
+from ichdet.store import PixelCache
 
 SIZE = 256
 TARGET = 400.0  # samples/s per core, 2d_augment

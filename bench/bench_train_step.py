@@ -5,7 +5,7 @@ synthetic cache made in a temporary folder), and :func:`ichdet.train.train_one_e
 over a stand-in loader that yields one pre-made batch ``--steps`` times. So every step is exactly
 what training does per batch, nothing replicated: uint8 batch to the device, ``Normalizer``
 (uint8 -> float, mean/std, channels_last when configured), the autocast of
-:func:`ichdet.train.precision`, ``WeightedBCE``, ``zero_grad``, ``scaler.scale(loss).backward()``,
+:func:`ichdet.engine.precision`, ``WeightedBCE``, ``zero_grad``, ``scaler.scale(loss).backward()``,
 ``unscale_`` + ``clip_grad_norm_``, ``scaler.step``, ``scaler.update``, ``scheduler.step``, the
 running loss on the device and the every-10-steps ``loss.item()`` of the progress bar.
 
@@ -54,8 +54,9 @@ from _torchbench import (
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build both sides, time them interleaved, return the results (also printed)."""
-    from ichdet.cache import PixelCache
-    from ichdet.train import build_trainer, init_runtime
+    from ichdet.engine import init_runtime
+    from ichdet.store import PixelCache
+    from ichdet.train import build_trainer
 
     device, amp, channels_last = setup(args)
     with temp_dir("ichdet-bench-train-") as tmp:

@@ -17,7 +17,7 @@ Sections (each prints its figures; a failure is printed and recorded, and the ne
                    DataLoader's own samples/s with those workers.
 6. ``knobs``       what the two speed settings ichdet turns on for CUDA give over torch's defaults,
                    bare timm, bf16 + CL: ``default`` has both off (cudnn.benchmark off, AdamW's
-                   default foreach), ``cudnn_benchmark`` turns on the first (ichdet.train.init_runtime
+                   default foreach), ``cudnn_benchmark`` turns on the first (ichdet.engine.init_runtime
                    does), ``fused_adamw`` the second (AdamW(fused=True), as ichdet.train.build_trainer).
 
 ``--smoke`` (``ICHDET_GPU_SMOKE=1 bash bench/gpu.sh``): the same sections with tiny sizes, on the CPU
@@ -278,9 +278,10 @@ class SteadyLoader:
 def section_loader(plan: Plan, device: torch.device) -> dict[str, Any]:
     import numpy as np
 
-    from ichdet.cache import PixelCache
     from ichdet.data import SliceDataset
-    from ichdet.train import _loader, build_trainer, init_runtime, train_one_epoch
+    from ichdet.engine import init_runtime
+    from ichdet.store import PixelCache
+    from ichdet.train import _loader, build_trainer, train_one_epoch
 
     workers = common.usable_cores()
     out: dict[str, Any] = {"workers": workers}
@@ -365,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sections", default="card,throughput,train_step,inference,loader,knobs")
     args = parser.parse_args(argv)
     plan = SMOKE if args.smoke else REAL
-    device = resolve_device("auto")  # cuda:0 (with its index: ichdet.train.init_runtime needs one) or cpu
+    device = resolve_device("auto")  # cuda:0 (with its index: ichdet.engine.init_runtime needs one) or cpu
     if device.type != "cuda" and not args.smoke:
         print("no CUDA device: running the smoke sizes on the CPU instead (ICHDET_GPU_SMOKE=1)")
         plan = SMOKE

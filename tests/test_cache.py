@@ -10,9 +10,10 @@ import pytest
 
 import ichdet.io
 from ichdet import cache as cache_mod
-from ichdet.cache import STORE_RANGE, PixelCache, PreprocessOptions, hu_to_store, preprocess
+from ichdet.cache import PreprocessOptions, hu_to_store, preprocess
 from ichdet.dicom import read_hu
 from ichdet.errors import IchdetError
+from ichdet.store import STORE_RANGE, PixelCache
 from ichdet.synth import SynthSpec, make_dataset
 
 OPTS = PreprocessOptions(size=64, workers=1, n_folds=2, chunk_size=8, progress=False)

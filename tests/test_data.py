@@ -4,9 +4,10 @@ import cv2
 import numpy as np
 import pytest
 
-from ichdet.cache import PixelCache, PreprocessOptions, preprocess
+from ichdet.cache import PreprocessOptions, preprocess
 from ichdet.config import DataConfig, build_config
 from ichdet.data import SliceDataset
+from ichdet.store import PixelCache
 from ichdet.synth import SynthSpec, make_dataset
 from ichdet.windowing import PRESETS, apply_windows
 
@@ -181,7 +182,7 @@ def test_worker_processes_deliver_after_the_parent_used_opencv(cache: PixelCache
     import cv2
     import torch
 
-    from ichdet.train import make_loader
+    from ichdet.engine import make_loader
 
     cv2.resize(np.ones((2048, 2048), np.float32), (1000, 1000), interpolation=cv2.INTER_AREA)  # start the pool
     loader = make_loader(SliceDataset(cache, np.arange(len(cache)), _cfg()), 8, 2, torch.device("cpu"))
@@ -246,7 +247,7 @@ def test_only_augmenting_loaders_restart_their_workers(cache: PixelCache, augmen
     """Augmentation is seeded by the epoch, which reaches workers only when they restart each epoch."""
     import torch
 
-    from ichdet.train import make_loader
+    from ichdet.engine import make_loader
 
     loader = make_loader(SliceDataset(cache, [0, 1], _cfg(), augment=augment), 2, 1, torch.device("cpu"))
     assert loader.persistent_workers is persistent

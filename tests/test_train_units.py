@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from ichdet.config import build_config
+from ichdet.engine import precision
 from ichdet.errors import ConfigError
 from ichdet.metrics import weighted_log_loss
-from ichdet.train import WeightedBCE, lr_lambda, precision, should_stop, update_best
+from ichdet.train import WeightedBCE, lr_lambda, should_stop, update_best
 
 
 @pytest.mark.parametrize(("step", "factor"), [(0, 0.25), (3, 1.0), (4, 1.0), (8, 0.5), (12, 0.0), (20, 0.0)])
@@ -61,7 +62,7 @@ def test_predict_batches_many_models_equal_one_at_a_time(tta: bool) -> None:
     from torch import nn
     from torch.utils.data import DataLoader
 
-    from ichdet.train import Normalizer, predict_batches
+    from ichdet.engine import Normalizer, predict_batches
 
     torch.manual_seed(0)
     models = [nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 6))

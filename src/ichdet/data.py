@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ichdet.cache import PixelCache
 from ichdet.config import AugmentConfig, DataConfig
 from ichdet.labels import LABELS
+from ichdet.store import PixelCache
 from ichdet.windowing import Window, apply_windows, resolve_windows, window_tables
 
 

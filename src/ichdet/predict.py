@@ -14,13 +14,13 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ichdet.cache import PixelCache
 from ichdet.checkpoint import load_weights
 from ichdet.config import Config, load_config
 from ichdet.data import SliceDataset
+from ichdet.engine import Normalizer, init_runtime, make_loader, precision, predict_batches, prediction_table
 from ichdet.errors import CheckpointError
 from ichdet.models import build_model, input_stats
-from ichdet.train import Normalizer, init_runtime, make_loader, precision, predict_batches, prediction_table
+from ichdet.store import PixelCache
 
 
 def fold_weights(run: str | Path) -> list[tuple[int, Path]]:

@@ -1,0 +1,156 @@
+"""The inference engine shared by training and prediction: runtime, precision, input normalisation,
+loaders and batched inference with test-time augmentation.
+
+The trainer (:mod:`ichdet.train`) keeps the optimisation loop; everything that runs a trained network
+over images (validation, ``ichdet predict``, the sequence stage, study prediction, Grad-CAM) calls
+this module, never the trainer. One code path for CPU and GPU: the autocast factory is a no-op where
+mixed precision is off.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+from ichdet.errors import ConfigError
+from ichdet.labels import LABELS
+from ichdet.store import PixelCache
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process runs: device and its place in a torchrun job (rank 0 of 1 alone)."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process logs and writes files."""
+        return self.rank == 0
+
+
+def init_runtime(device: str = "auto") -> Runtime:
+    """Pick the device and join the torchrun process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = dev if dev.index is not None else torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    if dev.type == "cpu" and world > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    return Runtime(dev, rank, world)
+
+
+def precision(device: torch.device, amp: str) -> tuple[Callable[[], AbstractContextManager[Any]],
+                                                       torch.amp.GradScaler]:
+    """An autocast factory (a no-op where AMP is off) and a grad scaler (enabled only for fp16)."""
+    if amp == "auto":
+        amp = "off" if device.type != "cuda" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    if amp != "off" and device.type != "cuda":
+        raise ConfigError(f"train.amp={amp} needs a CUDA device, not {device}; use train.amp=off or auto")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    if dtype is None:
+        return nullcontext, scaler
+    return lambda: torch.autocast(device.type, dtype=dtype), scaler
+
+
+class Normalizer(nn.Module):
+    """uint8 NCHW on the device -> float, scaled to the backbone's mean/std (optionally channels_last)."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, channels_last: bool) -> None:
+        super().__init__()
+        self.scale: torch.Tensor
+        self.shift: torch.Tensor
+        self.register_buffer("scale", (1.0 / (255.0 * std)).view(1, -1, 1, 1))
+        self.register_buffer("shift", (mean / std).view(1, -1, 1, 1))
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=self.memory_format)  # transpose while still uint8 (4x less data)
+        return x.float().mul_(self.scale).sub_(self.shift)
+
+
+def make_loader(ds: Dataset[Any], batch_size: int, num_workers: int, device: torch.device,
+                sampler: DistributedSampler[int] | None = None, drop_last: bool = False) -> DataLoader[Any]:
+    """A DataLoader with the settings that keep a GPU fed: pinned memory, prefetching, 1 OpenCV thread per worker.
+
+    The workers of an augmenting dataset restart each epoch so that the dataset's epoch number, which
+    seeds augmentation, reaches them; those of a plain one (validation, prediction) stay up between
+    passes.
+    """
+    extra: dict[str, Any] = {}
+    if num_workers > 0:
+        extra["prefetch_factor"] = 4
+        extra["persistent_workers"] = getattr(ds, "augment", None) is None
+        # One process per core already, so no OpenCV threads on top. Set here, in the parent, and inherited:
+        # cv2.setNumThreads in a forked worker deadlocks once the parent has used OpenCV's thread pool.
+        cv2.setNumThreads(1)
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=drop_last,
+                      num_workers=num_workers, pin_memory=device.type == "cuda", **extra)
+
+
+@torch.inference_mode()
+def predict_batches(models: Sequence[nn.Module], normalize: Normalizer, loader: DataLoader[Any],
+                    device: torch.device, autocast: Callable[[], AbstractContextManager[Any]], tta: bool,
+                    progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Sigmoid probabilities of each model for every sample of ``loader``: rows (N,), probs (models, N, 6).
+
+    Each batch is loaded once for all the models (a run's folds); with ``tta``, each model sees the batch
+    and its mirror image in one pass and the two are averaged.
+    """
+    for model in models:
+        model.eval()
+    rows, probs = [], []
+    for images, _, row in tqdm(loader, desc="predict", leave=False, disable=not progress):
+        images = images.to(device, non_blocking=True)
+        if tta:  # the mirror image in the same batch, flipped while still uint8 (4x less data than float)
+            images = torch.cat([images, torch.flip(images, dims=[3])])
+        x = normalize(images)
+        with autocast():
+            p = torch.stack([torch.sigmoid(model(x).float()) for model in models])
+        probs.append(p.view(len(models), 2, -1, p.shape[-1]).mean(1) if tta else p)  # on the device: no sync
+        rows.append(row)
+    if not probs:
+        return np.zeros(0, np.int64), np.zeros((len(models), 0, len(LABELS)), np.float32)
+    return torch.cat(rows).numpy(), torch.cat(probs, dim=1).cpu().numpy()
+
+
+def gather(rt: Runtime, rows: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every rank's (rows, probs), concatenated and ordered by row, on every rank."""
+    if rt.world_size > 1:
+        parts: list[Any] = [None] * rt.world_size
+        dist.all_gather_object(parts, (rows, probs))
+        rows = np.concatenate([p[0] for p in parts])
+        probs = np.concatenate([p[1] for p in parts])
+    order = np.argsort(rows, kind="stable")
+    return rows[order], probs[order]
+
+
+def prediction_table(cache: PixelCache, rows: np.ndarray, probs: np.ndarray, **keys: str | int) -> pd.DataFrame:
+    """Probabilities (N, 6) of index ``rows`` as a table: image_id, one column per ``keys`` item, LABELS."""
+    table = pd.DataFrame(probs, columns=list(LABELS))
+    table.insert(0, "image_id", cache.index["image_id"].to_numpy()[rows])
+    for position, (name, value) in enumerate(keys.items(), start=1):
+        table.insert(position, name, value)
+    return table
