@@ -2,24 +2,51 @@
 
 from __future__ import annotations
 
+import functools
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, ParamSpec, TypeVar
 
 import typer
 
-from ichdet.errors import IchdetError
+from ichdet.errors import IchdetError, RunFailed
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Intracranial hemorrhage detection on head CT (RSNA 2019 labels).")
 
 
-def _fail(err: Exception) -> typer.Exit:
-    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-    return typer.Exit(2)
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
-@app.command()
+def _fail(message: object, code: int) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code)
+
+
+def command(fn: Callable[P, R]) -> Callable[P, R]:
+    """Register ``fn`` as an ``ichdet`` command whose expected failures become one line on stderr.
+
+    Bad input (an :class:`IchdetError`) exits 2; a run that failed (:class:`RunFailed`, or the
+    operating system refusing a read or write: missing file, permission, full disk) exits 1.
+    Anything else is a bug and keeps its traceback.
+    """
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except RunFailed as err:
+            raise _fail(err, 1) from None
+        except IchdetError as err:
+            raise _fail(err, 2) from None
+        except OSError as err:
+            raise _fail(err, 1) from None
+    app.command()(wrapper)
+    return wrapper
+
+
+@command
 def synth(out: Annotated[Path, typer.Option(help="folder to write the Kaggle-layout data set into")],
           studies: Annotated[int, typer.Option(help="labelled studies")] = 12,
           test_studies: Annotated[int, typer.Option(help="unlabelled test studies")] = 2,
@@ -28,15 +55,12 @@ def synth(out: Annotated[Path, typer.Option(help="folder to write the Kaggle-lay
     """Write synthetic head-CT studies (skull, brain, ventricles, five bleed types) as DICOM."""
     from ichdet.synth import SynthSpec, make_dataset
 
-    try:
-        summary = make_dataset(out, SynthSpec(n_studies=studies, n_test_studies=test_studies, size=size,
-                                              seed=seed))
-    except (IchdetError, ValueError) as err:
-        raise _fail(err) from None
+    summary = make_dataset(out, SynthSpec(n_studies=studies, n_test_studies=test_studies, size=size,
+                                          seed=seed))
     typer.echo(str(summary))
 
 
-@app.command()
+@command
 def preprocess(images: Annotated[Path, typer.Option(help="folder of DICOM files (searched recursively)")],
                out: Annotated[Path, typer.Option(help="cache folder to write (or resume)")],
                labels: Annotated[Path | None, typer.Option(help="Kaggle label CSV (stage_2_train.csv)")] = None,
@@ -49,18 +73,15 @@ def preprocess(images: Annotated[Path, typer.Option(help="folder of DICOM files 
     from ichdet.cache import PreprocessOptions
     from ichdet.cache import preprocess as run
 
-    try:
-        summary = run(images, out, labels, PreprocessOptions(size=size, workers=workers, n_folds=folds,
-                                                             seed=seed, progress=sys.stderr.isatty()))
-    except IchdetError as err:
-        raise _fail(err) from None
+    summary = run(images, out, labels, PreprocessOptions(size=size, workers=workers, n_folds=folds,
+                                                         seed=seed, progress=sys.stderr.isatty()))
     typer.echo("\n".join(summary.lines()))
     if strict and summary.n_errors:
         typer.secho(f"--strict: {summary.n_errors} file(s) skipped, see {out / 'errors.csv'}", err=True)
         raise typer.Exit(1)
 
 
-@app.command()
+@command
 def train(config: Annotated[Path | None, typer.Option(help="YAML config (configs/*.yaml)")] = None,
           data: Annotated[Path, typer.Option(help="cache folder from `ichdet preprocess`")] = Path("cache"),
           out: Annotated[Path, typer.Option(help="run folder")] = Path("runs/run"),
@@ -73,18 +94,15 @@ def train(config: Annotated[Path | None, typer.Option(help="YAML config (configs
 
     if config is None and resume and (out / "config.yaml").exists():
         config = out / "config.yaml"
-    try:
-        cfg = load_config(config, set_ or [])
-        results = run(cfg, data, out, fold=fold, resume=resume, progress=sys.stderr.isatty())
-    except IchdetError as err:
-        raise _fail(err) from None
+    cfg = load_config(config, set_ or [])
+    results = run(cfg, data, out, fold=fold, resume=resume, progress=sys.stderr.isatty())
     for r in results:
         typer.echo(f"fold {r['fold']}: best val weighted log loss {r['val_loss']:.4f} at epoch {r['epoch']} "
                    f"({r['epochs']} epochs)")
     typer.echo(f"run: {out}")
 
 
-@app.command()
+@command
 def predict(run: Annotated[list[Path], typer.Option(help="run folder (repeat for several models)")],
             data: Annotated[Path, typer.Option(help="cache folder to predict")],
             out: Annotated[Path, typer.Option(help="predictions parquet to write")],
@@ -94,10 +112,7 @@ def predict(run: Annotated[list[Path], typer.Option(help="run folder (repeat for
     from ichdet.io import write_parquet_atomic
     from ichdet.predict import predict_runs
 
-    try:
-        preds = predict_runs(list(run), data, tta=tta, device=device, progress=sys.stderr.isatty())
-    except IchdetError as err:
-        raise _fail(err) from None
+    preds = predict_runs(list(run), data, tta=tta, device=device, progress=sys.stderr.isatty())
     write_parquet_atomic(preds, out)
     typer.echo(f"{out}: {preds['image_id'].nunique()} images x {len(preds.groupby(['model', 'fold']))} "
                "model folds")
@@ -115,7 +130,7 @@ def _model_weight(item: str) -> tuple[str, float]:
     return name, weight
 
 
-@app.command()
+@command
 def ensemble(preds: Annotated[list[Path], typer.Argument(help="prediction parquets from `ichdet predict`")],
              out: Annotated[Path, typer.Option(help="submission CSV to write")],
              sample_submission: Annotated[Path | None, typer.Option(help="Kaggle sample submission")] = None,
@@ -126,18 +141,15 @@ def ensemble(preds: Annotated[list[Path], typer.Argument(help="prediction parque
     from ichdet.ensemble import read_predictions
     from ichdet.labels import validate_submission, write_submission
 
-    try:
-        weights = dict(_model_weight(w) for w in weight) if weight else None
-        wide = combine(read_predictions(preds), weights)
-        write_submission(wide, out)
-        if sample_submission is not None:
-            validate_submission(out, sample_submission)
-    except (IchdetError, ValueError) as err:
-        raise _fail(err) from None
+    weights = dict(_model_weight(w) for w in weight) if weight else None
+    wide = combine(read_predictions(preds), weights)
+    write_submission(wide, out)
+    if sample_submission is not None:
+        validate_submission(out, sample_submission)
     typer.echo(f"{out}: {len(wide)} images" + (", matches the sample submission" if sample_submission else ""))
 
 
-@app.command()
+@command
 def evaluate(pred: Annotated[Path, typer.Option(help="submission CSV or predictions parquet")],
              labels: Annotated[Path, typer.Option(help="Kaggle label CSV")],
              plot: Annotated[Path | None, typer.Option(help="ROC curves PNG (default: next to --pred)")] = None,
@@ -146,24 +158,18 @@ def evaluate(pred: Annotated[Path, typer.Option(help="submission CSV or predicti
     from ichdet.ensemble import evaluate as score
 
     plot = plot or pred.with_name(pred.stem + "_roc.png")
-    try:
-        table = score(pred, labels, plot)
-    except IchdetError as err:
-        raise _fail(err) from None
+    table = score(pred, labels, plot)
     typer.echo(table.to_string(float_format=lambda v: f"{v:.4f}"))
     typer.echo(f"ROC curves: {plot}")
 
 
-@app.command()
+@command
 def demo(out: Annotated[Path, typer.Option(help="folder for every artifact")] = Path("demo"),
          seed: int = 0) -> None:
     """The whole pipeline on synthetic data: synth, preprocess, train 2 models x 2 folds, ensemble, score."""
     from ichdet.demo import run_demo
 
-    try:
-        run_demo(out, seed=seed, echo=typer.echo)
-    except IchdetError as err:
-        raise _fail(err) from None
+    run_demo(out, seed=seed, echo=typer.echo)
 
 
 def main() -> None:

@@ -28,3 +28,11 @@ class ConfigError(IchdetError):
 
 class CheckpointError(IchdetError):
     """A checkpoint that is missing, incomplete, or unsafe to load."""
+
+
+class LockError(IchdetError):
+    """An output folder that another ichdet process is writing."""
+
+
+class RunFailed(IchdetError):
+    """A run that started on valid input and failed (diverging loss, full disk): the CLI exits 1, not 2."""

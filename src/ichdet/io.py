@@ -8,6 +8,7 @@ goes through :func:`atomic_path`.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -19,7 +20,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["atomic_path", "remove_stale_temps", "write_json_atomic", "write_parquet_atomic", "write_text_atomic"]
+from ichdet.errors import LockError
+
+__all__ = ["atomic_path", "folder_lock", "remove_stale_temps", "write_json_atomic", "write_parquet_atomic",
+           "write_text_atomic"]
 
 
 #: The names :func:`_temp_sibling` makes: ``.<name>.<12 hex digits>.tmp<suffix>``.
@@ -120,3 +124,35 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, indent: int | N
     """
     text = json.dumps(obj, indent=indent, default=_json_default, ensure_ascii=False) + "\n"
     return write_text_atomic(path, text)
+
+
+#: The lock file :func:`folder_lock` holds in an output folder.
+LOCK_NAME = ".ichdet.lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike[str], command: str = "ichdet") -> Iterator[Path]:
+    """Hold ``folder``'s writer lock for the block: one ichdet writer per output folder at a time.
+
+    The lock is an exclusive ``flock`` on ``folder/.ichdet.lock``, which holds the holder's pid and
+    command for the error message. The kernel releases it when its holder exits, however it exits, so
+    a lock left by a killed process is stale and taken over at once. The folder is created if missing.
+
+    Raises:
+        LockError: another live process holds the lock (its pid and command are named).
+    """
+    path = Path(folder) / LOCK_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            raise LockError(f"{folder} is being written by {holder}; wait for it to finish or choose "
+                            "another output folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} ({command})\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # releases the flock
