@@ -13,7 +13,7 @@ from ichdet import cache as cache_mod
 from ichdet.cache import PreprocessOptions, hu_to_store, preprocess
 from ichdet.dicom import read_hu
 from ichdet.errors import IchdetError
-from ichdet.store import STORE_RANGE, PixelCache
+from ichdet.store import STORE_RANGE, PixelCache, generation_dir
 from ichdet.synth import SynthSpec, make_dataset
 
 OPTS = PreprocessOptions(size=64, workers=1, n_folds=2, chunk_size=8, progress=False)
@@ -189,10 +189,14 @@ def test_rerun_redoes_a_damaged_chunk(synth_dir: Path, tmp_path: Path, damage: s
     images, labels = synth_dir / "stage_2_train_images", synth_dir / "stage_2_train.csv"
     reference = preprocess(images, tmp_path / "ref", labels, OPTS)
     preprocess(images, tmp_path / "c", labels, OPTS)
-    pixels = tmp_path / "c" / "pixels"
+    pixels = generation_dir(tmp_path / "c", 1)
     DAMAGE[damage](pixels / "shard_00001.npy", pixels / "shard_00001.json")
+    if damage.startswith("shard"):  # the reader checks every shard against cache.json
+        with pytest.raises(IchdetError, match=r"parts disagree \(shard.*shard_00001"):
+            PixelCache(tmp_path / "c")
     again = preprocess(images, tmp_path / "c", labels, OPTS)
     assert (again.n_chunks, again.n_chunks_resumed) == (reference.n_chunks, reference.n_chunks - 1)
+    assert sorted(p.name for p in (tmp_path / "c" / "pixels").iterdir()) == ["gen_00002"]
     _same_cache(tmp_path / "ref", tmp_path / "c")
 
 
@@ -208,7 +212,7 @@ def test_shards_are_plain_npy(synth_dir: Path, tmp_path: Path) -> None:
     preprocess(synth_dir / "stage_2_train_images", tmp_path / "c", None, OPTS)
     index = pd.read_parquet(tmp_path / "c" / "index.parquet")
     for shard, count in index["shard"].value_counts().items():
-        array = np.load(tmp_path / "c" / "pixels" / f"shard_{shard:05d}.npy")
+        array = np.load(generation_dir(tmp_path / "c", 1) / f"shard_{shard:05d}.npy")
         assert array.dtype == np.int16 and array.shape == (count, 64, 64)
 
 

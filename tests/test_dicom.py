@@ -9,6 +9,7 @@ rebuilt from real slices (``_quirk_dataset``) so that a broken fix fails these t
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import apply_modality_lut
@@ -37,6 +39,7 @@ from ichdet.dicom import (
     Workspace,
     _value,
     hu_from_dataset,
+    hu_from_stored,
     meta_from_dataset,
     read_dicom,
     read_hu,
@@ -572,3 +575,59 @@ def test_expected_uid_warnings_are_silenced(rsna_sample: Path) -> None:
         warnings.simplefilter("error")
         read_dicom(path)
         read_meta(path)
+
+
+# ------------------------------------------------------------------------------------ the pure HU function
+
+U16, I16 = np.uint16, np.int16
+
+
+@pytest.mark.parametrize(("pixels", "bits", "rep", "slope", "intercept", "integer", "expected", "dtype"), [
+    # RSNA fix on (12 bits stored, unsigned, intercept > -100): x = raw + 1000 wrapped at 4096, intercept -1000
+    ([[0, 3095], [3096, 4095]], 12, 0, 1.0, 0.0, False, [[0, 3095], [-1000, -1]], np.float32),
+    ([[0, 3096]], 12, 0, 1.0, -99.0, True, [[0, -1000]], np.int16),
+    # fix off: intercept -1024 (<= -100), 16 bits stored, signed pixels
+    ([[0, 1024], [2000, 4095]], 12, 0, 1.0, -1024.0, False, [[-1024, 0], [976, 3071]], np.float32),
+    ([[0, 3096]], 16, 0, 1.0, 0.0, False, [[0, 3096]], np.float32),
+    ([[-5, 100]], 12, 1, 1.0, 0.0, False, [[-5, 100]], np.float32),
+    # slope != 1: always float32, even when integer HU are asked for
+    ([[0, 600]], 16, 0, 2.0, -1024.0, True, [[-1024, 176]], np.float32),
+    ([[1, 3]], 16, 0, 0.5, 0.25, False, [[0.75, 1.75]], np.float32),
+    # exact-integer rule: int16 where every value fits, int32 where not, float32 for a fractional intercept
+    ([[0, 4095]], 12, 0, 1.0, -1024.0, True, [[-1024, 3071]], np.int16),
+    ([[0, 65535]], 16, 0, 1.0, 0.0, True, [[0, 65535]], np.int32),
+    ([[0, 2]], 16, 0, 1.0, -0.5, True, [[-0.5, 1.5]], np.float32),
+    ([[-5, 100]], 16, 1, 1.0, -1024.0, True, [[-1029, -924]], np.int16),
+])
+def test_hu_from_stored(pixels: list[list[int]], bits: int, rep: int, slope: float, intercept: float,
+                        integer: bool, expected: list[list[float]], dtype: type) -> None:
+    raw = np.array(pixels, dtype=I16 if rep else U16)
+    hu = hu_from_stored(raw, bits, rep, slope, intercept, integer=integer)
+    assert hu.dtype == dtype
+    np.testing.assert_array_equal(hu, np.array(expected, dtype=dtype))
+    assert raw.tolist() == pixels  # the input is never changed
+
+
+@pytest.mark.parametrize(("slope", "intercept"), [(float("nan"), 0.0), (1.0, float("inf")), (float("-inf"), 0.0)])
+def test_hu_from_stored_refuses_non_finite_rescale(slope: float, intercept: float) -> None:
+    with pytest.raises(ValueError, match="must be finite"):
+        hu_from_stored(np.zeros((1, 1), U16), 16, 0, slope, intercept)
+
+
+@pytest.mark.parametrize(("keyword", "value"), [("RescaleSlope", "NaN"), ("RescaleIntercept", "inf"),
+                                                ("RescaleSlope", "-Infinity"), ("RescaleSlope", "0")])
+def test_non_finite_rescale_is_an_error_not_a_blank_image(rsna_sample: Path, tmp_path: Path, keyword: str,
+                                                          value: str) -> None:
+    ds = pydicom.dcmread(rsna_sample / "stage_2_test_images" / "ID_000a50137.dcm")
+    ds[keyword] = pydicom.DataElement(tag_for_keyword(keyword), "DS", value, validation_mode=0)
+    ds.save_as(tmp_path / "bad.dcm")
+    for reader in (read_hu, read_dicom):
+        with pytest.raises(DicomError, match=r"unusable RescaleSlope .*must be finite, slope not 0"):
+            reader(tmp_path / "bad.dcm")
+
+
+def test_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe.dcm")
+    for reader in (read_hu, read_meta, read_dicom):
+        with pytest.raises(DicomError, match="not a regular file"):
+            reader(tmp_path / "pipe.dcm")

@@ -1,13 +1,18 @@
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from ichdet.dicom import read_meta
 from ichdet.errors import IchdetError, LabelError
-from ichdet.index import build_index, list_dicom_files, order_slices, relative_dicom_files, scan_folder
+from ichdet.index import build_index, list_dicom_files, order_slices, relative_dicom_files, scan_dicom_files
 from ichdet.labels import LABELS, read_labels
 
 
@@ -92,13 +97,12 @@ def test_relative_dicom_files_sorts_by_relative_path_at_every_depth(tmp_path: Pa
     expected = ["IM9", "s10/IM1", "s2/IM3", "s2/a.b/IM0", "s2/a/IM1", "s2/b/IM2"]  # plain string order
     assert relative_dicom_files(tmp_path) == expected
     assert list_dicom_files(tmp_path) == [tmp_path / rel for rel in expected]
-    with pytest.raises(FileNotFoundError, match="not a folder"):
+    with pytest.raises(IchdetError, match="not a folder"):
         relative_dicom_files(tmp_path / "IM9")
 
 
 def test_real_studies_slice_order(rsna_sample: Path) -> None:
-    meta, errors = scan_folder(rsna_sample / "stage_2_train_images", workers=2)
-    assert errors.empty
+    meta = pd.DataFrame([read_meta(p).as_row() for p in list_dicom_files(rsna_sample / "stage_2_train_images")])
     index, missing = build_index(meta, read_labels(rsna_sample / "stage_2_train.csv"), n_folds=5)
     assert missing == []
     assert len(index) == 232
@@ -121,3 +125,52 @@ def test_more_folds_than_patients_names_the_option() -> None:
     labels = pd.DataFrame(0, index=pd.Index(["ID_a"], name="image_id"), columns=list(LABELS))
     with pytest.raises(IchdetError, match=r"--folds"):
         build_index(meta, labels, n_folds=5)
+
+
+def _scan_as_nobody(folder: Path) -> tuple[list[tuple[str, int, int]], list[tuple[str, str]]]:
+    """:func:`scan_dicom_files` in a forked child that is not root (root reads every folder)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop to nobody, scan, send the result back, exit without cleanup
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            os.write(write, json.dumps(scan_dicom_files(folder)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as fh:
+        data = fh.read()
+    os.waitpid(pid, 0)
+    found, problems = json.loads(data)
+    return [tuple(f) for f in found], [tuple(p) for p in problems]
+
+
+def test_scan_reports_fifos_and_unreadable_folders() -> None:
+    folder = Path(tempfile.mkdtemp())  # not under pytest's tmp folder, which only root can enter
+    try:
+        folder.chmod(0o755)
+        (folder / "a.dcm").write_bytes(b"x" * 5)
+        os.mkfifo(folder / "pipe.dcm")
+        (folder / "locked").mkdir()
+        (folder / "locked" / "b.dcm").write_bytes(b"y")
+        (folder / "locked").chmod(0o000)
+        mtime = (folder / "a.dcm").stat().st_mtime_ns
+        scan = _scan_as_nobody(folder) if os.geteuid() == 0 else scan_dicom_files(folder)
+        found, problems = scan
+        assert found == [("a.dcm", 5, mtime)]
+        assert [p for p, _ in problems] == ["locked", "pipe.dcm"]
+        assert "cannot list this folder (Permission denied)" in problems[0][1]
+        assert problems[1][1].startswith("not a regular file (a FIFO")
+    finally:
+        (folder / "locked").chmod(0o755)
+        shutil.rmtree(folder)
+
+
+def test_scan_keys_change_when_a_file_is_replaced(tmp_path: Path) -> None:
+    (tmp_path / "a.dcm").write_bytes(b"x" * 5)
+    before = scan_dicom_files(tmp_path)[0]
+    (tmp_path / "new.tmp").write_bytes(b"y" * 7)
+    os.replace(tmp_path / "new.tmp", tmp_path / "a.dcm")
+    os.utime(tmp_path / "a.dcm", ns=(before[0][2] + 1, before[0][2] + 1))
+    assert scan_dicom_files(tmp_path)[0] == [("a.dcm", 7, before[0][2] + 1)]

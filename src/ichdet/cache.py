@@ -2,11 +2,13 @@
 
 Layout of a cache folder::
 
-    cache.json                 how it was built (size, HU range, chunking) and what it holds
-    index.parquet              one row per image (see ichdet.index) + ``shard``/``offset`` into the store
-    errors.csv                 every file that was skipped, with the reason
-    pixels/shard_00000.npy     int16 HU, shape (n, size, size), memory-mapped when read
-    pixels/shard_00000.json    the shard's manifest: every source file of its chunk, ok or error
+    cache.json                          how it was built, the current generation, its shard counts
+                                        (ichdet.store.CacheManifest); written last
+    index.parquet                       one row per image (see ichdet.index) + ``shard``/``offset``
+    errors.csv                          every file that was skipped, with the reason
+    pixels/gen_00001/shard_00000.npy    int16 HU, shape (n, size, size), memory-mapped when read
+    pixels/gen_00001/shard_00000.json   the shard's manifest: every source file of its chunk (path,
+                                        size, mtime_ns), ok or error
 
 Pixels are kept as integer HU clipped to :data:`STORE_RANGE`, which holds every window preset, so
 windows are applied when a sample is read and a new window needs no new preprocessing.
@@ -15,7 +17,14 @@ Writing: files are split into fixed chunks in path order (:func:`_default_chunk_
 chosen from the file count at the first run and kept in ``cache.json``). A worker streams a chunk's
 images into its ``.npy`` and then writes its manifest, each under a temporary name renamed into place,
 and hands the manifest rows back to the parent, which merges them into the index. A rerun skips every
-chunk whose manifest and shard check out (:func:`_load_done_chunk`) and redoes only the rest.
+chunk whose manifest and shard check out (:func:`_load_done_chunk`: the same files with the same sizes
+and mtimes, so a replaced or edited file is read again) and redoes only the rest.
+
+Generations: a run writes its shards into a new generation folder (chunks unchanged since the current
+generation are hard-linked into it), then index.parquet (stamped with the generation), errors.csv and
+last cache.json, which names the new generation; only then is the old generation deleted. A run killed
+at any moment leaves either the old cache whole or a cache that ``PixelCache`` refuses to open (never
+one file's pixels under another's id), and a rerun resumes the unfinished generation.
 
 Durability: every file appears atomically, so a killed or interrupted run never leaves a half-written
 file under its final name. Only index.parquet, errors.csv and cache.json are also fsynced; the shards
@@ -32,70 +41,83 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 import numpy.lib.format as npy
 import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm import tqdm
 
-from ichdet.dicom import DicomMeta, Workspace, read_dicom
+from ichdet.dicom import DEFAULT_MAX_PIXELS, DicomMeta, Workspace, read_dicom
 from ichdet.errors import DicomError, IchdetError
-from ichdet.index import build_index, default_workers, relative_dicom_files
-from ichdet.io import atomic_path, remove_stale_temps, write_json_atomic, write_parquet_atomic
+from ichdet.index import FileKey, build_index, default_workers, scan_dicom_files
+from ichdet.io import (
+    LOCK_NAME,
+    atomic_path,
+    folder_lock,
+    is_temp_name,
+    remove_stale_temps,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 from ichdet.labels import read_labels
-from ichdet.store import CACHE_VERSION, STORE_RANGE, shard_file
+from ichdet.store import (
+    CACHE_VERSION,
+    STORE_RANGE,
+    CacheManifest,
+    CacheSettings,
+    CacheSummary,
+    generation_dir,
+    read_manifest,
+    shard_file,
+)
+from ichdet.windowing import resize_square
+
+#: The summary of one run (``ichdet.store.CacheSummary``, kept in ``cache.json``).
+PreprocessSummary = CacheSummary
 
 
-@dataclass(frozen=True)
-class PreprocessOptions:
-    """How ``ichdet preprocess`` builds a cache (written to ``cache.json``)."""
+class PreprocessOptions(BaseModel):
+    """How ``ichdet preprocess`` builds a cache, validated on construction (IchdetError naming the value).
 
-    size: int = 512
-    workers: int | None = None
-    n_folds: int = 5
-    seed: int = 0
-    chunk_size: int | None = None
+    ``max_pixels`` caps the decoded image (rows x columns x frames, counted in 16-bit pixels) and the
+    padded square it is resized from; a file over it is skipped before any decode, inflation or resize.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    size: int = Field(512, ge=16, le=2048)
+    workers: int | None = Field(None, ge=1)
+    n_folds: int = Field(5, ge=2)
+    seed: int = Field(0, ge=0)
+    chunk_size: int | None = Field(None, ge=1, le=4096)
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=16 * 16, le=2**31)
     progress: bool = True
 
-
-@dataclass(frozen=True)
-class PreprocessSummary:
-    """What one preprocessing run did."""
-
-    cache: str
-    n_files: int
-    n_images: int
-    n_errors: int
-    n_chunks: int
-    n_chunks_resumed: int
-    n_unlabelled: int
-    labelled_without_image: list[str]
-    seconds: float
-
-    def lines(self) -> list[str]:
-        """Human-readable summary lines for the command line."""
-        out = [f"cache: {self.cache}",
-               f"files: {self.n_files}  images: {self.n_images}  skipped (see errors.csv): {self.n_errors}",
-               f"chunks: {self.n_chunks} ({self.n_chunks_resumed} reused from an earlier run)",
-               f"time: {self.seconds:.1f} s ({self.n_files / max(self.seconds, 1e-9):.0f} files/s)"]
-        if self.labelled_without_image:
-            out.append(f"labelled images without a usable file: {len(self.labelled_without_image)} "
-                       f"(e.g. {', '.join(self.labelled_without_image[:3])})")
-        return out
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as err:
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}={e.get('input')!r}: {e['msg']}"
+                                 for e in err.errors())
+            raise IchdetError(f"preprocess options: {problems}") from None
 
 
 def hu_to_store(hu: np.ndarray, size: int, out: np.ndarray | None = None) -> np.ndarray:
     """Clip HU to :data:`STORE_RANGE`, pad to a square with air, resize to ``size``; int16 (size, size).
 
     Clipping comes first so scanner padding (-2000, -3024 outside the field of view) does not bleed
-    into the head when resizing. Shrinking uses area interpolation, enlarging bilinear. Integer HU
-    (what the preprocessor reads) already at ``size`` are clipped straight into the result, exactly:
+    into the head when resizing (:func:`ichdet.windowing.resize_square`: area to shrink, bilinear to
+    enlarge). Integer HU (what the preprocessor reads) already at ``size`` are clipped straight into the
+    result, exactly:
     every value kept is exact in float32 and np.rint of an integer is that integer. With ``out``, the
     result is written there.
     """
@@ -111,10 +133,7 @@ def hu_to_store(hu: np.ndarray, size: int, out: np.ndarray | None = None) -> np.
         top, left = (side - h) // 2, (side - w) // 2
         img = cv2.copyMakeBorder(img, top, side - h - top, left, side - w - left,
                                  cv2.BORDER_CONSTANT, value=float(lo))
-    if img.shape[0] != size:
-        interp = cv2.INTER_AREA if img.shape[0] > size else cv2.INTER_LINEAR
-        img = cv2.resize(img, (size, size), interpolation=interp)
-    out[...] = np.rint(img)
+    out[...] = np.rint(resize_square(img, size))
     return out
 
 
@@ -122,9 +141,10 @@ def hu_to_store(hu: np.ndarray, size: int, out: np.ndarray | None = None) -> np.
 class _Chunk:
     number: int
     root: str
-    files: tuple[str, ...]  # relative to root
+    files: tuple[FileKey, ...]  # (path relative to root, size, mtime_ns)
     size: int
     shard_dir: str
+    max_pixels: int
 
     @property
     def npy(self) -> Path:
@@ -169,10 +189,12 @@ def _process_chunk(chunk: _Chunk) -> _Rows:
     rows: _Rows = []
     with atomic_path(chunk.npy, fsync=False) as tmp, open(tmp, "wb") as fh:
         fh.write(_npy_header(0, chunk.size))
-        for rel in chunk.files:
-            row: dict[str, object] = {"path": rel, "reason": None, "offset": -1}
+        for rel, file_size, mtime_ns in chunk.files:
+            row: dict[str, object] = {"path": rel, "file_size": file_size, "mtime_ns": mtime_ns,
+                                      "reason": None, "offset": -1}
             try:
-                meta, hu = read_dicom(Path(chunk.root) / rel, integer=True, work=work)  # int16/int32 HU where exact
+                meta, hu = read_dicom(Path(chunk.root) / rel, integer=True, work=work,
+                                      max_pixels=chunk.max_pixels)  # int16/int32 HU where exact
                 hu_to_store(hu, chunk.size, out=image)
             except DicomError as err:
                 row["reason"] = err.reason
@@ -196,22 +218,26 @@ def _process_chunk(chunk: _Chunk) -> _Rows:
 def _write_manifest(chunk: _Chunk, rows: _Rows) -> None:
     """The chunk's rows as JSON (cheaper to write and read back than Parquet at 16-256 rows)."""
     with atomic_path(chunk.manifest, fsync=False) as tmp:
-        tmp.write_text(json.dumps({"version": CACHE_VERSION, "size": chunk.size, "rows": rows}))
+        tmp.write_text(json.dumps({"version": CACHE_VERSION, "size": chunk.size,
+                                   "max_pixels": chunk.max_pixels, "rows": rows}))
 
 
 def _load_done_chunk(chunk: _Chunk) -> _Rows | None:
     """The manifest rows of a chunk finished by an earlier run, or None if it must be (re)done.
 
-    Done means: the manifest parses and lists exactly the chunk's files, and the shard's NPY header is
-    the one for int16 ``(n stored, size, size)`` with the file exactly that long. Shards are not fsynced, so
-    after a power cut either file may be empty or short; such a chunk fails this check and is redone.
+    Done means: the manifest parses and lists exactly the chunk's files with the same sizes and mtimes
+    (a replaced or edited file, good or bad before, is read again), and the shard's NPY header is the
+    one for int16 ``(n stored, size, size)`` with the file exactly that long. Shards are not fsynced,
+    so after a power cut either file may be empty or short; such a chunk fails this check and is redone.
     """
     try:
         manifest = json.loads(chunk.manifest.read_bytes())
         rows: _Rows = manifest["rows"]
-        if manifest.get("size") != chunk.size or tuple(r["path"] for r in rows) != chunk.files:
+        keys = tuple((r["path"], r["file_size"], r["mtime_ns"]) for r in rows)
+        if (manifest.get("size"), manifest.get("max_pixels")) != (chunk.size, chunk.max_pixels) \
+                or keys != chunk.files:
             return None
-        n_stored = sum(int(r["offset"]) >= 0 for r in rows)  # type: ignore[call-overload]
+        n_stored = sum(isinstance(r["offset"], int) and r["offset"] >= 0 for r in rows)
         header = _npy_header(n_stored, chunk.size)
         with open(chunk.npy, "rb") as fh:
             ok = (fh.read(len(header)) == header
@@ -232,27 +258,42 @@ def _default_chunk_size(n_files: int) -> int:
     return int(np.clip(np.ceil(n_files / 64), 16, 256))
 
 
-def _plan_chunks(images: Path, out: Path, size: int, step: int | None) -> tuple[int, list[_Chunk]]:
-    """Split the sorted file list into chunks of ``step`` files (default: :func:`_default_chunk_size`)."""
-    files = relative_dicom_files(images)
+def _plan_chunks(images: Path, shard_dir: Path, opts: PreprocessOptions,
+                 step: int | None) -> tuple[int, list[_Chunk], list[tuple[str, str]]]:
+    """Split the sorted file list into chunks of ``step`` files (default: :func:`_default_chunk_size`);
+    also returns the entries that could not be listed as files (path, reason)."""
+    files, problems = scan_dicom_files(images)
     if not files:
-        raise IchdetError(f"{images}: no files found; pass the folder that holds the DICOM files")
+        raise IchdetError(f"{images}: no files found{' that can be read' if problems else ''}; pass the "
+                          "folder that holds the DICOM files")
     step = step or _default_chunk_size(len(files))
-    shard_dir = out / "pixels"
-    return step, [_Chunk(i // step, str(images), tuple(files[i:i + step]), size, str(shard_dir))
-                  for i in range(0, len(files), step)]
+    return step, [_Chunk(i // step, str(images), tuple(files[i:i + step]), opts.size, str(shard_dir),
+                         opts.max_pixels) for i in range(0, len(files), step)], problems
 
 
-def _previous_settings(out: Path) -> dict[str, object]:
-    meta = out / "cache.json"
-    return json.loads(meta.read_text()) if meta.exists() else {}
+def _check_out(out: Path, previous: CacheManifest | None) -> None:
+    """Refuse an --out that is not a writable folder, or a folder ichdet did not create."""
+    if out.exists() and not out.is_dir():
+        raise IchdetError(f"--out {out} is a file, not a folder; choose a folder for the cache")
+    if not out.exists():
+        return
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise IchdetError(f"--out {out}: permission denied, the folder is not writable; choose another")
+    if previous is not None:
+        return
+    names = {p.name for p in out.iterdir() if not is_temp_name(p.name)}
+    ours = {LOCK_NAME, "pixels", "index.parquet", "errors.csv"}
+    if not names <= ours or (names - {LOCK_NAME} and "pixels" not in names):
+        raise IchdetError(f"--out {out} holds files that are not an ichdet cache (no cache.json), e.g. "
+                          f"{sorted(names - ours)[:3] or sorted(names)[:3]}; preprocess never overwrites "
+                          "a file it did not create: choose a new or empty folder")
 
 
-def _check_compatible(out: Path, old: dict[str, object], settings: dict[str, object]) -> None:
+def _check_compatible(out: Path, old: CacheManifest | None, settings: CacheSettings) -> None:
     for key in ("size", "store_range", "version", "images"):
-        if old and old.get(key) != settings[key]:
-            raise IchdetError(f"{out} holds a cache built with {key}={old.get(key)!r}, not "
-                              f"{settings[key]!r}; choose another --out or delete that folder")
+        if old is not None and getattr(old, key) != getattr(settings, key):
+            raise IchdetError(f"{out} holds a cache built with {key}={getattr(old, key)!r}, not "
+                              f"{getattr(settings, key)!r}; choose another --out or delete that folder")
 
 
 def _run_chunks(todo: list[_Chunk], workers: int, progress: bool, total: int, done: int) -> dict[int, _Rows]:
@@ -275,11 +316,15 @@ def _run_chunks(todo: list[_Chunk], workers: int, progress: bool, total: int, do
     return results
 
 
-def _collect(chunks: list[_Chunk], rows: dict[int, _Rows]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Merge the chunks' manifest rows: (good rows with shard/offset, error rows with path/reason)."""
+def _collect(chunks: list[_Chunk], rows: dict[int, _Rows],
+             problems: list[tuple[str, str]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Merge the chunks' manifest rows: (good rows with shard/offset, error rows with path/reason).
+
+    ``problems`` (entries the folder scan could not list as files) come first in the error rows.
+    """
     good: _Rows = []
     shard: list[int] = []
-    bad: list[tuple[object, object]] = []
+    bad: list[tuple[object, object]] = list(problems)
     duplicates: list[tuple[object, object]] = []  # listed after the unreadable files
     seen: dict[object, object] = {}  # image id -> path of its first file
     for chunk in chunks:
@@ -300,55 +345,102 @@ def _collect(chunks: list[_Chunk], rows: dict[int, _Rows]) -> tuple[pd.DataFrame
     return pd.DataFrame(columns), pd.DataFrame(bad + duplicates, columns=["path", "reason"])
 
 
-def _write_results(out: Path, index: pd.DataFrame, errors: pd.DataFrame, meta: dict[str, object]) -> None:
-    """index.parquet, errors.csv, then cache.json (whose summary says the run finished), each atomic."""
+def _start_generation(out: Path, current: int) -> None:
+    """The folder of generation ``current + 1``, kept if a killed run left it (resume); every other
+    generation but ``current`` (left by a run killed after its commit) is deleted."""
+    pixels = out / "pixels"
+    pixels.mkdir(parents=True, exist_ok=True)
+    new = generation_dir(out, current + 1)
+    keep = {generation_dir(out, current).name, new.name}
+    for entry in pixels.iterdir():
+        if entry.name not in keep:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    new.mkdir(exist_ok=True)
+    remove_stale_temps(new)  # left by a killed run (an interrupted one removes its own)
+
+
+def _reuse(chunk: _Chunk, old_dir: Path) -> _Rows | None:
+    """A chunk done in the current generation, hard-linked (or copied) into the new one; else None."""
+    old = _Chunk(chunk.number, chunk.root, chunk.files, chunk.size, str(old_dir), chunk.max_pixels)
+    rows = _load_done_chunk(old)
+    if rows is None:
+        return None
+    for src, dst in ((old.npy, chunk.npy), (old.manifest, chunk.manifest)):
+        with atomic_path(dst, fsync=False) as tmp:
+            try:
+                os.link(src, tmp)
+            except OSError:  # a file system without hard links
+                shutil.copyfile(src, tmp)
+    return rows
+
+
+def _resume(chunks: list[_Chunk], old_dir: Path | None) -> dict[int, _Rows]:
+    """Rows of every chunk already done in the new generation, or reusable from the current one."""
+    rows: dict[int, _Rows] = {}
+    for chunk in chunks:
+        done = _load_done_chunk(chunk)
+        if done is None and old_dir is not None:
+            done = _reuse(chunk, old_dir)
+        if done is not None:
+            rows[chunk.number] = done
+    return rows
+
+
+def _commit(out: Path, index: pd.DataFrame, errors: pd.DataFrame, manifest: CacheManifest,
+            previous: CacheManifest | None) -> None:
+    """index.parquet (stamped with the generation), errors.csv, then cache.json, which makes the new
+    generation current; then the old generation is deleted. Each file is atomic and fsynced."""
+    index.attrs["generation"] = manifest.generation
     write_parquet_atomic(index, out / "index.parquet", index=False)
     with atomic_path(out / "errors.csv") as tmp:
         errors.to_csv(tmp, index=False)
-    write_json_atomic(out / "cache.json", meta)
+    write_json_atomic(out / "cache.json", manifest.model_dump(mode="json"))
+    if previous is not None:
+        shutil.rmtree(generation_dir(out, previous.generation), ignore_errors=True)
 
 
 def preprocess(images: str | Path, out: str | Path, labels_csv: str | Path | None = None,
                options: PreprocessOptions | None = None) -> PreprocessSummary:
-    """Build (or resume) a cache from a DICOM folder; see the module docstring for the layout.
+    """Build (or resume, or update) a cache from a DICOM folder; see the module docstring for the layout.
 
     Bad files are skipped and listed in ``errors.csv``; the caller decides whether that is fatal.
-    The label file is read first so a malformed one fails before any pixel work.
+    Every argument is checked (and the label file read) before any pixel work. The output folder is
+    locked for the run (:func:`ichdet.io.folder_lock`): a second run into it fails at once.
     """
     opts = options or PreprocessOptions()
     start = time.perf_counter()
     images, out = Path(images).resolve(), Path(out)
+    if not images.is_dir():
+        raise IchdetError(f"--images {images}: {'not a folder' if images.exists() else 'no such folder'}; "
+                          "pass the folder that holds the DICOM files")
     labels = read_labels(labels_csv) if labels_csv is not None else None
-    previous = _previous_settings(out)
-    step, chunks = _plan_chunks(images, out, opts.size,
-                                opts.chunk_size or previous.get("chunk_size"))  # type: ignore[arg-type]
-    settings: dict[str, object] = {
-        "version": CACHE_VERSION, "size": opts.size, "store_range": list(STORE_RANGE),
-        "chunk_size": step, "images": str(images),
-        "labels": str(Path(labels_csv).resolve()) if labels_csv else None,
-        "n_folds": opts.n_folds, "seed": opts.seed}
-    _check_compatible(out, previous, settings)
-    (out / "pixels").mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out / "pixels")  # left by a killed run (an interrupted one removes its own)
-    with atomic_path(out / "cache.json", fsync=False) as tmp:  # rewritten, with fsync, at the end
-        tmp.write_text(json.dumps(settings, indent=2) + "\n")
-    rows: dict[int, _Rows] = {}
-    if previous:  # a fresh folder has nothing to resume
-        for chunk in chunks:
-            done = _load_done_chunk(chunk)
-            if done is not None:
-                rows[chunk.number] = done
-    todo = [c for c in chunks if c.number not in rows]
-    n_resumed = len(rows)
-    n_files = sum(len(c.files) for c in chunks)
-    rows.update(_run_chunks(todo, opts.workers or default_workers(), opts.progress, n_files,
-                            n_files - sum(len(c.files) for c in todo)))
-    good, errors = _collect(chunks, rows)
-    index, missing = build_index(good, labels, n_folds=opts.n_folds, seed=opts.seed)
-    summary = PreprocessSummary(
-        cache=str(out), n_files=n_files, n_images=len(index), n_errors=len(errors),
-        n_chunks=len(chunks), n_chunks_resumed=n_resumed,
-        n_unlabelled=int((index["fold"] < 0).sum()), labelled_without_image=missing,
-        seconds=time.perf_counter() - start)
-    _write_results(out, index, errors, {**settings, "summary": asdict(summary)})
+    previous = read_manifest(out) if out.is_dir() else None
+    _check_out(out, previous)
+    with folder_lock(out, "ichdet preprocess"):
+        current = previous.generation if previous else 0
+        step, chunks, problems = _plan_chunks(images, generation_dir(out, current + 1), opts,
+                                              opts.chunk_size or (previous.chunk_size if previous else None))
+        settings = CacheSettings(
+            version=CACHE_VERSION, size=opts.size, store_range=STORE_RANGE, images=str(images), chunk_size=step,
+            labels=str(Path(labels_csv).resolve()) if labels_csv else None, n_folds=opts.n_folds,
+            seed=opts.seed, max_pixels=opts.max_pixels)
+        _check_compatible(out, previous, settings)
+        _start_generation(out, current)  # only now, after every check, is anything in --out changed
+        rows = _resume(chunks, generation_dir(out, previous.generation) if previous else None)
+        todo = [c for c in chunks if c.number not in rows]
+        n_resumed = len(rows)
+        n_files = sum(len(c.files) for c in chunks)
+        rows.update(_run_chunks(todo, opts.workers or default_workers(), opts.progress, n_files,
+                                n_files - sum(len(c.files) for c in todo)))
+        good, errors = _collect(chunks, rows, problems)
+        index, missing = build_index(good, labels, n_folds=opts.n_folds, seed=opts.seed)
+        summary = PreprocessSummary(
+            cache=str(out), n_files=n_files + len(problems), n_images=len(index), n_errors=len(errors),
+            n_chunks=len(chunks), n_chunks_resumed=n_resumed,
+            n_unlabelled=int((index["fold"] < 0).sum()), labelled_without_image=missing,
+            seconds=time.perf_counter() - start)
+        shards = [sum(isinstance(r["offset"], int) and r["offset"] >= 0 for r in rows[c.number]) for c in chunks]
+        manifest = CacheManifest(**settings.model_dump(), generation=current + 1,
+                                 shards=shards, summary=summary)
+        _commit(out, index, errors, manifest, previous)
     return summary

@@ -68,13 +68,17 @@ def preprocess(images: Annotated[Path, typer.Option(help="folder of DICOM files 
                workers: Annotated[int | None, typer.Option(help="processes (default: all cores)")] = None,
                folds: Annotated[int, typer.Option(help="patient-grouped folds for labelled images")] = 5,
                seed: Annotated[int, typer.Option(help="fold assignment seed")] = 0,
-               strict: Annotated[bool, typer.Option(help="exit 1 if any file was skipped")] = False) -> None:
+               strict: Annotated[bool, typer.Option(help="exit 1 if any file was skipped")] = False,
+               max_pixels: Annotated[int, typer.Option(help="largest decoded image accepted, in 16-bit pixels "
+                                                            "(rows x columns x frames; default 4096x4096)")]
+               = 4096 * 4096) -> None:
     """DICOM folder -> cache (index.parquet, pixel store, errors.csv); resumes an interrupted run."""
     from ichdet.cache import PreprocessOptions
     from ichdet.cache import preprocess as run
 
-    summary = run(images, out, labels, PreprocessOptions(size=size, workers=workers, n_folds=folds,
-                                                         seed=seed, progress=sys.stderr.isatty()))
+    options = PreprocessOptions(size=size, workers=workers, n_folds=folds, seed=seed, max_pixels=max_pixels,
+                                progress=sys.stderr.isatty())  # checked before anything is read
+    summary = run(images, out, labels, options)
     typer.echo("\n".join(summary.lines()))
     if strict and summary.n_errors:
         typer.secho(f"--strict: {summary.n_errors} file(s) skipped, see {out / 'errors.csv'}", err=True)

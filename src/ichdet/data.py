@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 from ichdet.config import AugmentConfig, DataConfig
 from ichdet.labels import LABELS
 from ichdet.store import PixelCache
-from ichdet.windowing import Window, apply_windows, resolve_windows, window_tables
+from ichdet.windowing import Window, apply_windows, resize_square, resolve_windows, window_tables
 
 
 def image_targets(n: int) -> list[str]:
@@ -108,14 +108,8 @@ class SliceDataset(Dataset[tuple[torch.Tensor, torch.Tensor, int]]):
         return row if offset == 0 else int(self._rows_at[offset][row])
 
     def _resize(self, img: np.ndarray) -> np.ndarray:
-        """A stored-size (H, W, C) image at the model's size: area to shrink, bilinear to enlarge."""
-        interp = cv2.INTER_AREA if img.shape[0] > self.size else cv2.INTER_LINEAR
-        size = (self.size, self.size)
-        if img.shape[2] > 4:  # OpenCV's area resize takes at most 4 channels: one by one instead
-            return np.stack([cv2.resize(np.ascontiguousarray(img[..., c]), size, interpolation=interp)
-                             for c in range(img.shape[2])], axis=-1)
-        out = cv2.resize(img, size, interpolation=interp)
-        return out[..., None] if out.ndim == 2 else out
+        """A stored-size (H, W, C) image at the model's size (:func:`ichdet.windowing.resize_square`)."""
+        return resize_square(img, self.size)
 
     def _slice_hwc(self, hu: np.ndarray) -> np.ndarray:
         """Every window of one stored slice, at the model's size: uint8 (H, W, len(windows))."""

@@ -11,39 +11,40 @@ reads (as the preprocessor and the torch DataLoader workers do).
 from __future__ import annotations
 
 import math
+import os
 import re
+import stat
 import warnings
+import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import BinaryIO
 
 import numpy as np
 import pydicom
-from pydicom.datadict import dictionary_VR, tag_for_keyword
-from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pydicom.values import convert_value
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
+from ichdet._dicom_fast import Workspace
+from ichdet._dicom_fast import decode_native as _decode_native
+from ichdet._dicom_fast import value as _value
 from ichdet.errors import DicomError
 
-__all__ = ["DicomMeta", "hu_from_dataset", "meta_from_dataset", "read_dicom", "read_hu", "read_meta"]
+__all__ = ["DEFAULT_MAX_PIXELS", "DicomMeta", "hu_from_dataset", "hu_from_stored", "meta_from_dataset", "read_dicom",
+           "read_hu", "read_meta"]
 
 PathLike = str | Path
 
 _IMAGE_ID = re.compile(r"^[A-Za-z0-9._-]+$")
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 _MAX_REASON = 300  # characters of a library's error message kept in a DicomError reason
-_NATIVE_LITTLE_ENDIAN = frozenset({ImplicitVRLittleEndian, ExplicitVRLittleEndian})
-_MAX_SIDE = 2**16 - 1  # pydicom's limit on Rows and Columns
-_EXACT_INTERCEPT = 2**23  # see _hu: keeps raw + intercept below 2**24, exact in float32
-_PIXEL_DATA = 0x7FE00010
-#: VRs whose values need no character set (binary numbers or ASCII by the standard): see _value.
-_PLAIN_VRS = frozenset({"US", "SS", "UL", "SL", "DS", "IS", "UI", "CS"})
+_EXACT_INTERCEPT = 2**23  # see hu_from_stored: keeps raw + intercept below 2**24, exact in float32
+#: The default cap on a decoded image, in 16-bit pixels: one 4096 x 4096 slice (32 MiB), 8x a CT slice.
+DEFAULT_MAX_PIXELS = 4096 * 4096
 
 
 @dataclass(frozen=True)
@@ -105,21 +106,70 @@ def _values_unchecked() -> AbstractContextManager[object]:
     return nullcontext()
 
 
-def _dcmread(path: PathLike, *, stop_before_pixels: bool) -> Dataset:
-    """``pydicom.dcmread`` with every failure mapped to DicomError (call inside _pydicom_reading)."""
-    try:
-        return pydicom.dcmread(path, force=False, stop_before_pixels=stop_before_pixels)
-    except InvalidDicomError:
-        raise DicomError(
-            path, "not a DICOM file (no 'DICM' prefix after the 128-byte preamble); "
-            "check the path, or rewrite the file with a DICOM tool (e.g. dcmconv) to add the header"
-        ) from None
-    except UserWarning as warning:  # only the end-of-file warning is an error here
-        raise DicomError(path, f"truncated file ({warning}); copy or download it again") from None
+def _open_regular(path: PathLike) -> BinaryIO:
+    """``open(path, "rb")`` that never blocks: a FIFO, socket or device is refused, not read."""
+    try:  # O_NONBLOCK: opening a FIFO returns at once instead of waiting for a writer
+        fh = open(path, "rb", opener=lambda name, flags: os.open(name, flags | os.O_NONBLOCK))  # noqa: SIM115
     except OSError as err:
         raise DicomError(path, f"cannot read the file: {err.strerror or err}") from err
-    except Exception as err:  # a malformed header can make the parser fail in many ways
-        raise DicomError(path, f"malformed DICOM header: {_describe(err)}") from err
+    mode = os.fstat(fh.fileno()).st_mode
+    if not stat.S_ISREG(mode):
+        fh.close()
+        what = "it is a folder" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, socket or device)"
+        raise DicomError(path, f"cannot read the file: {what}; pass a DICOM file")
+    os.set_blocking(fh.fileno(), True)
+    return fh
+
+
+def _check_inflated_size(fh: BinaryIO, path: PathLike, max_pixels: int) -> None:
+    """Refuse a Deflated Explicit VR Little Endian file whose data set inflates past the pixel cap.
+
+    pydicom inflates the whole data set before any header can be checked, so a few kilobytes of
+    deflated zeros could claim gigabytes; this inflates at most the cap (plus 1 MiB for the header)
+    and stops there. Other files (the transfer syntax UID is absent from their first kilobyte) pay
+    one small read. The file position is restored to the start.
+    """
+    head = fh.read(1024)
+    fh.seek(0)
+    if str(DeflatedExplicitVRLittleEndian).encode() not in head:
+        return
+    try:
+        pydicom.filereader.read_preamble(fh, False)
+        meta = pydicom.filereader._read_file_meta_info(fh)  # pydicom's own meta reader (no public name)
+        deflated = meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+        limit = 2 * max_pixels + 2**20
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        too_big = deflated and (len(inflater.decompress(fh.read(), limit)) >= limit or bool(inflater.unconsumed_tail))
+    except Exception:  # a malformed file: pydicom reports it when it reads the file
+        too_big = False
+    fh.seek(0)
+    if too_big:
+        raise DicomError(path, f"image too large: the deflated data set inflates to over {limit} bytes, over the "
+                         f"limit of {max_pixels} 16-bit pixels; skipped before inflating it (raise --max-pixels "
+                         "if the file is genuine)")
+
+
+def _dcmread(path: PathLike, *, stop_before_pixels: bool, max_pixels: int = DEFAULT_MAX_PIXELS) -> Dataset:
+    """``pydicom.dcmread`` with every failure mapped to DicomError (call inside _pydicom_reading).
+
+    Only regular files are opened (:func:`_open_regular`), and a deflated data set is inflated only if
+    it stays under ``max_pixels`` (:func:`_check_inflated_size`).
+    """
+    with _open_regular(path) as fh:
+        try:
+            _check_inflated_size(fh, path, max_pixels)
+            return pydicom.dcmread(fh, force=False, stop_before_pixels=stop_before_pixels)
+        except InvalidDicomError:
+            raise DicomError(
+                path, "not a DICOM file (no 'DICM' prefix after the 128-byte preamble); "
+                "check the path, or rewrite the file with a DICOM tool (e.g. dcmconv) to add the header"
+            ) from None
+        except UserWarning as warning:  # only the end-of-file warning is an error here
+            raise DicomError(path, f"truncated file ({warning}); copy or download it again") from None
+        except OSError as err:
+            raise DicomError(path, f"cannot read the file: {err.strerror or err}") from err
+        except Exception as err:  # a malformed header can make the parser fail in many ways
+            raise DicomError(path, f"malformed DICOM header: {_describe(err)}") from err
 
 
 def _describe(err: BaseException) -> str:
@@ -128,28 +178,6 @@ def _describe(err: BaseException) -> str:
     if len(text) > _MAX_REASON:
         text = text[:_MAX_REASON] + "…"
     return f"{type(err).__name__}: {text}"
-
-
-def _value(ds: Dataset, keyword: str) -> Any:
-    """The value of the element named ``keyword`` (as ``ds.get(keyword)``), None when absent.
-
-    An element read from a file stays raw until it is first accessed; ``ds.get`` then converts it and
-    stores the result back into the dataset, with bookkeeping (tag and VR checks, ambiguous-VR fixes)
-    that costs about 15 µs an element: over 20 fields that is a quarter of reading a CT slice. A raw
-    element of a VR in :data:`_PLAIN_VRS` is converted here by pydicom's own ``convert_value`` and not
-    stored; every other element (text in a character set, sequences, UN, ambiguous VRs) takes the
-    normal path, so the value is always the one ``ds.get`` returns.
-    """
-    tag = tag_for_keyword(keyword)
-    if tag is None:
-        raise ValueError(f"{keyword!r} is not a DICOM keyword")
-    elem = ds.get_item(tag)
-    if elem is None:
-        return None
-    if isinstance(elem, RawDataElement):
-        vr = elem.VR or dictionary_VR(tag)
-        return convert_value(vr, elem) if vr in _PLAIN_VRS else ds[tag].value
-    return elem.value
 
 
 def _transfer_syntax(ds: Dataset, path: PathLike) -> UID:
@@ -244,26 +272,6 @@ def meta_from_dataset(ds: Dataset, path: PathLike) -> DicomMeta:
 # --------------------------------------------------------------------------------------------- pixels
 
 
-class Workspace:
-    """Pixel buffers reused from one file to the next by a loop over many files (the preprocessor).
-
-    A fresh megabyte-sized array per step and file costs page faults: glibc hands freed large blocks
-    back to the OS, so every new one is faulted in again, which costs as much as the arithmetic. An
-    array taken from here is overwritten by the next file read with the same workspace.
-    """
-
-    def __init__(self) -> None:
-        self._buffers: dict[tuple[tuple[int, ...], str], np.ndarray] = {}
-
-    def get(self, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
-        """An uninitialised array of ``shape`` and ``dtype``, the same one on every call."""
-        key = (shape, np.dtype(dtype).str)
-        buf = self._buffers.get(key)
-        if buf is None:
-            buf = self._buffers[key] = np.empty(shape, dtype)
-        return buf
-
-
 def _check_image(ds: Dataset, path: PathLike) -> None:
     """Only single-frame, single-sample monochrome images with Pixel Data are supported."""
     if "PixelData" not in ds:
@@ -303,41 +311,6 @@ def _decode(ds: Dataset, path: PathLike, size: tuple[int, int], work: Workspace 
         raise DicomError(path, _decode_reason(err, uid)) from err
 
 
-def _decode_native(ds: Dataset, uid: UID, size: tuple[int, int],
-                   work: Workspace | None = None) -> np.ndarray | None:
-    """``ds.pixel_array`` for the layout nearly every CT slice has, without pydicom's decoder machinery.
-
-    That layout: Implicit or Explicit VR Little Endian, BitsAllocated (0028,0100) 16, valid Rows,
-    Columns, BitsStored (0028,0101) and PixelRepresentation (0028,0103), SamplesPerPixel (0028,0002)
-    present, and exactly Rows x Columns x 2 bytes of Pixel Data. The buffer is viewed as ``<u2``/``<i2``
-    and, when BitsStored < 16, the unused high bits are masked off (unsigned) or replaced by the sign
-    bit (signed), as pydicom does. Anything else (compressed, other widths, a missing or
-    odd element, pixel data that is short or padded, which pydicom reports or trims) returns None and
-    goes to pydicom, errors and warnings included. The result may be a read-only view of the buffer,
-    or an array of ``work``.
-    """
-    if uid not in _NATIVE_LITTLE_ENDIAN or "SamplesPerPixel" not in ds or _value(ds, "BitsAllocated") != 16:
-        return None
-    rows, cols = size
-    bits_stored, representation = _value(ds, "BitsStored"), _value(ds, "PixelRepresentation")
-    if not (isinstance(bits_stored, int) and rows <= _MAX_SIDE and cols <= _MAX_SIDE and 1 <= bits_stored <= 16
-            and representation in (0, 1)):
-        return None
-    data = ds.get_item(_PIXEL_DATA).value  # the bytes as read, without pydicom's OB/OW resolution
-    if not isinstance(data, bytes) or len(data) != rows * cols * 2:
-        return None
-    pixels = np.frombuffer(data, dtype="<i2" if representation else "<u2").reshape(rows, cols)
-    unused = 16 - bits_stored
-    if unused:
-        out = None if work is None else work.get(pixels.shape, pixels.dtype)
-        if representation:  # sign-extend: shift the sign bit to the top and back (arithmetic shift)
-            pixels = np.left_shift(pixels, unused, out=out)
-            np.right_shift(pixels, unused, out=pixels)
-        else:
-            pixels = np.bitwise_and(pixels, (1 << bits_stored) - 1, out=out)
-    return pixels
-
-
 def _decode_reason(err: BaseException, uid: UID) -> str:
     syntax = f"{uid.name} ({uid})" if uid.name != str(uid) else f"unknown transfer syntax {uid}"
     if isinstance(err, ValueError) and "less than expected" in str(err):
@@ -349,14 +322,65 @@ def _decode_reason(err: BaseException, uid: UID) -> str:
 
 
 def _rescale(ds: Dataset, path: PathLike) -> tuple[float, float]:
-    """RescaleSlope (0028,1053) and RescaleIntercept (0028,1052), defaults 1 and 0."""
+    """RescaleSlope (0028,1053) and RescaleIntercept (0028,1052), defaults 1 and 0; finite, slope != 0."""
     slope = _floats(ds, "RescaleSlope", 1, path)
     intercept = _floats(ds, "RescaleIntercept", 1, path)
-    return (1.0 if slope is None else slope[0]), (0.0 if intercept is None else intercept[0])
+    pair = (1.0 if slope is None else slope[0]), (0.0 if intercept is None else intercept[0])
+    if not all(math.isfinite(v) for v in pair) or pair[0] == 0:
+        raise DicomError(path, f"unusable RescaleSlope {pair[0]!r} / RescaleIntercept {pair[1]!r} (must be "
+                         "finite, slope not 0): the image would be blank; fix the header or skip the file")
+    return pair
 
 
-def _needs_rsna_fix(ds: Dataset, intercept: float) -> bool:
-    return _value(ds, "BitsStored") == 12 and _value(ds, "PixelRepresentation") == 0 and intercept > -100
+def _check_decoded_size(ds: Dataset, path: PathLike, size: tuple[int, int], max_pixels: int) -> None:
+    """Refuse, before any decode, inflation or resize, an image whose decoded size is over ``max_pixels``.
+
+    Two sizes count, in 16-bit pixels: the decoded pixels (rows x columns x frames x samples x bytes
+    per sample / 2) and the square the store pads the image to before resizing (a 1 x 65535 strip
+    becomes 65535 x 65535). A tiny compressed file can claim either.
+    """
+    frames = max(_int(ds, "NumberOfFrames", 1, path), 1)
+    samples = max(_int(ds, "SamplesPerPixel", 1, path), 1)
+    nbytes = -(-max(_int(ds, "BitsAllocated", 16, path), 1) // 8)
+    decoded = size[0] * size[1] * frames * samples * nbytes // 2
+    padded = max(size) ** 2
+    if max(decoded, padded) > max_pixels:
+        raise DicomError(path, f"image too large: {size[0]} x {size[1]} pixels x {frames} frame(s) x {nbytes} "
+                         f"byte(s) (padded square {max(size)}^2) is over the limit of {max_pixels} 16-bit "
+                         "pixels; skipped before decoding (raise --max-pixels if the file is genuine)")
+
+
+def hu_from_stored(pixels: np.ndarray, bits_stored: int, pixel_representation: int, slope: float,
+                   intercept: float, *, integer: bool = False, work: Workspace | None = None) -> np.ndarray:
+    """Hounsfield units from decoded stored values and the header numbers: the RSNA fix, then rescale.
+
+    Order of operations (pure; no header access):
+
+    1. the RSNA 2019 fix, only when ``bits_stored`` (0028,0101) == 12, ``pixel_representation``
+       (0028,0103) == 0 and ``intercept`` (0028,1052) > -100: some challenge slices store 12-bit values
+       that wrap below 0 HU, so ``x = raw + 1000; x[x >= 4096] -= 4096`` and the intercept becomes -1000;
+    2. the modality rescale ``HU = x * slope + intercept`` (RescaleSlope (0028,1053)).
+
+    Returns float32, except that with ``integer`` the exact-integer rule applies: slope 1, an integral
+    intercept of at most 2**23 and 8- or 16-bit integer pixels give int16 (when every value fits) or
+    int32 HU, which cast exactly to the float32 result. With ``work``, the result may be one of its
+    arrays. Raises ValueError for a non-finite slope or intercept.
+    """
+    if not (math.isfinite(slope) and math.isfinite(intercept)):
+        raise ValueError(f"RescaleSlope {slope!r} and RescaleIntercept {intercept!r} must be finite")
+    intercept = float(intercept)
+    if bits_stored == 12 and pixel_representation == 0 and intercept > -100:
+        pixels = np.bitwise_and(pixels + 1000, 0xFFF)  # 12-bit values: + 1000 stays below 2**16, & wraps at 4096
+        intercept = -1000.0
+    if slope == 1.0 and intercept.is_integer():
+        if integer and pixels.dtype.kind in "iu" and pixels.dtype.itemsize <= 2 \
+                and abs(intercept) <= _EXACT_INTERCEPT:
+            return _integer_hu(pixels, int(intercept), work)
+        # integers below 2**24 are exact in float32: one cast and an in-place add, no float64 pass
+        hu32 = pixels.astype(np.float32)
+        hu32 += np.float32(intercept)
+        return hu32
+    return (pixels * slope + intercept).astype(np.float32)
 
 
 def hu_from_dataset(ds: Dataset, path: PathLike) -> np.ndarray:
@@ -378,35 +402,25 @@ def hu_from_dataset(ds: Dataset, path: PathLike) -> np.ndarray:
     return _hu(ds, path, integer=False)
 
 
-def _hu(ds: Dataset, path: PathLike, *, integer: bool, work: Workspace | None = None) -> np.ndarray:
+def _hu(ds: Dataset, path: PathLike, *, integer: bool, work: Workspace | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """:func:`hu_from_dataset`; with ``integer``, int16 or int32 wherever that is exact.
 
-    Exact means slope 1, an integral intercept of at most 2**23 and 8- or 16-bit pixels (the usual CT
-    case): every HU is then an integer below 2**24, so the integer array casts to exactly the float32
-    array returned without ``integer`` (see :func:`_integer_hu` for int16 or int32). The cache stores
-    integer HU and so skips float32 altogether. Every other case returns float32. With ``work``, the
-    result may be one of its arrays.
+    See :func:`hu_from_stored` for the exact-integer rule (the cache stores integer HU and so skips
+    float32 altogether). With ``work``, the result may be one of its arrays. An image over
+    ``max_pixels`` is refused before its pixels are decoded (:func:`_check_decoded_size`).
     """
     _check_image(ds, path)
     size = _size(ds, path)
+    _check_decoded_size(ds, path, size, max_pixels)
+    slope, intercept = _rescale(ds, path)  # checked before the decode, which is the expensive part
     raw = _decode(ds, path, size, work)
     if raw.shape != size:
         raise DicomError(path, f"decoded pixels have shape {raw.shape}, header says {size}")
     if "ModalityLUTSequence" in ds:
         return np.asarray(apply_modality_lut(raw, ds), dtype=np.float32)
-    slope, intercept = _rescale(ds, path)
-    pixels = raw
-    if _needs_rsna_fix(ds, intercept):
-        pixels = np.bitwise_and(raw + 1000, 0xFFF)  # raw is 12 bits: + 1000 stays below 2**16, & wraps at 4096
-        intercept = -1000.0
-    if slope == 1.0 and intercept.is_integer():
-        if integer and raw.dtype.kind in "iu" and raw.dtype.itemsize <= 2 and abs(intercept) <= _EXACT_INTERCEPT:
-            return _integer_hu(pixels, int(intercept), work)
-        # integers below 2**24 are exact in float32: one cast and an in-place add, no float64 pass
-        hu32 = pixels.astype(np.float32)
-        hu32 += np.float32(intercept)
-        return hu32
-    return (pixels * slope + intercept).astype(np.float32)
+    return hu_from_stored(raw, _int(ds, "BitsStored", 16, path), _int(ds, "PixelRepresentation", 0, path),
+                          slope, intercept, integer=integer, work=work)
 
 
 def _integer_hu(pixels: np.ndarray, intercept: int, work: Workspace | None) -> np.ndarray:
@@ -426,24 +440,25 @@ def _integer_hu(pixels: np.ndarray, intercept: int, work: Workspace | None) -> n
 # --------------------------------------------------------------------------------------------- public
 
 
-def read_dicom(path: PathLike, *, integer: bool = False,
-               work: Workspace | None = None) -> tuple[DicomMeta, np.ndarray]:
+def read_dicom(path: PathLike, *, integer: bool = False, work: Workspace | None = None,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[DicomMeta, np.ndarray]:
     """Header and HU pixels of one slice from a single read and a single decode.
 
     HU are float32 (as :func:`read_hu`); with ``integer``, int16 or int32 wherever that is exact (see
-    :func:`_hu`).
-    With ``work`` (a loop over many files), the HU array may belong to it: use it before the next read
-    with the same workspace.
+    :func:`hu_from_stored`). With ``work`` (a loop over many files), the HU array may belong to it: use
+    it before the next read with the same workspace. An image over ``max_pixels`` (16-bit pixels,
+    decoded or padded to a square) is refused with DicomError before it is inflated or decoded.
     """
     with _pydicom_reading():
-        ds = _dcmread(path, stop_before_pixels=False)
-        return meta_from_dataset(ds, path), _hu(ds, path, integer=integer, work=work)
+        ds = _dcmread(path, stop_before_pixels=False, max_pixels=max_pixels)
+        return meta_from_dataset(ds, path), _hu(ds, path, integer=integer, work=work, max_pixels=max_pixels)
 
 
-def read_hu(path: PathLike) -> np.ndarray:
+def read_hu(path: PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Pixels of one slice in Hounsfield units, float32 (H, W); see :func:`hu_from_dataset`."""
     with _pydicom_reading():
-        return hu_from_dataset(_dcmread(path, stop_before_pixels=False), path)
+        ds = _dcmread(path, stop_before_pixels=False, max_pixels=max_pixels)
+        return _hu(ds, path, integer=False, max_pixels=max_pixels)
 
 
 def read_meta(path: PathLike) -> DicomMeta:

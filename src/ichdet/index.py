@@ -1,20 +1,19 @@
 """The image index: one row per DICOM image with its ids, slice order, neighbours, labels and fold.
 
 The index is built from the headers the preprocessor reads (``ichdet.dicom.DicomMeta`` rows); this
-module only orders and joins tables, it does no I/O except :func:`scan_folder`.
+module only orders and joins tables; its only I/O is listing a folder (:func:`scan_dicom_files`).
 """
 
 from __future__ import annotations
 
 import os
-from concurrent.futures import ProcessPoolExecutor
+import stat
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ichdet.dicom import read_meta
-from ichdet.errors import DicomError, IchdetError, LabelError
+from ichdet.errors import IchdetError, LabelError
 from ichdet.folds import assign_folds
 from ichdet.labels import LABELS
 
@@ -39,49 +38,64 @@ def list_dicom_files(folder: str | Path) -> list[Path]:
 
 
 def relative_dicom_files(folder: str | Path) -> list[str]:
-    """:func:`list_dicom_files` as paths relative to ``folder`` with ``/`` separators, sorted.
+    """:func:`list_dicom_files` as paths relative to ``folder`` with ``/`` separators, sorted."""
+    return [key[0] for key in scan_dicom_files(folder)[0]]
 
-    Plain strings: a walk over the 752,803 RSNA files builds no Path object per file.
+
+#: A file as the cache keys it: (path relative to the scanned folder, size in bytes, mtime in ns).
+FileKey = tuple[str, int, int]
+
+
+def _candidate(name: str) -> bool:
+    return (not name.startswith(".") and name not in _IGNORED_NAMES
+            and os.path.splitext(name)[1].lower() not in _NOT_DICOM_SUFFIXES)
+
+
+def scan_dicom_files(folder: str | Path) -> tuple[list[FileKey], list[tuple[str, str]]]:
+    """Every candidate DICOM file under ``folder`` (see :func:`list_dicom_files`) with its size and mtime,
+    sorted by path, and every entry that cannot be read as a file, with the reason (path, reason).
+
+    Only regular files (or links to them) are listed: a FIFO, socket or device named ``.dcm`` is
+    reported and never opened (opening a FIFO blocks); so is a sub-folder that cannot be listed. Plain
+    strings: a walk over the 752,803 RSNA files builds no Path object per file.
     """
     root = os.fspath(folder)
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"{root}: not a folder; pass the folder that holds the DICOM files")
-    found: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        prefix = os.path.relpath(dirpath, root).replace(os.sep, "/") + "/" if dirpath != root else ""
-        found.extend(prefix + name for name in filenames
-                     if not name.startswith(".") and name not in _IGNORED_NAMES
-                     and os.path.splitext(name)[1].lower() not in _NOT_DICOM_SUFFIXES)
+        raise IchdetError(f"{root}: not a folder; pass the folder that holds the DICOM files")
+    found: list[FileKey] = []
+    problems: list[tuple[str, str]] = []
+    stack = [""]
+    while stack:
+        prefix = stack.pop()
+        try:
+            with os.scandir(os.path.join(root, prefix) if prefix else root) as it:
+                entries = list(it)
+        except OSError as err:
+            problems.append((prefix.rstrip("/"), f"cannot list this folder ({err.strerror or err}); "
+                             "its files were not read: fix its permissions and rerun"))
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            rel = prefix + entry.name
+            try:
+                if entry.is_dir():
+                    stack.append(rel + "/")
+                    continue
+                if not _candidate(entry.name):
+                    continue
+                st = entry.stat()
+            except OSError as err:  # a dangling link, or a file removed while scanning
+                problems.append((rel, f"cannot read the file: {err.strerror or err}"))
+                continue
+            if stat.S_ISREG(st.st_mode):
+                found.append((rel, st.st_size, st.st_mtime_ns))
+            else:
+                problems.append((rel, "not a regular file (a FIFO, socket or device); skipped without "
+                                 "opening it: copy the image into a regular file"))
     found.sort()
-    return found
-
-
-def _meta_or_error(path: Path) -> dict[str, object]:
-    try:
-        row: dict[str, object] = dict(read_meta(path).as_row())
-    except DicomError as err:
-        return {"path": str(path), "error": err.reason}
-    row["path"] = str(path)
-    return row
-
-
-def scan_folder(folder: str | Path, workers: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Read every header under ``folder`` in parallel: (one row per image, one row per bad file).
-
-    The second table has columns ``path, reason``; nothing is dropped silently.
-    """
-    files = list_dicom_files(folder)
-    workers = workers or default_workers()
-    if workers > 1 and len(files) > 64:
-        with ProcessPoolExecutor(workers) as pool:
-            rows = list(pool.map(_meta_or_error, files, chunksize=64))
-    else:
-        rows = [_meta_or_error(p) for p in files]
-    good = [r for r in rows if "error" not in r]
-    bad = pd.DataFrame([{"path": r["path"], "reason": r["error"]} for r in rows if "error" in r],
-                       columns=["path", "reason"])
-    return pd.DataFrame(good), bad
+    problems.sort()
+    return found, problems
 
 
 def order_slices(meta: pd.DataFrame) -> pd.DataFrame:

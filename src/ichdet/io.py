@@ -22,8 +22,8 @@ import pandas as pd
 
 from ichdet.errors import LockError
 
-__all__ = ["atomic_path", "folder_lock", "remove_stale_temps", "write_json_atomic", "write_parquet_atomic",
-           "write_text_atomic"]
+__all__ = ["atomic_path", "folder_lock", "is_temp_name", "remove_stale_temps", "write_json_atomic",
+           "write_parquet_atomic", "write_text_atomic"]
 
 
 #: The names :func:`_temp_sibling` makes: ``.<name>.<12 hex digits>.tmp<suffix>``.
@@ -33,6 +33,11 @@ _TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp(\.[^.]*)?$")
 def _temp_sibling(path: Path) -> Path:
     """A fresh hidden name next to ``path`` that keeps its suffix (writers that pick a format by suffix)."""
     return path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp{path.suffix}")
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is a temporary name of :func:`atomic_path` (a writer's, or one a killed writer left)."""
+    return _TEMP_NAME.match(name) is not None
 
 
 def remove_stale_temps(folder: str | os.PathLike[str]) -> int:

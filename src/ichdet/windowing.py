@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
+import cv2
 import numpy as np
 
 from ichdet.errors import ConfigError
@@ -194,3 +195,21 @@ def apply_windows(hu: np.ndarray, windows: Sequence[Window] = SEED_WINDOWS) -> n
     for i, window in enumerate(windows):
         out[..., i] = _window_float(hu32, window)
     return out
+
+
+def resize_square(img: np.ndarray, size: int) -> np.ndarray:
+    """A square ``(H, H)`` or ``(H, H, C)`` image at ``(size, size)`` (channels kept): the one resize rule.
+
+    Area interpolation to shrink (each output pixel the mean of the input it covers, no aliasing),
+    bilinear to enlarge; an image already at ``size`` is returned as it is. OpenCV's area resize takes
+    at most four channels at a non-integer ratio, so more channels are resized one by one.
+    """
+    if img.shape[0] == size and img.shape[1] == size:
+        return img
+    interp = cv2.INTER_AREA if img.shape[0] > size else cv2.INTER_LINEAR
+    dsize = (size, size)
+    if img.ndim == 3 and img.shape[2] > 4:
+        return np.stack([cv2.resize(np.ascontiguousarray(img[..., c]), dsize, interpolation=interp)
+                         for c in range(img.shape[2])], axis=-1)
+    out = cv2.resize(img, dsize, interpolation=interp)
+    return out[..., None] if img.ndim == 3 and out.ndim == 2 else out
