@@ -1,12 +1,19 @@
 from __future__ import annotations
 
+import os
+import re
 import shutil
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+from pydicom.encaps import encapsulate
 
 import ichdet.io
 from ichdet import cache as cache_mod
@@ -295,3 +302,153 @@ def test_view_row_is_a_read_only_view(synth_dir: Path, tmp_path: Path) -> None:
     view = store.view_row(3)
     np.testing.assert_array_equal(view, store.read_row(3))
     assert not view.flags.writeable
+
+
+# ------------------------------------------------------------------------------- hostile input (issue 8)
+
+
+@pytest.mark.parametrize(("options", "match"), [
+    ({"size": 0}, r"size=0: Input should be greater than or equal to 16"),
+    ({"size": -5}, r"size=-5: Input should be greater than or equal to 16"),
+    ({"size": 100_000}, r"size=100000: Input should be less than or equal to 2048"),
+    ({"n_folds": 1}, r"n_folds=1: Input should be greater than or equal to 2"),
+    ({"workers": 0}, r"workers=0: Input should be greater than or equal to 1"),
+    ({"chunk_size": 0}, r"chunk_size=0: Input should be greater than or equal to 1"),
+    ({"max_pixels": 10}, r"max_pixels=10: Input should be greater than or equal to 256"),
+    ({"sizes": 64}, r"sizes=64: Extra inputs are not permitted"),
+])
+def test_bad_options_fail_before_any_work(options: dict[str, object], match: str) -> None:
+    with pytest.raises(IchdetError, match=rf"^preprocess options: {match}"):
+        PreprocessOptions(**options)
+
+
+def _crafted(source: Path, path: Path, syntax: pydicom.uid.UID | None, rows: int, cols: int,
+             pixel_data: bytes) -> Path:
+    """``source`` with another size and pixel data, saved in transfer syntax ``syntax`` (None: as it is)."""
+    ds = pydicom.dcmread(source)
+    ds.SOPInstanceUID = "ID_" + path.stem
+    ds.Rows, ds.Columns = rows, cols
+    if syntax is not None:
+        ds.file_meta.TransferSyntaxUID = syntax
+    ds.PixelData = pixel_data
+    ds["PixelData"].VR = "OB" if syntax == pydicom.uid.RLELossless else "OW"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _bombs(folder: Path, source: Path) -> dict[str, str]:
+    """The issue's memory bombs, each a few kilobytes on disk; returns name -> expected reason."""
+    rle_frame = encapsulate([b"\x00" * 64])
+    _crafted(source, folder / "rle_20000.dcm", pydicom.uid.RLELossless, 20000, 20000, rle_frame)
+    _crafted(source, folder / "deflate_60000.dcm", pydicom.uid.DeflatedExplicitVRLittleEndian, 60000, 60000,
+             bytes(128))
+    _crafted(source, folder / "strip.dcm", None, 1, 65535, bytes(2 * 65535))
+    # honest header, 4 MB of deflated zeros behind it: caught while inflating, with a cap of 256x256
+    _crafted(source, folder / "deflate_bomb.dcm", pydicom.uid.DeflatedExplicitVRLittleEndian, 64, 64,
+             bytes(4 * 2**20))
+    return {"rle_20000.dcm": r"image too large: 20000 x 20000 pixels x 1 frame\(s\) x 2 byte\(s\)",
+            "deflate_60000.dcm": r"image too large: 60000 x 60000 pixels",
+            "strip.dcm": r"image too large: 1 x 65535 pixels x 1 frame\(s\) x 2 byte\(s\) \(padded square 65535\^2\)",
+            "deflate_bomb.dcm": r"image too large: the deflated data set inflates to over 1179648 bytes"}
+
+
+def test_memory_bombs_are_refused_before_allocation(synth_dir: Path, tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    shutil.copytree(synth_dir / "stage_2_train_images", images)
+    good = sorted(images.glob("*.dcm"))
+    expected = _bombs(images, good[0])
+    assert max(p.stat().st_size for p in images.glob("*.dcm")) < 200_000  # tiny files, huge claims
+    opts = PreprocessOptions(size=64, workers=1, n_folds=2, chunk_size=8, max_pixels=256 * 256, progress=False)
+    summary = preprocess(images, tmp_path / "c", None, opts)
+    errors = pd.read_csv(tmp_path / "c" / "errors.csv").set_index("path")["reason"]
+    assert sorted(errors.index) == sorted(expected)
+    for name, pattern in expected.items():
+        assert re.search(pattern, errors[name]), (name, errors[name])
+    assert summary.n_images == len(good)
+
+
+def test_fifo_in_the_folder_is_reported_not_opened(synth_dir: Path, tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    shutil.copytree(synth_dir / "stage_2_train_images", images)
+    os.mkfifo(images / "pipe.dcm")  # opening it for reading would block until a writer comes
+    summary = preprocess(images, tmp_path / "c", None, OPTS)
+    errors = pd.read_csv(tmp_path / "c" / "errors.csv")
+    assert list(errors["path"]) == ["pipe.dcm"]
+    assert errors.loc[0, "reason"].startswith("not a regular file (a FIFO, socket or device)")
+    assert summary.n_errors == 1
+
+
+def test_replaced_and_edited_files_are_read_again(synth_dir: Path, tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    shutil.copytree(synth_dir / "stage_2_train_images", images)
+    files = sorted(images.glob("*.dcm"))
+    files[0].write_bytes(b"not yet copied")  # an error row first
+    (tmp_path / "keep").write_bytes((synth_dir / "stage_2_train_images" / files[0].name).read_bytes())
+    preprocess(images, tmp_path / "c", None, OPTS)
+    assert list(pd.read_csv(tmp_path / "c" / "errors.csv")["path"]) == [files[0].name]
+    shutil.copy(tmp_path / "keep", files[0])  # the good file arrives: its stale error must go
+    ds = pydicom.dcmread(files[9])  # edited in place, same id and size, other pixels
+    ds.PixelData = (ds.pixel_array + 7).astype(ds.pixel_array.dtype).tobytes()
+    ds.save_as(files[9])
+    again = preprocess(images, tmp_path / "c", None, OPTS)
+    assert again.n_errors == 0 and again.n_chunks_resumed == again.n_chunks - 2
+    store = PixelCache(tmp_path / "c")
+    for path in (files[0], files[9]):
+        np.testing.assert_array_equal(store.read(path.stem), hu_to_store(read_hu(path), 64))
+
+
+@pytest.mark.parametrize(("make", "match"), [
+    (lambda d: (d / "notes.txt").write_text("mine"), r"holds files that are not an ichdet cache \(no cache.json\), "
+                                                     r"e\.g\. \['notes\.txt'\]; preprocess never overwrites"),
+    (lambda d: (d / "index.parquet").write_text("mine"), r"holds files that are not an ichdet cache"),
+    (lambda d: (d / "cache.json").write_text("{oops"), r"cache.json: not a cache manifest .*not JSON"),
+    (lambda d: (d / "cache.json").write_text('{"version": 1, "size": 64}'),
+     r"cache.json: not a cache manifest of this ichdet version \(cache format 2\): version"),
+])
+def test_a_folder_that_is_not_our_cache_is_left_as_it_was(synth_dir: Path, tmp_path: Path,
+                                                          make: Callable[[Path], object], match: str) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    make(out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(IchdetError, match=match):
+        preprocess(synth_dir / "stage_2_train_images", out, None, OPTS)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_bad_images_and_out_paths(synth_dir: Path, tmp_path: Path) -> None:
+    images = synth_dir / "stage_2_train_images"
+    (tmp_path / "file").write_text("x")
+    cases = [(tmp_path / "absent", tmp_path / "c", r"--images .*absent: no such folder"),
+             (tmp_path / "file", tmp_path / "c", r"--images .*file: not a folder"),
+             (images, tmp_path / "file", r"--out .*file is a file, not a folder")]
+    for source, out, match in cases:
+        with pytest.raises(IchdetError, match=match):
+            preprocess(source, out, None, OPTS)
+    assert not (tmp_path / "c").exists()
+
+
+def _python(code: str, **kwargs: Any) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    return subprocess.Popen([sys.executable, "-c", code], env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, **kwargs)
+
+
+def test_a_second_writer_gets_a_clear_error(synth_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "c"
+    holder = _python(f"import sys, time\nfrom ichdet.io import folder_lock\n"
+                     f"with folder_lock({str(out)!r}, 'ichdet preprocess'):\n"
+                     f"    print('held', flush=True)\n    sys.stdin.read()\n", stdin=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        run = subprocess.run([sys.executable, "-m", "ichdet", "preprocess", "--images",
+                              str(synth_dir / "stage_2_train_images"), "--out", str(out), "--size", "64"],
+                             env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")},
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2
+        assert re.fullmatch(rf"error: {re.escape(str(out))} is being written by pid {holder.pid} "
+                            r"\(ichdet preprocess\); wait for it to finish or choose another output folder\n",
+                            run.stderr), run.stderr
+        assert sorted(p.name for p in out.iterdir()) == [".ichdet.lock"]  # nothing else was written
+    finally:
+        holder.communicate("")
