@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,7 @@ from ichdet import cache as cache_mod
 from ichdet.cache import PreprocessOptions, hu_to_store, preprocess
 from ichdet.dicom import read_hu
 from ichdet.errors import IchdetError
-from ichdet.store import STORE_RANGE, PixelCache, generation_dir
+from ichdet.store import STORE_RANGE, PixelCache, generation_dir, read_manifest
 from ichdet.synth import SynthSpec, make_dataset
 
 OPTS = PreprocessOptions(size=64, workers=1, n_folds=2, chunk_size=8, progress=False)
@@ -452,3 +455,91 @@ def test_a_second_writer_gets_a_clear_error(synth_dir: Path, tmp_path: Path) -> 
         assert sorted(p.name for p in out.iterdir()) == [".ichdet.lock"]  # nothing else was written
     finally:
         holder.communicate("")
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    """Every image id of a cache with its stored pixels."""
+    return {image_id: pixels.tobytes() for image_id, pixels in PixelCache(root).iter_rows()}
+
+
+def _change_folder(images: Path, newcomers: Path) -> None:
+    """What happens to an input folder between runs: files removed, one edited in place, files added."""
+    files = sorted(images.glob("*.dcm"))
+    for path in files[:3]:
+        path.unlink()
+    ds = pydicom.dcmread(files[10])  # same id, other pixels
+    ds.PixelData = (ds.pixel_array + 11).astype(ds.pixel_array.dtype).tobytes()
+    ds.save_as(files[10])
+    for path in sorted(newcomers.glob("*.dcm"))[:3]:
+        shutil.copy(path, images)
+
+
+def _killed_run(images: Path, out: Path, opts: PreprocessOptions, delay: float) -> None:
+    """Run preprocess in a forked process group and SIGKILL all of it (workers too) after ``delay`` s."""
+    pid = os.fork()
+    if pid == 0:  # the child: its own process group, so the kill takes its pool workers with it
+        try:
+            os.setsid()
+            preprocess(images, out, None, opts)
+        finally:
+            os._exit(0)
+    time.sleep(delay)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+
+
+def test_a_rerun_killed_at_random_moments_never_serves_wrong_pixels(synth_dir: Path, tmp_path: Path) -> None:
+    """After the input folder changed, a rerun is SIGKILLed at random moments: every time, the cache
+    reads exactly as the old one or the new one, or refuses to open; a further rerun repairs it."""
+    images = tmp_path / "images"
+    shutil.copytree(synth_dir / "stage_2_train_images", images)
+    opts = PreprocessOptions(size=32, workers=2, n_folds=2, chunk_size=4, progress=False)
+    preprocess(images, tmp_path / "old", None, opts)
+    old = _snapshot(tmp_path / "old")
+    _change_folder(images, synth_dir / "stage_2_test_images")
+    start = time.perf_counter()  # only to spread the kills over a run, never asserted on
+    preprocess(images, tmp_path / "new", None, opts)
+    duration = time.perf_counter() - start
+    new = _snapshot(tmp_path / "new")
+    assert old.keys() != new.keys() and len(old.keys() & new.keys()) > 10
+    rng = np.random.default_rng(8)
+    outcomes = []
+    for trial, delay in enumerate(rng.uniform(0.0, 1.5 * duration, size=6)):
+        out = shutil.copytree(tmp_path / "old", tmp_path / f"trial{trial}")
+        _killed_run(images, out, opts, float(delay))
+        try:
+            seen = _snapshot(out)
+        except IchdetError as err:
+            assert "parts disagree" in str(err) or "no index.parquet" in str(err)
+            outcomes.append("refused")
+        else:
+            assert seen in (old, new), f"trial {trial} (kill after {delay:.2f} s) serves mixed pixels"
+            outcomes.append("old" if seen == old else "new")
+        preprocess(images, out, None, opts)  # the rerun repairs whatever the kill left
+        assert _snapshot(out) == new
+        manifest = read_manifest(out)
+        assert manifest is not None
+        assert [p.name for p in (out / "pixels").iterdir()] == [f"gen_{manifest.generation:05d}"]
+    assert len(outcomes) == 6
+    print("outcomes after each kill:", outcomes)
+
+
+@pytest.mark.parametrize(("args", "match"), [
+    (["--size", "0"], r"size=0: Input should be greater than or equal to 16"),
+    (["--size", "-5"], r"size=-5: Input should be greater than or equal to 16"),
+    (["--size", "100000"], r"size=100000: Input should be less than or equal to 2048"),
+    (["--folds", "1"], r"n_folds=1: Input should be greater than or equal to 2"),
+    (["--max-pixels", "0"], r"max_pixels=0: Input should be greater than or equal to 256"),
+])
+def test_cli_rejects_bad_numbers_before_any_work(synth_dir: Path, tmp_path: Path, args: list[str],
+                                                 match: str) -> None:
+    from typer.testing import CliRunner
+
+    from ichdet.cli import app
+
+    result = CliRunner().invoke(app, ["preprocess", "--images", str(synth_dir / "stage_2_train_images"),
+                                      "--out", str(tmp_path / "c"), *args])
+    assert result.exit_code == 2
+    assert re.fullmatch(rf"error: preprocess options: {match}\n", result.stderr), result.stderr
+    assert not (tmp_path / "c").exists()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -99,3 +102,11 @@ def test_shard_count_checks_the_length(cache: Path, tail: bytes | None, match: s
     else:
         with pytest.raises(ValueError, match=match):
             shard_count(path, 32)
+
+
+@pytest.mark.parametrize("module", ["ichdet.data", "ichdet.store", "ichdet.engine"])
+def test_the_reader_side_does_not_import_pydicom(module: str) -> None:
+    code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.split('.')[0] == 'pydicom'))"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert result.stdout == "[]\n"
