@@ -219,7 +219,7 @@ def breakdown(farm: Path, scratch_root: Path, repeats: int) -> dict[str, float]:
              "list files, plan chunks (_plan_chunks)": (cache_mod, "_plan_chunks"),
              "merge manifest rows (_collect)": (cache_mod, "_collect"),
              "build_index": (cache_mod, "build_index"),
-             "index/errors/cache.json + fsync (_write_results)": (cache_mod, "_write_results")}
+             "index/errors/cache.json + fsync (_commit)": (cache_mod, "_commit")}
     spent: dict[str, list[float]] = {name: [] for name in steps}
     totals: list[float] = []
     n_files = 0

@@ -366,7 +366,7 @@ def test_memory_bombs_are_refused_before_allocation(synth_dir: Path, tmp_path: P
     errors = pd.read_csv(tmp_path / "c" / "errors.csv").set_index("path")["reason"]
     assert sorted(errors.index) == sorted(expected)
     for name, pattern in expected.items():
-        assert re.search(pattern, errors[name]), (name, errors[name])
+        assert re.match(pattern, errors[name]), (name, errors[name])
     assert summary.n_images == len(good)
 
 

@@ -125,9 +125,9 @@ def _check_inflated_size(fh: BinaryIO, path: PathLike, max_pixels: int) -> None:
     """Refuse a Deflated Explicit VR Little Endian file whose data set inflates past the pixel cap.
 
     pydicom inflates the whole data set before any header can be checked, so a few kilobytes of
-    deflated zeros could claim gigabytes; this inflates at most the cap (plus 1 MiB for the header)
-    and stops there. Other files (the transfer syntax UID is absent from their first kilobyte) pay
-    one small read. The file position is restored to the start.
+    deflated zeros could claim gigabytes; this counts the inflated bytes, 1 MiB at a time, up to the
+    cap (plus 1 MiB for the header) and stops there. Other files (the transfer syntax UID is absent
+    from their first kilobyte) pay one small read. The file position is restored to the start.
     """
     head = fh.read(1024)
     fh.seek(0)
@@ -138,8 +138,7 @@ def _check_inflated_size(fh: BinaryIO, path: PathLike, max_pixels: int) -> None:
         meta = pydicom.filereader._read_file_meta_info(fh)  # pydicom's own meta reader (no public name)
         deflated = meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
         limit = 2 * max_pixels + 2**20
-        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-        too_big = deflated and (len(inflater.decompress(fh.read(), limit)) >= limit or bool(inflater.unconsumed_tail))
+        too_big = deflated and _inflated_size(fh.read(), limit) >= limit
     except Exception:  # a malformed file: pydicom reports it when it reads the file
         too_big = False
     fh.seek(0)
@@ -149,6 +148,17 @@ def _check_inflated_size(fh: BinaryIO, path: PathLike, max_pixels: int) -> None:
                          "if the file is genuine)")
 
 
+def _inflated_size(data: bytes, limit: int) -> int:
+    """How many bytes the raw deflate stream ``data`` inflates to, counting in 1 MiB steps (each step's
+    output is dropped, so memory stays at about 1 MiB) and stopping once ``limit`` is reached."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    while data and total < limit:
+        total += len(inflater.decompress(data, 2**20))
+        data = inflater.unconsumed_tail
+    return total
+
+
 def _dcmread(path: PathLike, *, stop_before_pixels: bool, max_pixels: int = DEFAULT_MAX_PIXELS) -> Dataset:
     """``pydicom.dcmread`` with every failure mapped to DicomError (call inside _pydicom_reading).
 
@@ -156,8 +166,8 @@ def _dcmread(path: PathLike, *, stop_before_pixels: bool, max_pixels: int = DEFA
     it stays under ``max_pixels`` (:func:`_check_inflated_size`).
     """
     with _open_regular(path) as fh:
+        _check_inflated_size(fh, path, max_pixels)
         try:
-            _check_inflated_size(fh, path, max_pixels)
             return pydicom.dcmread(fh, force=False, stop_before_pixels=stop_before_pixels)
         except InvalidDicomError:
             raise DicomError(
