@@ -11,27 +11,24 @@ reads (as the preprocessor and the torch DataLoader workers do).
 from __future__ import annotations
 
 import math
-import os
 import re
-import stat
 import warnings
-import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.uid import UID
 
 from ichdet._dicom_fast import Workspace
 from ichdet._dicom_fast import decode_native as _decode_native
 from ichdet._dicom_fast import value as _value
+from ichdet._dicom_guard import check_decoded_size, check_inflated_size, open_regular
 from ichdet.errors import DicomError
 
 __all__ = ["DEFAULT_MAX_PIXELS", "DicomMeta", "hu_from_dataset", "hu_from_stored", "meta_from_dataset", "read_dicom",
@@ -106,67 +103,14 @@ def _values_unchecked() -> AbstractContextManager[object]:
     return nullcontext()
 
 
-def _open_regular(path: PathLike) -> BinaryIO:
-    """``open(path, "rb")`` that never blocks: a FIFO, socket or device is refused, not read."""
-    try:  # O_NONBLOCK: opening a FIFO returns at once instead of waiting for a writer
-        fh = open(path, "rb", opener=lambda name, flags: os.open(name, flags | os.O_NONBLOCK))  # noqa: SIM115
-    except OSError as err:
-        raise DicomError(path, f"cannot read the file: {err.strerror or err}") from err
-    mode = os.fstat(fh.fileno()).st_mode
-    if not stat.S_ISREG(mode):
-        fh.close()
-        what = "it is a folder" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, socket or device)"
-        raise DicomError(path, f"cannot read the file: {what}; pass a DICOM file")
-    os.set_blocking(fh.fileno(), True)
-    return fh
-
-
-def _check_inflated_size(fh: BinaryIO, path: PathLike, max_pixels: int) -> None:
-    """Refuse a Deflated Explicit VR Little Endian file whose data set inflates past the pixel cap.
-
-    pydicom inflates the whole data set before any header can be checked, so a few kilobytes of
-    deflated zeros could claim gigabytes; this counts the inflated bytes, 1 MiB at a time, up to the
-    cap (plus 1 MiB for the header) and stops there. Other files (the transfer syntax UID is absent
-    from their first kilobyte) pay one small read. The file position is restored to the start.
-    """
-    head = fh.read(1024)
-    fh.seek(0)
-    if str(DeflatedExplicitVRLittleEndian).encode() not in head:
-        return
-    try:
-        pydicom.filereader.read_preamble(fh, False)
-        meta = pydicom.filereader._read_file_meta_info(fh)  # pydicom's own meta reader (no public name)
-        deflated = meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
-        limit = 2 * max_pixels + 2**20
-        too_big = deflated and _inflated_size(fh.read(), limit) >= limit
-    except Exception:  # a malformed file: pydicom reports it when it reads the file
-        too_big = False
-    fh.seek(0)
-    if too_big:
-        raise DicomError(path, f"image too large: the deflated data set inflates to over {limit} bytes, over the "
-                         f"limit of {max_pixels} 16-bit pixels; skipped before inflating it (raise --max-pixels "
-                         "if the file is genuine)")
-
-
-def _inflated_size(data: bytes, limit: int) -> int:
-    """How many bytes the raw deflate stream ``data`` inflates to, counting in 1 MiB steps (each step's
-    output is dropped, so memory stays at about 1 MiB) and stopping once ``limit`` is reached."""
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    total = 0
-    while data and total < limit:
-        total += len(inflater.decompress(data, 2**20))
-        data = inflater.unconsumed_tail
-    return total
-
-
 def _dcmread(path: PathLike, *, stop_before_pixels: bool, max_pixels: int = DEFAULT_MAX_PIXELS) -> Dataset:
     """``pydicom.dcmread`` with every failure mapped to DicomError (call inside _pydicom_reading).
 
     Only regular files are opened (:func:`_open_regular`), and a deflated data set is inflated only if
     it stays under ``max_pixels`` (:func:`_check_inflated_size`).
     """
-    with _open_regular(path) as fh:
-        _check_inflated_size(fh, path, max_pixels)
+    with open_regular(path) as fh:
+        check_inflated_size(fh, path, max_pixels)
         try:
             return pydicom.dcmread(fh, force=False, stop_before_pixels=stop_before_pixels)
         except InvalidDicomError:
@@ -342,24 +286,6 @@ def _rescale(ds: Dataset, path: PathLike) -> tuple[float, float]:
     return pair
 
 
-def _check_decoded_size(ds: Dataset, path: PathLike, size: tuple[int, int], max_pixels: int) -> None:
-    """Refuse, before any decode, inflation or resize, an image whose decoded size is over ``max_pixels``.
-
-    Two sizes count, in 16-bit pixels: the decoded pixels (rows x columns x frames x samples x bytes
-    per sample / 2) and the square the store pads the image to before resizing (a 1 x 65535 strip
-    becomes 65535 x 65535). A tiny compressed file can claim either.
-    """
-    frames = max(_int(ds, "NumberOfFrames", 1, path), 1)
-    samples = max(_int(ds, "SamplesPerPixel", 1, path), 1)
-    nbytes = -(-max(_int(ds, "BitsAllocated", 16, path), 1) // 8)
-    decoded = size[0] * size[1] * frames * samples * nbytes // 2
-    padded = max(size) ** 2
-    if max(decoded, padded) > max_pixels:
-        raise DicomError(path, f"image too large: {size[0]} x {size[1]} pixels x {frames} frame(s) x {nbytes} "
-                         f"byte(s) (padded square {max(size)}^2) is over the limit of {max_pixels} 16-bit "
-                         "pixels; skipped before decoding (raise --max-pixels if the file is genuine)")
-
-
 def hu_from_stored(pixels: np.ndarray, bits_stored: int, pixel_representation: int, slope: float,
                    intercept: float, *, integer: bool = False, work: Workspace | None = None) -> np.ndarray:
     """Hounsfield units from decoded stored values and the header numbers: the RSNA fix, then rescale.
@@ -422,7 +348,8 @@ def _hu(ds: Dataset, path: PathLike, *, integer: bool, work: Workspace | None = 
     """
     _check_image(ds, path)
     size = _size(ds, path)
-    _check_decoded_size(ds, path, size, max_pixels)
+    check_decoded_size(path, size, _int(ds, "NumberOfFrames", 1, path), _int(ds, "SamplesPerPixel", 1, path),
+                       _int(ds, "BitsAllocated", 16, path), max_pixels)
     slope, intercept = _rescale(ds, path)  # checked before the decode, which is the expensive part
     raw = _decode(ds, path, size, work)
     if raw.shape != size:
