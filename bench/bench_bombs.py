@@ -15,7 +15,9 @@ slice (``normal``). The bombs are a few kilobytes on disk and claim gigabytes:
 ``strip``
     1 x 65535 uncompressed: padding it to a square for resizing would ask OpenCV for 17 GB.
 
-Every bomb must be refused (reason in errors.csv) with the worker's peak near ``normal``. Usage::
+Every bomb must be refused (reason in errors.csv) with the worker's peak near ``normal``.
+``largest_admitted`` (an uncompressed 4096 x 4096 slice, the default cap) is stored: its peak is the
+bound on a worker's memory. Usage::
 
     .venv/bin/python bench/bench_bombs.py [--json out.json]
 """
@@ -101,6 +103,7 @@ def make_files(folder: Path) -> dict[str, Path]:
     _crafted(DeflatedExplicitVRLittleEndian, 60000, 60000, bytes(128)).save_as(folder_of("deflate_60000"))
     _deflate_bomb(folder_of("deflate_800mb"), 20000 * 20000 * 2)
     _crafted(None, 1, 65535, bytes(2 * 65535)).save_as(folder_of("strip"))
+    _crafted(None, 4096, 4096, bytes(2 * 4096 * 4096)).save_as(folder_of("largest_admitted"))
     return cases
 
 
