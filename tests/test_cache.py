@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -543,3 +544,34 @@ def test_cli_rejects_bad_numbers_before_any_work(synth_dir: Path, tmp_path: Path
     assert result.exit_code == 2
     assert re.fullmatch(rf"error: preprocess options: {match}\n", result.stderr), result.stderr
     assert not (tmp_path / "c").exists()
+
+
+def test_read_only_out_is_refused(synth_dir: Path) -> None:
+    """Checked as a user who cannot write there (root writes anywhere, so the check runs as nobody)."""
+    root = Path(tempfile.mkdtemp())  # not under pytest's tmp folder, which only root can enter
+    try:
+        root.chmod(0o755)
+        images = shutil.copytree(synth_dir / "stage_2_train_images", root / "images")
+        (root / "out").mkdir(mode=0o555)
+        (root / "out").chmod(0o555)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: drop to nobody where root, try, report the message, exit without cleanup
+            try:
+                if os.geteuid() == 0:
+                    os.setgid(65534)
+                    os.setuid(65534)
+                preprocess(images, root / "out", None, OPTS)
+                os.write(write, b"no error")
+            except IchdetError as err:
+                os.write(write, str(err).encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        with os.fdopen(read, "rb") as fh:
+            message = fh.read().decode()
+        os.waitpid(pid, 0)
+        assert message == f"--out {root / 'out'}: permission denied, the folder is not writable; choose another"
+        assert list((root / "out").iterdir()) == []
+    finally:
+        shutil.rmtree(root)
