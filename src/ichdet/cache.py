@@ -56,17 +56,14 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm import tqdm
 
+from ichdet._cache_folder import check_compatible, check_out, start_generation
+from ichdet._cache_folder import commit as _commit
 from ichdet.dicom import DEFAULT_MAX_PIXELS, DicomMeta, Workspace, read_dicom
 from ichdet.errors import DicomError, IchdetError
 from ichdet.index import FileKey, build_index, default_workers, scan_dicom_files
 from ichdet.io import (
-    LOCK_NAME,
     atomic_path,
     folder_lock,
-    is_temp_name,
-    remove_stale_temps,
-    write_json_atomic,
-    write_parquet_atomic,
 )
 from ichdet.labels import read_labels
 from ichdet.store import (
@@ -271,31 +268,6 @@ def _plan_chunks(images: Path, shard_dir: Path, opts: PreprocessOptions,
                          opts.max_pixels) for i in range(0, len(files), step)], problems
 
 
-def _check_out(out: Path, previous: CacheManifest | None) -> None:
-    """Refuse an --out that is not a writable folder, or a folder ichdet did not create."""
-    if out.exists() and not out.is_dir():
-        raise IchdetError(f"--out {out} is a file, not a folder; choose a folder for the cache")
-    if not out.exists():
-        return
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise IchdetError(f"--out {out}: permission denied, the folder is not writable; choose another")
-    if previous is not None:
-        return
-    names = {p.name for p in out.iterdir() if not is_temp_name(p.name)}
-    ours = {LOCK_NAME, "pixels", "index.parquet", "errors.csv"}
-    if not names <= ours or (names - {LOCK_NAME} and "pixels" not in names):
-        raise IchdetError(f"--out {out} holds files that are not an ichdet cache (no cache.json), e.g. "
-                          f"{sorted(names - ours)[:3] or sorted(names)[:3]}; preprocess never overwrites "
-                          "a file it did not create: choose a new or empty folder")
-
-
-def _check_compatible(out: Path, old: CacheManifest | None, settings: CacheSettings) -> None:
-    for key in ("size", "store_range", "version", "images"):
-        if old is not None and getattr(old, key) != getattr(settings, key):
-            raise IchdetError(f"{out} holds a cache built with {key}={getattr(old, key)!r}, not "
-                              f"{getattr(settings, key)!r}; choose another --out or delete that folder")
-
-
 def _run_chunks(todo: list[_Chunk], workers: int, progress: bool, total: int, done: int) -> dict[int, _Rows]:
     """Process ``todo`` (in this process, or in a pool of ``workers``); returns rows by chunk number."""
     results: dict[int, _Rows] = {}
@@ -345,20 +317,6 @@ def _collect(chunks: list[_Chunk], rows: dict[int, _Rows],
     return pd.DataFrame(columns), pd.DataFrame(bad + duplicates, columns=["path", "reason"])
 
 
-def _start_generation(out: Path, current: int) -> None:
-    """The folder of generation ``current + 1``, kept if a killed run left it (resume); every other
-    generation but ``current`` (left by a run killed after its commit) is deleted."""
-    pixels = out / "pixels"
-    pixels.mkdir(parents=True, exist_ok=True)
-    new = generation_dir(out, current + 1)
-    keep = {generation_dir(out, current).name, new.name}
-    for entry in pixels.iterdir():
-        if entry.name not in keep:
-            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-    new.mkdir(exist_ok=True)
-    remove_stale_temps(new)  # left by a killed run (an interrupted one removes its own)
-
-
 def _reuse(chunk: _Chunk, old_dir: Path) -> _Rows | None:
     """A chunk done in the current generation, hard-linked (or copied) into the new one; else None."""
     old = _Chunk(chunk.number, chunk.root, chunk.files, chunk.size, str(old_dir), chunk.max_pixels)
@@ -386,19 +344,6 @@ def _resume(chunks: list[_Chunk], old_dir: Path | None) -> dict[int, _Rows]:
     return rows
 
 
-def _commit(out: Path, index: pd.DataFrame, errors: pd.DataFrame, manifest: CacheManifest,
-            previous: CacheManifest | None) -> None:
-    """index.parquet (stamped with the generation), errors.csv, then cache.json, which makes the new
-    generation current; then the old generation is deleted. Each file is atomic and fsynced."""
-    index.attrs["generation"] = manifest.generation
-    write_parquet_atomic(index, out / "index.parquet", index=False)
-    with atomic_path(out / "errors.csv") as tmp:
-        errors.to_csv(tmp, index=False)
-    write_json_atomic(out / "cache.json", manifest.model_dump(mode="json"))
-    if previous is not None:
-        shutil.rmtree(generation_dir(out, previous.generation), ignore_errors=True)
-
-
 def preprocess(images: str | Path, out: str | Path, labels_csv: str | Path | None = None,
                options: PreprocessOptions | None = None) -> PreprocessSummary:
     """Build (or resume, or update) a cache from a DICOM folder; see the module docstring for the layout.
@@ -415,7 +360,7 @@ def preprocess(images: str | Path, out: str | Path, labels_csv: str | Path | Non
                           "pass the folder that holds the DICOM files")
     labels = read_labels(labels_csv) if labels_csv is not None else None
     previous = read_manifest(out) if out.is_dir() else None
-    _check_out(out, previous)
+    check_out(out, previous)
     with folder_lock(out, "ichdet preprocess"):
         current = previous.generation if previous else 0
         step, chunks, problems = _plan_chunks(images, generation_dir(out, current + 1), opts,
@@ -424,8 +369,8 @@ def preprocess(images: str | Path, out: str | Path, labels_csv: str | Path | Non
             version=CACHE_VERSION, size=opts.size, store_range=STORE_RANGE, images=str(images), chunk_size=step,
             labels=str(Path(labels_csv).resolve()) if labels_csv else None, n_folds=opts.n_folds,
             seed=opts.seed, max_pixels=opts.max_pixels)
-        _check_compatible(out, previous, settings)
-        _start_generation(out, current)  # only now, after every check, is anything in --out changed
+        check_compatible(out, previous, settings)
+        start_generation(out, current)  # only now, after every check, is anything in --out changed
         rows = _resume(chunks, generation_dir(out, previous.generation) if previous else None)
         todo = [c for c in chunks if c.number not in rows]
         n_resumed = len(rows)
