@@ -14,6 +14,7 @@ from ichdet.windowing import (
     Window,
     apply_windows,
     get_window,
+    resize_square,
     resolve_windows,
     window_range,
 )
@@ -211,3 +212,28 @@ def test_window_tables_are_apply_windows_row_per_window() -> None:
     assert tables.shape == (3, 65536) and tables.flags.c_contiguous
     # against the float path, which uses no table (the integer path is these tables themselves)
     np.testing.assert_array_equal(tables, apply_windows(values.astype(np.float32), SEED_WINDOWS)[0].T)
+
+
+# ------------------------------------------------------------------------------------ the one resize rule
+
+_BLOCKS = np.array([[0, 0, 8, 8], [0, 0, 8, 8], [4, 4, 12, 12], [4, 4, 12, 12]], np.float32)
+
+
+@pytest.mark.parametrize(("image", "size", "expected"), [
+    (_BLOCKS, 2, [[0, 8], [4, 12]]),  # shrink: area, each output the mean of its 2x2 block
+    (np.array([[0, 1, 2, 3]] * 4, np.float32), 2, [[0.5, 2.5], [0.5, 2.5]]),
+    (np.array([[0, 8], [0, 8]], np.float32), 4, [[0, 2, 6, 8]] * 4),  # enlarge: bilinear
+    (_BLOCKS, 4, _BLOCKS.tolist()),  # already at size: unchanged
+])
+def test_resize_square(image: np.ndarray, size: int, expected: list[list[float]]) -> None:
+    np.testing.assert_array_equal(resize_square(image, size), np.array(expected, np.float32))
+
+
+@pytest.mark.parametrize("channels", [1, 3, 4, 5, 9])
+def test_resize_square_channels_each_like_alone(channels: int) -> None:
+    image = np.stack([_BLOCKS * (c + 1) for c in range(channels)], axis=-1).astype(np.uint8)
+    out = resize_square(image, 2)
+    assert out.shape == (2, 2, channels) and out.dtype == np.uint8
+    for c in range(channels):
+        np.testing.assert_array_equal(out[..., c], resize_square(np.ascontiguousarray(image[..., c]), 2))
+        np.testing.assert_array_equal(out[..., c], (np.array([[0, 8], [4, 12]]) * (c + 1)).astype(np.uint8))
