@@ -33,6 +33,7 @@ def check_out(out: Path, previous: CacheManifest | None) -> None:
 
 
 def check_compatible(out: Path, old: CacheManifest | None, settings: CacheSettings) -> None:
+    """Refuse to update a cache built with another size, store range, format or input folder."""
     for key in ("size", "store_range", "version", "images"):
         if old is not None and getattr(old, key) != getattr(settings, key):
             raise IchdetError(f"{out} holds a cache built with {key}={getattr(old, key)!r}, not "
@@ -40,8 +41,8 @@ def check_compatible(out: Path, old: CacheManifest | None, settings: CacheSettin
 
 
 def start_generation(out: Path, current: int) -> None:
-    """The folder of generation ``current + 1``, kept if a killed run left it (resume); every other
-    generation but ``current`` (left by a run killed after its commit) is deleted."""
+    """Create the folder of generation ``current + 1``, or keep the one a killed run left (resume), and
+    delete every other generation but ``current`` (left by a run killed after its commit)."""
     pixels = out / "pixels"
     pixels.mkdir(parents=True, exist_ok=True)
     new = generation_dir(out, current + 1)
@@ -54,7 +55,7 @@ def start_generation(out: Path, current: int) -> None:
 
 
 def commit(out: Path, index: pd.DataFrame, errors: pd.DataFrame, manifest: CacheManifest,
-            previous: CacheManifest | None) -> None:
+           previous: CacheManifest | None) -> None:
     """index.parquet (stamped with the generation), errors.csv, then cache.json, which makes the new
     generation current; then the old generation is deleted. Each file is atomic and fsynced."""
     index.attrs["generation"] = manifest.generation
