@@ -23,7 +23,7 @@ import ichdet.io
 from ichdet import cache as cache_mod
 from ichdet.cache import PreprocessOptions, hu_to_store, preprocess
 from ichdet.dicom import read_hu
-from ichdet.errors import IchdetError
+from ichdet.errors import IchdetError, LockError
 from ichdet.store import STORE_RANGE, PixelCache, generation_dir, read_manifest
 from ichdet.synth import SynthSpec, make_dataset
 
@@ -488,6 +488,13 @@ def _killed_run(images: Path, out: Path, opts: PreprocessOptions, delay: float) 
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
+    for _ in range(600):  # the kernel releases the killed workers' lock as it tears them down
+        try:
+            with ichdet.io.folder_lock(out):
+                return
+        except LockError:
+            time.sleep(0.05)
+    raise AssertionError(f"{out}: the killed run's lock was never released")
 
 
 def test_a_rerun_killed_at_random_moments_never_serves_wrong_pixels(synth_dir: Path, tmp_path: Path) -> None:
