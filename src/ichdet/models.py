@@ -72,8 +72,9 @@ def build_model(cfg: ModelConfig, in_chans: int, num_classes: int = len(LABELS))
                               f"weights of {arch} (.safetensors, .pth or .bin)")
         try:
             return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
-        except (KeyError, ValueError, RuntimeError, EOFError, OSError, SafetensorError,
-                pickle.UnpicklingError) as err:  # text, truncated or foreign files fail deep inside the readers
+        except (LookupError, ValueError, TypeError, AttributeError, RuntimeError, EOFError, OSError,
+                SafetensorError, pickle.UnpicklingError) as err:  # a text, truncated or foreign file fails
+            # deep inside torch's or safetensors' reader, each in its own way
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise ConfigError(f"model.weights: {path} is not usable weights of {arch} ({reason}); give the "
                               "ImageNet weights file of that backbone (.safetensors, .pth or .bin)") from None
