@@ -44,19 +44,19 @@ def test_best_record_round_trips_as_plain_values(best: Best) -> None:
 
 
 @pytest.mark.parametrize(("record", "match"), [
-    ({"epoch": 3, "train_loss": float("nan"), "lr": 1e3, "first_bad_step": 7},
-     r"fold 2 epoch 3: the training loss became nan at step 7 \(lr 1e\+03\); likely causes: a learning rate"),
+    ({"epoch": 3, "train_loss": float("nan"), "lr": 1e-7, "first_bad_step": 7},
+     r"fold 2 epoch 3: the training loss became nan at step 7 \(train.lr 1000\); likely causes: a learning rate"),
     ({"epoch": 1, "train_loss": float("inf"), "lr": 0.1, "first_bad_step": 1}, r"fold 2 epoch 1: .* inf at step 1"),
     ({"epoch": 1, "train_loss": float("inf"), "lr": 0.1}, r"fold 2 epoch 1: .* at a step"),
 ])
 def test_non_finite_loss_fails_the_run(record: dict[str, float], match: str) -> None:
     with pytest.raises(RunFailed, match=match):
-        check_finite_loss(record, fold=2)
+        check_finite_loss(record, fold=2, lr=1e3)
 
 
 def test_finite_loss_passes_and_drops_the_step_field() -> None:
     record = {"epoch": 1, "train_loss": 0.5, "lr": 0.1, "first_bad_step": -1}
-    check_finite_loss(record, fold=0)
+    check_finite_loss(record, fold=0, lr=0.1)
     assert record == {"epoch": 1, "train_loss": 0.5, "lr": 0.1}
 
 

@@ -191,6 +191,7 @@ def validate(t: Trainer, tta: bool = False) -> tuple[dict[str, float], np.ndarra
     """Validation weighted log loss and per-label AUC (identical on every rank), rows and probs."""
     rows, probs = predict_batches([unwrap(t.model)], t.normalize, t.val_loader, t.rt.device, t.autocast, tta)
     rows, probs = gather(t.rt, rows, probs[0])
+    check_finite_predictions(t, rows, probs)
     truth = t.cache.index[list(LABELS)].iloc[rows].to_numpy(dtype=np.float64)
     metrics = {"val_loss": weighted_log_loss(truth, probs)}
     auc = per_label_auc(truth, probs)["auc"]
@@ -274,7 +275,7 @@ def train_fold(cfg: Config, cache: PixelCache, fold_dir: Path, fold: int, rt: Ru
         torch.manual_seed(cfg.train.seed * 1000 + epoch)  # repeatable epoch: dropout, sampling
         start = time.perf_counter()
         record: dict[str, Any] = {"epoch": epoch + 1, **train_one_epoch(t, epoch, progress), "pid": os.getpid()}
-        check_finite_loss(record, fold)  # before any file is written: the last good epoch's stay
+        check_finite_loss(record, fold, cfg.train.lr)  # before any file is written: the last good epoch's stay
         metrics, _, _ = validate(t)
         record.update(metrics, seconds=time.perf_counter() - start)
         epoch += 1
@@ -303,7 +304,7 @@ def _write_oof(t: Trainer, fold_dir: Path, fold: int) -> None:
         write_parquet_atomic(prediction_table(t.cache, rows, probs, fold=fold), fold_dir / "oof.parquet")
 
 
-def check_finite_loss(record: dict[str, Any], fold: int) -> None:
+def check_finite_loss(record: dict[str, Any], fold: int, lr: float) -> None:
     """RunFailed naming the fold, epoch and first step if an epoch's training loss was not finite.
 
     Takes the ``first_bad_step`` field (1-based, -1 for none) out of ``record``: it is not a metric.
@@ -313,9 +314,26 @@ def check_finite_loss(record: dict[str, Any], fold: int) -> None:
         return
     where = f"step {step}" if step > 0 else "a step"
     raise RunFailed(f"fold {fold} epoch {record['epoch']}: the training loss became {record['train_loss']} at "
-                    f"{where} (lr {record['lr']:.3g}); likely causes: a learning rate too high (lower train.lr "
+                    f"{where} (train.lr {lr:g}); likely causes: a learning rate too high (lower train.lr "
                     "or raise train.warmup_epochs) or bad input images; the checkpoint of the last good epoch "
                     "is kept")
+
+
+def check_finite_predictions(t: Trainer, rows: np.ndarray, probs: np.ndarray) -> None:
+    """RunFailed naming the fold, epoch and step if the network's validation outputs are not finite.
+
+    The loss can stay finite while the weights diverge (the loss takes logits, and large ones are fine);
+    the next prediction then shows it.
+    """
+    if len(rows) == 0 or np.isfinite(probs).all():
+        return
+    fold = int(t.cache.index["fold"].iloc[int(rows[0])])
+    step = int(t.scheduler.last_epoch)  # optimisation steps so far
+    epoch = math.ceil(step / max(1, _steps_per_epoch(t.cfg, t.train_loader)))
+    raise RunFailed(f"fold {fold} epoch {epoch}: the network's outputs are not finite after step {step} (train.lr "
+                    f"{t.cfg.train.lr:g}): its weights diverged; likely causes: a learning rate too high (lower "
+                    "train.lr or raise train.warmup_epochs) or bad input images; the checkpoint of the last good "
+                    "epoch is kept")
 
 
 def train(cfg: Config, data: str | Path, out: str | Path, fold: str = "all", resume: bool = False,
