@@ -92,6 +92,7 @@ def test_amp_off_survives_yaml(raw: str, expected: str) -> None:
     (["train.epochs=2", "train.warmup_epochs=2"], r"warmup_epochs=2.0 must be shorter than epochs=2"),
     (["train.lr=.inf"], r"train.lr: Input should be a finite number"),
     (["train.lr=-0.1"], r"train.lr: Input should be greater than 0"),
+    (["train.lr=1e38"], r"train.lr: Input should be less than or equal to 1000"),
     (["train.epochs=100000000"], r"train.epochs: Input should be less than or equal to 10000"),
     (["train.batch_size=0"], r"train.batch_size: Input should be greater than or equal to 1"),
     (["train.batch_size=10000000"], r"train.batch_size: Input should be less than or equal to 65536"),

@@ -93,7 +93,7 @@ class TrainConfig(_Strict):
 
     epochs: int = Field(5, ge=1, le=10_000)
     batch_size: int = Field(32, ge=1, le=65_536)
-    lr: float = Field(3e-4, gt=0.0)
+    lr: float = Field(3e-4, gt=0.0, le=1e3)  # far above any useful rate; near 1e38 the optimiser overflows
     weight_decay: float = Field(1e-4, ge=0.0)
     warmup_epochs: float = Field(0.5, ge=0.0)
     grad_clip: float = Field(1.0, ge=0.0)
