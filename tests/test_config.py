@@ -146,3 +146,27 @@ def test_config_path_that_is_no_file(tmp_path: Path, make: object, match: str) -
     make(path)  # type: ignore[operator]
     with pytest.raises(ConfigError, match=match):
         load_config(path)
+
+
+@pytest.mark.parametrize(("kind", "message"), [
+    ("folder", "is a folder; give a YAML file"),
+    ("binary", "is not a text file"),
+    ("malformed", "not valid YAML"),
+    ("bad_set", "the value is not valid YAML"),
+])
+def test_cli_train_bad_config_is_one_line_and_writes_nothing(tmp_path: Path, kind: str, message: str) -> None:
+    from typer.testing import CliRunner
+
+    from ichdet.cli import app
+
+    config = tmp_path / "c.yaml"
+    if kind == "folder":
+        config.mkdir()
+    else:
+        config.write_bytes({"binary": b"\x00\xff\xfe\x00", "malformed": b"train: [\n"}.get(kind, b"train: {}\n"))
+    sets = ["--set", "data.slice_offsets=[0"] if kind == "bad_set" else []
+    result = CliRunner().invoke(app, ["train", "--config", str(config), "--data", str(tmp_path / "no_cache"),
+                                      "--out", str(tmp_path / "run"), *sets])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()

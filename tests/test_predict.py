@@ -88,3 +88,21 @@ def test_check_predictions_refuses_bad_numbers(value: float, match: str) -> None
 def test_check_predictions_refuses_folds_over_different_images(ids_per_fold: dict[int, list[str]]) -> None:
     with pytest.raises(RunFailed, match=r"model m fold 1 covers .* images and model m fold 0 .*not the same ones"):
         check_predictions(_table(ids_per_fold))
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_cli_predict_refuses_a_bad_out_before_any_work(tmp_path: Path, force: bool) -> None:
+    from typer.testing import CliRunner
+
+    from ichdet.cli import app
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("precious")
+    targets = [(tmp_path, "is a folder")] + ([] if force else [(notes, "is not a prediction table")])
+    for out, message in targets:
+        args = ["predict", "--run", str(tmp_path / "no_run"), "--data", str(tmp_path / "no_cache"),
+                "--out", str(out), *(["--force"] if force else [])]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2, result.output
+        assert message in result.output and len(result.output.strip().splitlines()) == 1
+    assert notes.read_text() == "precious"
