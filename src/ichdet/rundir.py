@@ -105,16 +105,16 @@ def _check_run_config(run: Path, cfg: Config) -> None:
                           "train with the run's own config.yaml or choose a new --out")
 
 
-def check_fold_dir(fold_dir: Path, cfg: Config, resume: bool) -> None:
+def check_fold_dir(fold_dir: Path, cfg: Config, resume: bool, state: dict[str, Any] | None = None) -> None:
     """Whether a fold may be trained into ``fold_dir``: a checkpoint there needs ``--resume`` and the same
-    result-changing config (:func:`result_changes`)."""
+    result-changing config (:func:`result_changes`). ``state``: that checkpoint, if already loaded."""
     last = fold_dir / "checkpoints" / "last.pt"
     if not last.exists():
         return
     if not resume:
         raise IchdetError(f"{fold_dir} already holds a checkpoint; pass --resume to continue it "
                           "or choose a new --out")
-    changed = result_changes(load_state(last)["config"], cfg)
+    changed = result_changes((state or load_state(last))["config"], cfg)
     if changed:
         raise ConfigError(f"{last} was trained with a different config ({', '.join(changed)}); resume "
                           "with the run's own config.yaml or start a new --out")

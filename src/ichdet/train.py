@@ -257,13 +257,13 @@ def train_fold(cfg: Config, cache: PixelCache, fold_dir: Path, fold: int, rt: Ru
                resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train one fold to the end (or early stop); returns the best epoch's metrics."""
     last = fold_dir / "checkpoints" / "last.pt"
-    check_fold_dir(fold_dir, cfg, resume)
+    state = load_state(last, map_location=rt.device) if resume and last.exists() else None
+    check_fold_dir(fold_dir, cfg, resume, state)
     t = build_trainer(cfg, cache, fold, rt)
     history: list[dict[str, Any]] = []
     best = Best()
     epoch = 0
-    if resume and last.exists():
-        state = load_state(last, map_location=rt.device)
+    if state is not None:
         _restore(t, state)
         epoch, history, best = state["epoch"], state["history"], Best.from_dict(state["best"])
     writer = None
