@@ -77,6 +77,30 @@ def test_missing_weights_file() -> None:
         build_model(ModelConfig(backbone="resnet18", pretrained=True, weights=Path("/nope.safetensors")), 3)
 
 
+def _resnet18_safetensors(path: Path) -> bytes:
+    from safetensors.torch import save_file
+
+    source = build_model(ModelConfig(backbone="resnet18"), 3, num_classes=1000)
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize(("name", "content"), [
+    ("w.pth", b"these are not weights\n"),
+    ("w.bin", b""),
+    ("w.safetensors", b"this is text pretending to be safetensors"),
+    ("w.safetensors", "truncated"),
+])
+def test_weights_file_that_is_not_weights(tmp_path: Path, name: str, content: bytes | str) -> None:
+    path = tmp_path / name
+    if content == "truncated":
+        path.write_bytes(_resnet18_safetensors(tmp_path / "full.safetensors")[:5000])
+    else:
+        path.write_bytes(content)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=rf"model.weights: {path} is not usable weights of resnet18 \(.+\)"):
+        build_model(ModelConfig(backbone="resnet18", pretrained=True, weights=path), 3)
+
+
 def test_unwrap_compiled_and_ddp_like() -> None:
     inner = torch.nn.Linear(2, 2)
 

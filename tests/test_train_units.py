@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
 
 from ichdet.config import build_config
 from ichdet.engine import precision
-from ichdet.errors import ConfigError
+from ichdet.errors import ConfigError, RunFailed
 from ichdet.metrics import weighted_log_loss
-from ichdet.train import WeightedBCE, lr_lambda, should_stop, update_best
+from ichdet.train import Best, WeightedBCE, check_finite_loss, lr_lambda, should_stop, update_best
 
 
 @pytest.mark.parametrize(("step", "factor"), [(0, 0.25), (3, 1.0), (4, 1.0), (8, 0.5), (12, 0.0), (20, 0.0)])
@@ -29,12 +27,37 @@ def test_warmup_then_cosine(step: int, factor: float) -> None:
 ])
 def test_early_stopping(losses: list[float], patience: int, epochs: int, ran: int, best_epoch: int) -> None:
     cfg = build_config({}, [f"train.patience={patience}", f"train.epochs={epochs}"])
-    best = {"val_loss": math.inf, "epoch": -1, "bad_epochs": 0}
+    best = Best()
     epoch = 0
     while not should_stop(cfg, epoch, best):
         epoch += 1
         best, _ = update_best(best, losses[epoch - 1], epoch)
-    assert (epoch, best["epoch"]) == (ran, best_epoch)
+    assert (epoch, best.epoch) == (ran, best_epoch)
+    assert best.val_loss == min(losses[:ran])
+
+
+@pytest.mark.parametrize("best", [Best(), Best(0.25, 3, 2)])
+def test_best_record_round_trips_as_plain_values(best: Best) -> None:
+    plain = best.as_dict()
+    assert all(type(v) in {int, float} for v in plain.values())  # loadable with weights_only=True
+    assert Best.from_dict(plain) == best
+
+
+@pytest.mark.parametrize(("record", "match"), [
+    ({"epoch": 3, "train_loss": float("nan"), "lr": 1e-7, "first_bad_step": 7},
+     r"fold 2 epoch 3: the training loss became nan at step 7 \(train.lr 1000\); likely causes: a learning rate"),
+    ({"epoch": 1, "train_loss": float("inf"), "lr": 0.1, "first_bad_step": 1}, r"fold 2 epoch 1: .* inf at step 1"),
+    ({"epoch": 1, "train_loss": float("inf"), "lr": 0.1}, r"fold 2 epoch 1: .* at a step"),
+])
+def test_non_finite_loss_fails_the_run(record: dict[str, float], match: str) -> None:
+    with pytest.raises(RunFailed, match=match):
+        check_finite_loss(record, fold=2, lr=1e3)
+
+
+def test_finite_loss_passes_and_drops_the_step_field() -> None:
+    record = {"epoch": 1, "train_loss": 0.5, "lr": 0.1, "first_bad_step": -1}
+    check_finite_loss(record, fold=0, lr=0.1)
+    assert record == {"epoch": 1, "train_loss": 0.5, "lr": 0.1}
 
 
 def test_loss_is_the_competition_metric() -> None:

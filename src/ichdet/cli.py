@@ -111,11 +111,14 @@ def predict(run: Annotated[list[Path], typer.Option(help="run folder (repeat for
             data: Annotated[Path, typer.Option(help="cache folder to predict")],
             out: Annotated[Path, typer.Option(help="predictions parquet to write")],
             tta: Annotated[bool, typer.Option("--tta/--no-tta", help="average with a horizontal flip")] = True,
-            device: str = "auto") -> None:
+            device: str = "auto",
+            force: Annotated[bool, typer.Option(help="replace an --out file predict did not write")] = False,
+            ) -> None:
     """Predict every image of a cache with every fold of each run."""
     from ichdet.io import write_parquet_atomic
-    from ichdet.predict import predict_runs
+    from ichdet.predict import check_out, predict_runs
 
+    check_out(out, force)
     preds = predict_runs(list(run), data, tta=tta, device=device, progress=sys.stderr.isatty())
     write_parquet_atomic(preds, out)
     typer.echo(f"{out}: {preds['image_id'].nunique()} images x {len(preds.groupby(['model', 'fold']))} "

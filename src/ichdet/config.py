@@ -8,18 +8,26 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ichdet.errors import ConfigError
 from ichdet.windowing import resolve_windows
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No NaN or infinity in any float: a non-finite rate or warm-up would hang or poison training later.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+#: Largest slice offset along z: further context than this is another part of the head, and a huge
+#: offset would make the neighbour look-up walk far past every series.
+MAX_SLICE_OFFSET = 8
 
 
 class ModelConfig(_Strict):
@@ -41,14 +49,32 @@ class AugmentConfig(_Strict):
     random_crop: float = Field(0.5, ge=0.0, le=1.0)
     crop_scale: tuple[float, float] = (0.8, 1.0)
 
+    @field_validator("crop_scale")
+    @classmethod
+    def _ordered_fraction(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0.0 < low <= high <= 1.0:
+            raise ValueError(f"crop_scale {list(value)} must be [low, high] with 0 < low <= high <= 1, "
+                             "e.g. [0.8, 1.0]")
+        return value
+
 
 class DataConfig(_Strict):
     """What a sample is: which slices (offsets along z) through which windows, at what size."""
 
     image_size: int = Field(256, ge=16, le=2048)
     windows: list[str] = Field(default_factory=lambda: ["brain", "subdural", "soft_tissue"])
-    slice_offsets: list[int] = Field(default_factory=lambda: [0])
+    slice_offsets: list[int] = Field(default_factory=lambda: [0], min_length=1)
     augment: AugmentConfig = Field(default_factory=lambda: AugmentConfig())
+
+    @field_validator("slice_offsets")
+    @classmethod
+    def _near_slices(cls, value: list[int]) -> list[int]:
+        far = [v for v in value if abs(v) > MAX_SLICE_OFFSET]
+        if far:
+            raise ValueError(f"slice offsets {far} are out of range: each must be within "
+                             f"[-{MAX_SLICE_OFFSET}, {MAX_SLICE_OFFSET}], e.g. [-1, 0, 1]")
+        return value
 
     @field_validator("windows")
     @classmethod
@@ -65,19 +91,19 @@ class DataConfig(_Strict):
 class TrainConfig(_Strict):
     """Optimisation, precision, hardware and stopping."""
 
-    epochs: int = Field(5, ge=1)
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(3e-4, gt=0.0)
+    epochs: int = Field(5, ge=1, le=10_000)
+    batch_size: int = Field(32, ge=1, le=65_536)
+    lr: float = Field(3e-4, gt=0.0, le=1e3)  # far above any useful rate; near 1e38 the optimiser overflows
     weight_decay: float = Field(1e-4, ge=0.0)
     warmup_epochs: float = Field(0.5, ge=0.0)
     grad_clip: float = Field(1.0, ge=0.0)
-    num_workers: int = Field(2, ge=0)
+    num_workers: int = Field(2, ge=0, le=256)
     device: str = "auto"
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     channels_last: bool = True
     compile: bool = False
     patience: int = Field(3, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**31 - 1)
     tta: bool = True
     limit_train_batches: int | None = Field(None, ge=1)
 
@@ -85,6 +111,20 @@ class TrainConfig(_Strict):
     @classmethod
     def _yaml_off(cls, value: object) -> object:
         return "off" if value is False else value  # YAML reads a bare `off` as false
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        # The name only; whether this machine has the device is checked by ichdet.engine.init_runtime.
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+            raise ValueError(f"{value!r} is not a device ichdet runs on; use auto, cpu, cuda, cuda:N or mps")
+        return value
+
+    @model_validator(mode="after")
+    def _warmup_within_training(self) -> TrainConfig:
+        if not (math.isfinite(self.warmup_epochs) and self.warmup_epochs < self.epochs):
+            raise ValueError(f"warmup_epochs={self.warmup_epochs} must be shorter than epochs={self.epochs}")
+        return self
 
 
 class Config(_Strict):
@@ -118,12 +158,23 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
         schema = annotation
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error as one line: what is wrong and where (line and column, 1-based)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(err, 'problem', None) or err}{where}"
+
+
 def parse_override(item: str) -> tuple[str, Any]:
     """Split ``key=value``; the value is parsed as YAML (``3`` -> int, ``[a, b]`` -> list)."""
     key, sep, raw = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {item!r} is not key=value, e.g. --set train.epochs=3")
-    return key.strip(), yaml.safe_load(raw)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)}); "
+                          "quote strings and close brackets, e.g. --set data.slice_offsets=[-1,0,1]") from None
 
 
 def build_config(tree: dict[str, Any], overrides: list[str] | tuple[str, ...] = (),
@@ -143,13 +194,25 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     """Read a YAML config (or the defaults when ``path`` is None) and apply overrides."""
     tree: dict[str, Any] = {}
     if path is not None:
-        try:
-            tree = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} not found; see configs/ for examples") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: a config is a mapping of sections (model, data, train)")
+        tree = _read_yaml(Path(path))
     return build_config(tree, overrides, source=str(path or "defaults"))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """A config file's mapping; ConfigError naming the file for anything that is not a YAML mapping."""
+    if path.is_dir():
+        raise ConfigError(f"--config {path} is a folder; give a YAML file such as configs/demo.yaml")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found; see configs/ for examples") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text file; a config is YAML (see configs/ for examples)") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(err)})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: a config is a mapping of sections (model, data, train)")
+    return tree
 
 
 def config_to_yaml(cfg: Config) -> str:

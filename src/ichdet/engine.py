@@ -43,13 +43,39 @@ class Runtime:
         return self.rank == 0
 
 
+def check_device(device: str) -> torch.device:
+    """``device`` as a torch device if this machine has it; ConfigError naming what it has otherwise.
+
+    Called before any work, so that ``train.device=cuda`` on a machine without a GPU (or ``cuda:7`` on
+    one with two) fails at once instead of after the data is loaded.
+    """
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device {device!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if dev.type == "cuda" and (gpus == 0 or (dev.index or 0) >= gpus):
+        has = f"CUDA devices cuda:0 to cuda:{gpus - 1}" if gpus else "no CUDA device"
+        raise ConfigError(f"device {device!r} is not available: this machine has {has}; "
+                          "use train.device=auto or cpu (or --device cpu)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {device!r} is not available on this machine; use auto or cpu")
+    if dev.type not in {"cpu", "cuda", "mps"}:
+        raise ConfigError(f"device {device!r}: ichdet runs on cpu, cuda or mps")
+    return dev
+
+
 def init_runtime(device: str = "auto") -> Runtime:
-    """Pick the device and join the torchrun process group when launched by torchrun."""
+    """Pick the device and join the torchrun process group when launched by torchrun.
+
+    Raises:
+        ConfigError: ``device`` is not a device this machine has (see :func:`check_device`).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = check_device(device)
     if dev.type == "cuda":
         dev = dev if dev.index is not None else torch.device("cuda", local)
         torch.cuda.set_device(dev)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import difflib
 import os
+import pickle
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
+from safetensors import SafetensorError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
@@ -68,7 +70,14 @@ def build_model(cfg: ModelConfig, in_chans: int, num_classes: int = len(LABELS))
         if not path.is_file():
             raise ConfigError(f"model.weights: {path} does not exist; give the path of the ImageNet "
                               f"weights of {arch} (.safetensors, .pth or .bin)")
-        return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+        try:
+            return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+        except (LookupError, ValueError, TypeError, AttributeError, RuntimeError, EOFError, OSError,
+                SafetensorError, pickle.UnpicklingError) as err:  # a text, truncated or foreign file fails
+            # deep inside torch's or safetensors' reader, each in its own way
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ConfigError(f"model.weights: {path} is not usable weights of {arch} ({reason}); give the "
+                              "ImageNet weights file of that backbone (.safetensors, .pth or .bin)") from None
     if _offline():
         raise ConfigError(f"model.pretrained is true for {arch} but the hub is offline (HF_HUB_OFFLINE=1); "
                           "set model.weights to a local weights file, or model.pretrained=false")

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from torch import nn
 
@@ -18,18 +20,64 @@ from ichdet.checkpoint import load_weights
 from ichdet.config import Config, load_config
 from ichdet.data import SliceDataset
 from ichdet.engine import Normalizer, init_runtime, make_loader, precision, predict_batches, prediction_table
-from ichdet.errors import CheckpointError
+from ichdet.errors import CheckpointError, IchdetError, RunFailed
+from ichdet.labels import LABELS
 from ichdet.models import build_model, input_stats
+from ichdet.rundir import fold_dirs
 from ichdet.store import PixelCache
 
 
 def fold_weights(run: str | Path) -> list[tuple[int, Path]]:
-    """The ``(fold, best.safetensors)`` pairs of a run directory; CheckpointError if there are none."""
+    """The ``(fold, best.safetensors)`` pairs of a run's ``fold<k>`` folders; CheckpointError if there are none.
+
+    Only ``fold`` followed by digits is a fold: a stray ``fold0_old/`` is not read.
+    """
     run = Path(run)
-    found = sorted((int(p.parent.name.removeprefix("fold")), p) for p in run.glob("fold*/best.safetensors"))
+    found = [(k, d / "best.safetensors") for k, d in fold_dirs(run).items() if (d / "best.safetensors").is_file()]
     if not found:
-        raise CheckpointError(f"{run}: no fold*/best.safetensors; train it first with `ichdet train --out {run}`")
+        raise CheckpointError(f"{run}: no fold<k>/best.safetensors; train it first with `ichdet train --out {run}`")
     return found
+
+
+def check_out(out: str | Path, force: bool = False) -> Path:
+    """Where ``predict`` may write: a new file, or a prediction table of its own (any file with ``force``).
+
+    Called before any work, so a refused ``predict`` changes nothing and costs nothing.
+    """
+    out = Path(out)
+    if out.is_dir():
+        raise IchdetError(f"--out {out} is a folder; give the path of a .parquet file to write")
+    if out.exists() and not force and not _is_prediction_table(out):
+        raise IchdetError(f"--out {out} exists and is not a prediction table written by `ichdet predict`; "
+                          "choose another path or pass --force to replace it")
+    return out
+
+
+def _is_prediction_table(path: Path) -> bool:
+    """Whether ``path`` is a Parquet file with the columns of :func:`predict_run`'s table."""
+    try:
+        names = set(pq.read_schema(path).names)
+    except (pa.ArrowException, OSError):
+        return False
+    return names == {"image_id", "model", "fold", *LABELS}
+
+
+def check_predictions(preds: pd.DataFrame) -> pd.DataFrame:
+    """Refuse a prediction table whose model folds cover different images or hold non-finite or
+    out-of-range probabilities (RunFailed naming the model and fold); return it unchanged."""
+    values = preds[list(LABELS)].to_numpy(dtype=np.float64)
+    bad = ~(np.isfinite(values) & (values >= 0) & (values <= 1)).all(axis=1)
+    if bad.any():
+        row = preds.loc[bad].iloc[0]
+        raise RunFailed(f"model {row['model']} fold {row['fold']} predicted {int(bad.sum())} rows outside "
+                        f"[0, 1] or not finite (first: image {row['image_id']}); its weights are broken, retrain it")
+    groups = {key: frozenset(ids) for key, ids in preds.groupby(["model", "fold"])["image_id"]}
+    first_key, first = next(iter(groups.items()))
+    for key, ids in groups.items():
+        if ids != first:
+            raise RunFailed(f"model {key[0]} fold {key[1]} covers {len(ids)} images and model {first_key[0]} fold "
+                            f"{first_key[1]} {len(first)}, not the same ones; every fold must predict every image")
+    return preds
 
 
 def run_config(run: str | Path) -> Config:
@@ -47,7 +95,6 @@ def load_run_model(run: str | Path, weights: Path, device: torch.device,
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model, cfg
-
 
 
 def predict_run(run: str | Path, cache: PixelCache, tta: bool = True, batch_size: int | None = None,
@@ -80,5 +127,5 @@ def predict_runs(runs: Sequence[str | Path], data: str | Path, tta: bool = True,
     names = [Path(r).resolve().name for r in runs]
     if len(set(names)) != len(names):
         raise CheckpointError(f"runs must have distinct folder names to be told apart: {names}")
-    return pd.concat([predict_run(r, cache, tta, device=device, progress=progress) for r in runs],
-                     ignore_index=True)
+    return check_predictions(pd.concat([predict_run(r, cache, tta, device=device, progress=progress)
+                                        for r in runs], ignore_index=True))

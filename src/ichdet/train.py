@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -46,11 +46,12 @@ from ichdet.engine import (
     predict_batches,
     prediction_table,
 )
-from ichdet.errors import ConfigError, IchdetError
-from ichdet.io import write_parquet_atomic, write_text_atomic
+from ichdet.errors import IchdetError, RunFailed
+from ichdet.io import folder_lock, write_parquet_atomic, write_text_atomic
 from ichdet.labels import LABELS
 from ichdet.metrics import LABEL_WEIGHTS, per_label_auc, weighted_log_loss
 from ichdet.models import build_model, input_stats, resolve_backbone, unwrap
+from ichdet.rundir import check_fold_dir, merge_oof, plan_run
 from ichdet.store import PixelCache
 
 
@@ -166,11 +167,13 @@ def train_one_epoch(t: Trainer, epoch: int, progress: bool) -> dict[str, float]:
     t.train_loader.dataset.set_epoch(epoch)  # type: ignore[attr-defined]
     steps = _steps_per_epoch(t.cfg, t.train_loader)
     total_loss, n_images, start = torch.zeros((), device=t.rt.device), 0, time.perf_counter()
+    first_bad = torch.full((), -1, device=t.rt.device)  # first step with a non-finite loss (no sync per step)
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}", leave=False, disable=not (progress and t.rt.is_main))
     for step, (images, target, _) in enumerate(t.train_loader):
         if step >= steps:  # not islice: a loader run to its end finishes its own iteration (and timers)
             break
         loss = train_step(t, images, target)
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step + 1, first_bad)
         total_loss += loss * len(images)  # stays on the device: no sync per step
         n_images += len(images)
         if not bar.disable and step % 10 == 0:  # .item() syncs the GPU: only when someone watches
@@ -181,13 +184,14 @@ def train_one_epoch(t: Trainer, epoch: int, progress: bool) -> dict[str, float]:
     seconds = time.perf_counter() - start
     return {"train_loss": float(total_loss.item()) / max(1, n_images),
             "images_per_s": n_images * t.rt.world_size / seconds,
-            "lr": float(t.scheduler.get_last_lr()[0])}
+            "lr": float(t.scheduler.get_last_lr()[0]), "first_bad_step": int(first_bad.item())}
 
 
 def validate(t: Trainer, tta: bool = False) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
     """Validation weighted log loss and per-label AUC (identical on every rank), rows and probs."""
     rows, probs = predict_batches([unwrap(t.model)], t.normalize, t.val_loader, t.rt.device, t.autocast, tta)
     rows, probs = gather(t.rt, rows, probs[0])
+    check_finite_predictions(t, rows, probs)
     truth = t.cache.index[list(LABELS)].iloc[rows].to_numpy(dtype=np.float64)
     metrics = {"val_loss": weighted_log_loss(truth, probs)}
     auc = per_label_auc(truth, probs)["auc"]
@@ -195,11 +199,30 @@ def validate(t: Trainer, tta: bool = False) -> tuple[dict[str, float], np.ndarra
     return metrics, rows, probs
 
 
-def _state(t: Trainer, epoch: int, history: list[dict[str, Any]], best: dict[str, Any]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Best:
+    """Early-stopping record: the best validation loss so far, its epoch (1-based, -1 before any), and
+    the epochs in a row since then without a better one. Saved in ``last.pt`` as plain values."""
+
+    val_loss: float = math.inf
+    epoch: int = -1
+    bad_epochs: int = 0
+
+    def as_dict(self) -> dict[str, float | int]:
+        """Plain values for a checkpoint (``weights_only`` loading takes no dataclasses)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Best:
+        """The record saved by :meth:`as_dict`."""
+        return cls(float(values["val_loss"]), int(values["epoch"]), int(values["bad_epochs"]))
+
+
+def _state(t: Trainer, epoch: int, history: list[dict[str, Any]], best: Best) -> dict[str, Any]:
     return {"model": unwrap(t.model).state_dict(), "optimizer": t.optimizer.state_dict(),
             "scheduler": t.scheduler.state_dict(), "scaler": t.scaler.state_dict(), "epoch": epoch,
             "arch": resolve_backbone(t.cfg.model.backbone), "config": t.cfg.model_dump(mode="json"),
-            "history": history, "best": best}
+            "history": history, "best": best.as_dict()}
 
 
 def _restore(t: Trainer, state: dict[str, Any]) -> None:
@@ -209,25 +232,16 @@ def _restore(t: Trainer, state: dict[str, Any]) -> None:
     t.scaler.load_state_dict(state["scaler"])
 
 
-def _check_same_config(path: Path, saved: dict[str, Any], cfg: Config) -> None:
-    now = cfg.model_dump(mode="json")
-    changed = [f"{section}.{key}" for section in now if isinstance(now[section], dict)
-               for key in now[section] if saved.get(section, {}).get(key) != now[section][key]]
-    if changed:
-        raise ConfigError(f"{path} was trained with a different config ({', '.join(changed)}); resume "
-                          "with the run's own config.yaml or start a new --out")
-
-
-def update_best(best: dict[str, Any], val_loss: float, epoch: int) -> tuple[dict[str, Any], bool]:
+def update_best(best: Best, val_loss: float, epoch: int) -> tuple[Best, bool]:
     """Early-stopping bookkeeping: the new best record and whether ``epoch`` improved on it."""
-    if val_loss < best["val_loss"]:
-        return {"val_loss": val_loss, "epoch": epoch, "bad_epochs": 0}, True
-    return {**best, "bad_epochs": best["bad_epochs"] + 1}, False
+    if val_loss < best.val_loss:
+        return Best(val_loss, epoch, 0), True
+    return replace(best, bad_epochs=best.bad_epochs + 1), False
 
 
-def should_stop(cfg: Config, epoch: int, best: dict[str, Any]) -> bool:
+def should_stop(cfg: Config, epoch: int, best: Best) -> bool:
     """All epochs done, or ``train.patience`` epochs in a row without a better validation loss."""
-    return epoch >= cfg.train.epochs or best["bad_epochs"] >= cfg.train.patience
+    return epoch >= cfg.train.epochs or best.bad_epochs >= cfg.train.patience
 
 
 def _log_epoch(fold_dir: Path, writer: Any, history: list[dict[str, Any]]) -> None:
@@ -243,18 +257,15 @@ def train_fold(cfg: Config, cache: PixelCache, fold_dir: Path, fold: int, rt: Ru
                resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train one fold to the end (or early stop); returns the best epoch's metrics."""
     last = fold_dir / "checkpoints" / "last.pt"
-    if last.exists() and not resume:
-        raise IchdetError(f"{fold_dir} already holds a checkpoint; pass --resume to continue it "
-                          "or choose a new --out")
+    state = load_state(last, map_location=rt.device) if resume and last.exists() else None
+    check_fold_dir(fold_dir, cfg, resume, state)
     t = build_trainer(cfg, cache, fold, rt)
     history: list[dict[str, Any]] = []
-    best: dict[str, Any] = {"val_loss": math.inf, "epoch": -1, "bad_epochs": 0}
+    best = Best()
     epoch = 0
-    if resume and last.exists():
-        state = load_state(last, map_location=rt.device)
-        _check_same_config(last, state["config"], cfg)
+    if state is not None:
         _restore(t, state)
-        epoch, history, best = state["epoch"], state["history"], state["best"]
+        epoch, history, best = state["epoch"], state["history"], Best.from_dict(state["best"])
     writer = None
     if rt.is_main:
         (fold_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -263,7 +274,8 @@ def train_fold(cfg: Config, cache: PixelCache, fold_dir: Path, fold: int, rt: Ru
     while not should_stop(cfg, epoch, best):
         torch.manual_seed(cfg.train.seed * 1000 + epoch)  # repeatable epoch: dropout, sampling
         start = time.perf_counter()
-        record: dict[str, Any] = {"epoch": epoch + 1, **train_one_epoch(t, epoch, progress)}
+        record: dict[str, Any] = {"epoch": epoch + 1, **train_one_epoch(t, epoch, progress), "pid": os.getpid()}
+        check_finite_loss(record, fold, cfg.train.lr)  # before any file is written: the last good epoch's stay
         metrics, _, _ = validate(t)
         record.update(metrics, seconds=time.perf_counter() - start)
         epoch += 1
@@ -281,7 +293,7 @@ def train_fold(cfg: Config, cache: PixelCache, fold_dir: Path, fold: int, rt: Ru
     if writer is not None:
         writer.close()
     _write_oof(t, fold_dir, fold)
-    return {"fold": fold, **best, "epochs": epoch}
+    return {"fold": fold, **best.as_dict(), "epochs": epoch}
 
 
 def _write_oof(t: Trainer, fold_dir: Path, fold: int) -> None:
@@ -292,32 +304,61 @@ def _write_oof(t: Trainer, fold_dir: Path, fold: int) -> None:
         write_parquet_atomic(prediction_table(t.cache, rows, probs, fold=fold), fold_dir / "oof.parquet")
 
 
-def folds_to_train(cache: PixelCache, fold: str) -> list[int]:
-    """``all`` -> every fold of the cache; otherwise the one fold named, checked against the cache."""
-    available = sorted(int(f) for f in set(cache.index["fold"]) if f >= 0)
-    if fold == "all":
-        return available
-    if not fold.isdigit() or int(fold) not in available:
-        raise ConfigError(f"--fold {fold!r}: the cache at {cache.root} has folds {available} (or use all)")
-    return [int(fold)]
+def check_finite_loss(record: dict[str, Any], fold: int, lr: float) -> None:
+    """RunFailed naming the fold, epoch and first step if an epoch's training loss was not finite.
+
+    Takes the ``first_bad_step`` field (1-based, -1 for none) out of ``record``: it is not a metric.
+    """
+    step = record.pop("first_bad_step", -1)
+    if step < 0 and math.isfinite(record["train_loss"]):
+        return
+    where = f"step {step}" if step > 0 else "a step"
+    raise RunFailed(f"fold {fold} epoch {record['epoch']}: the training loss became {record['train_loss']} at "
+                    f"{where} (train.lr {lr:g}); likely causes: a learning rate too high (lower train.lr "
+                    "or raise train.warmup_epochs) or bad input images; the checkpoint of the last good epoch "
+                    "is kept")
+
+
+def check_finite_predictions(t: Trainer, rows: np.ndarray, probs: np.ndarray) -> None:
+    """RunFailed naming the fold, epoch and step if the network's validation outputs are not finite.
+
+    The loss can stay finite while the weights diverge (the loss takes logits, and large ones are fine);
+    the next prediction then shows it.
+    """
+    if len(rows) == 0 or np.isfinite(probs).all():
+        return
+    fold = int(t.cache.index["fold"].iloc[int(rows[0])])
+    step = int(t.scheduler.last_epoch)  # optimisation steps so far
+    epoch = math.ceil(step / max(1, _steps_per_epoch(t.cfg, t.train_loader)))
+    raise RunFailed(f"fold {fold} epoch {epoch}: the network's outputs are not finite after step {step} (train.lr "
+                    f"{t.cfg.train.lr:g}): its weights diverged; likely causes: a learning rate too high (lower "
+                    "train.lr or raise train.warmup_epochs) or bad input images; the checkpoint of the last good "
+                    "epoch is kept")
 
 
 def train(cfg: Config, data: str | Path, out: str | Path, fold: str = "all", resume: bool = False,
           progress: bool = True) -> list[dict[str, Any]]:
-    """Train the given fold(s) of ``cfg`` on the cache ``data`` into run directory ``out``."""
+    """Train the given fold(s) of ``cfg`` on the cache ``data`` into run directory ``out``.
+
+    Every check that could refuse the run (device, folds, labels, model, an existing checkpoint, a resume
+    or run folder with a different config) comes before anything is written, so a refused ``train``
+    changes nothing; ``config.yaml`` is written once they all passed, under the folder's writer lock
+    (rank 0 only under torchrun).
+    """
     rt = init_runtime(cfg.train.device)
     cache, run = PixelCache(data), Path(out)
     results = []
     try:
-        if rt.is_main:
-            run.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(run / "config.yaml", config_to_yaml(cfg))
-        for k in folds_to_train(cache, fold):
-            results.append(train_fold(cfg, cache, run / f"fold{k}", k, rt, resume, progress))
-        if rt.is_main:
-            parts = sorted(run.glob("fold*/oof.parquet"))
-            write_parquet_atomic(pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True),
-                                 run / "oof.parquet")
+        plan_run(cfg, cache, run, fold, resume)
+        build_model(cfg.model, cfg.data.in_chans)  # an unknown backbone or unreadable weights fail here
+        with folder_lock(run, "ichdet train") if rt.is_main else nullcontext():
+            folds = plan_run(cfg, cache, run, fold, resume)  # again: another writer may have finished meanwhile
+            if rt.is_main:
+                write_text_atomic(run / "config.yaml", config_to_yaml(cfg))
+            for k in folds:
+                results.append(train_fold(cfg, cache, run / f"fold{k}", k, rt, resume, progress))
+            if rt.is_main:
+                write_parquet_atomic(merge_oof(run, cache), run / "oof.parquet")
     finally:
         if rt.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
