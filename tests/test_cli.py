@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import typer
 from typer.testing import CliRunner
 
-from ichdet.cli import app
+from ichdet.cli import app, handle_errors
+from ichdet.errors import IchdetError, RunFailed
 from ichdet.labels import LABELS, write_labels
 
 runner = CliRunner()
@@ -203,3 +206,25 @@ def test_bad_input_exits_2_with_one_line(tmp_path: Path, command: list[str], cod
     result = runner.invoke(app, [a.format(tmp=tmp_path) for a in command])
     assert result.exit_code == code, result.output
     assert result.output.startswith("error: ") and result.output.count("\n") == 1, result.output
+
+
+class _Held:
+    """Stands for what a failing command's frame holds (a DataLoader iterator with workers, a pool)."""
+
+
+@pytest.mark.parametrize(("error", "code"), [(IchdetError, 2), (RunFailed, 1), (FileNotFoundError, 1)])
+def test_a_failed_command_releases_what_its_frames_held(error: type[Exception], code: int) -> None:
+    # The exit must not keep the error's traceback alive (it did through __context__): its frames'
+    # objects would then be finalised during interpreter shutdown, the cause of the exit-134 aborts.
+    held: list[weakref.ref[_Held]] = []
+
+    def failing() -> None:
+        thing = _Held()
+        held.append(weakref.ref(thing))
+        raise error("bad input")
+
+    with pytest.raises(typer.Exit) as info:
+        handle_errors(failing)()
+    assert info.value.exit_code == code
+    assert info.value.__context__ is None
+    assert held[0]() is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -25,8 +26,8 @@ def _fail(message: object, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
-def command(fn: Callable[P, R]) -> Callable[P, R]:
-    """Register ``fn`` as an ``ichdet`` command whose expected failures become one line on stderr.
+def handle_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    """``fn`` with its expected failures turned into one line on stderr and an exit code.
 
     Bad input (an :class:`IchdetError`) exits 2; a run that failed (:class:`RunFailed`, or the
     operating system refusing a read or write: missing file, permission, full disk) exits 1.
@@ -37,11 +38,24 @@ def command(fn: Callable[P, R]) -> Callable[P, R]:
         try:
             return fn(*args, **kwargs)
         except RunFailed as err:
-            raise _fail(err, 1) from None
+            message, code = str(err), 1
         except IchdetError as err:
-            raise _fail(err, 2) from None
+            message, code = str(err), 2
         except OSError as err:
-            raise _fail(err, 1) from None
+            message, code = str(err), 1
+        # Out here the error is gone, and with it the traceback whose frames can hold DataLoader iterators
+        # with worker processes, process pools and progress bars. Collect them now, while the interpreter is
+        # whole: left for interpreter shutdown (where the exit exception's context kept them), a daemon thread
+        # still in native code is ended by a forced unwind, and the process aborts with "terminate called
+        # without an active exception" (exit 134) after the error was printed.
+        gc.collect()
+        raise _fail(message, code)
+    return wrapper
+
+
+def command(fn: Callable[P, R]) -> Callable[P, R]:
+    """Register ``fn`` as an ``ichdet`` command whose expected failures become one line on stderr."""
+    wrapper = handle_errors(fn)
     app.command()(wrapper)
     return wrapper
 
