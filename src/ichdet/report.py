@@ -88,8 +88,13 @@ def study_ids(cache: str | Path, image_ids: pd.Index) -> np.ndarray:
 
 
 def _any_auc(t: np.ndarray, p: np.ndarray) -> float:
-    """ROC AUC of ``any`` (NaN when a resample holds one class)."""
-    return float(per_label_auc(t, p)["auc"].iloc[LABELS.index("any")])
+    """ROC AUC of ``any`` (NaN when a resample holds one class); only that column, as it runs per resample."""
+    from sklearn.metrics import roc_auc_score
+
+    col = LABELS.index("any")
+    if len(np.unique(t[:, col])) < 2:
+        return float("nan")
+    return float(roc_auc_score(t[:, col], p[:, col]))
 
 
 def _intervals(t: np.ndarray, p: np.ndarray, groups: np.ndarray, studies: tuple[np.ndarray, np.ndarray] | None,
