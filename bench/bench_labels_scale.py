@@ -7,7 +7,10 @@ subprocess per repeat so the peak RSS (``ru_maxrss`` of that process) is clean. 
 seconds, the peak RSS and PASS/FAIL against the targets (<= 30 s, <= 2 GB). The exit status is 0
 whatever the verdict: this is a measurement, not a test.
 
-``--baseline`` also times a naive pandas reader (``read_csv`` + ``str.rsplit`` + ``pivot``) the same way.
+``--baseline`` also times the naive way the same way, its repeats interleaved with ichdet's: a pandas
+reader (``read_csv`` + ``str.rsplit`` + ``pivot``) and scikit-learn's ``StratifiedGroupKFold``
+(patient-grouped, stratified on ``any``) for the folds. Both report how even the folds are: the spread
+(max - min) of the per-fold prevalence of each label.
 
 Usage::
 
@@ -122,6 +125,23 @@ def naive_read_labels(path: Path) -> pd.DataFrame:
     return df.pivot(index="image_id", columns="label", values="Label")[list(LABELS)].astype(np.uint8)
 
 
+def naive_assign_folds(meta: pd.DataFrame, n_folds: int = 5, seed: int = 0) -> np.ndarray:
+    """The library way: scikit-learn's StratifiedGroupKFold, grouped by patient, stratified on ``any``."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    folds = np.full(len(meta), -1, np.int64)
+    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    for k, (_, held_out) in enumerate(splitter.split(meta, meta["any"], groups=meta["patient_id"])):
+        folds[held_out] = k
+    return folds
+
+
+def prevalence_spread(meta: pd.DataFrame, folds: np.ndarray) -> dict[str, float]:
+    """Per label, max - min over folds of the fraction of positive images (0 = perfectly even folds)."""
+    by_fold = meta[list(LABELS)].astype(np.float64).groupby(folds).mean()
+    return {label: float(by_fold[label].max() - by_fold[label].min()) for label in LABELS}
+
+
 def child(csv_path: Path, meta_path: Path, naive: bool) -> dict[str, Any]:
     """One measurement in this (fresh) process: seconds per step and this process's peak RSS."""
     from ichdet.folds import assign_folds
@@ -132,7 +152,7 @@ def child(csv_path: Path, meta_path: Path, naive: bool) -> dict[str, Any]:
     t1 = time.perf_counter()
     meta = wide.join(pd.read_parquet(meta_path).set_index("image_id"), how="left")
     t2 = time.perf_counter()
-    folds = assign_folds(meta, n_folds=5, seed=0)
+    folds = naive_assign_folds(meta, n_folds=5, seed=0) if naive else assign_folds(meta, n_folds=5, seed=0)
     t3 = time.perf_counter()
     if meta["patient_id"].isna().any() or len(wide) != len(meta):
         raise SystemExit("benchmark bug: label file and meta disagree")
@@ -144,20 +164,34 @@ def child(csv_path: Path, meta_path: Path, naive: bool) -> dict[str, Any]:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "images": len(wide),
         "fold_sizes": np.bincount(folds).tolist(),
+        "prevalence_spread": prevalence_spread(meta, folds),
     }
 
 
-def measure(csv_path: Path, meta_path: Path, repeats: int, naive: bool) -> dict[str, Any]:
-    """Run ``repeats`` fresh child processes; medians of the timings, max of the peak RSS."""
-    runs = []
+def run_child(csv_path: Path, meta_path: Path, naive: bool) -> dict[str, Any]:
+    """One measurement in a fresh child process."""
+    cmd = [sys.executable, __file__, "--child", str(csv_path), str(meta_path)] + (["--naive"] * naive)
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+def measure(csv_path: Path, meta_path: Path, repeats: int, variants: tuple[bool, ...]) -> dict[bool, dict[str, Any]]:
+    """``repeats`` rounds, each running every variant (naive or not) once: interleaved, so load cancels."""
+    runs: dict[bool, list[dict[str, Any]]] = {naive: [] for naive in variants}
     for _ in range(repeats):
-        cmd = [sys.executable, __file__, "--child", str(csv_path), str(meta_path)] + (["--naive"] * naive)
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        runs.append(json.loads(out.strip().splitlines()[-1]))
+        for naive in variants:
+            runs[naive].append(run_child(csv_path, meta_path, naive))
+    return {naive: summarise(r) for naive, r in runs.items()}
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians of the timings, max of the peak RSS, the first run's fold sizes and spread."""
     keys = ("read_labels_s", "join_meta_s", "assign_folds_s", "total_s")
     summary: dict[str, Any] = {k: statistics.median(r[k] for r in runs) for k in keys}
     summary["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
     summary["images"], summary["fold_sizes"] = runs[0]["images"], runs[0]["fold_sizes"]
+    summary["prevalence_spread"] = runs[0]["prevalence_spread"]
     summary["pass_time"] = summary["read_labels_s"] + summary["assign_folds_s"] <= TARGET_SECONDS
     summary["pass_rss"] = summary["peak_rss_mb"] <= TARGET_RSS_MB
     summary["runs"] = runs
@@ -172,7 +206,9 @@ def report(name: str, s: dict[str, Any]) -> str:
         f"  read_labels + assign_folds {s['read_labels_s'] + s['assign_folds_s']:.2f} s "
         f"<= {TARGET_SECONDS:.0f} s: {verdict(s['pass_time'])}\n"
         f"  peak RSS {s['peak_rss_mb']:.0f} MB <= {TARGET_RSS_MB:.0f} MB: {verdict(s['pass_rss'])}\n"
-        f"  images {s['images']}, fold sizes {s['fold_sizes']}"
+        f"  images {s['images']}, fold sizes {s['fold_sizes']}\n"
+        f"  per-fold prevalence spread (max - min): "
+        + ", ".join(f"{k} {v:.4f}" for k, v in s["prevalence_spread"].items())
     )
 
 
@@ -198,9 +234,9 @@ def main(argv: list[str] | None = None) -> int:
             f"generated {rows:,} rows ({args.images:,} images, {args.patients:,} patients, "
             f"{csv_path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t0:.1f} s (not timed)"
         )
-        results = {"ichdet": measure(csv_path, meta_path, args.repeats, naive=False)}
-        if args.baseline:
-            results["naive_pandas"] = measure(csv_path, meta_path, args.repeats, naive=True)
+        measured = measure(csv_path, meta_path, args.repeats, (False, True) if args.baseline else (False,))
+        names = {False: "ichdet", True: "naive (pandas reader + sklearn StratifiedGroupKFold)"}
+        results = {names[naive]: summary for naive, summary in measured.items()}
     for name, summary in results.items():
         print(report(name, summary))
     if args.json:

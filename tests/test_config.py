@@ -38,7 +38,7 @@ def test_overrides_set_values(overrides: list[str], path: tuple[str, str], expec
 
 
 @pytest.mark.parametrize(("overrides", "match"), [
-    (["train.epoch=3"], r"unknown config key 'train.epoch'.*Did you mean epochs"),
+    (["train.epoch=3"], r"unknown config key 'train.epoch'.*Did you mean 'epochs'"),
     (["trian.epochs=3"], r"unknown config key 'trian.epochs'.*train"),
     (["train.epochs=0"], r"train.epochs: Input should be greater than or equal to 1"),
     (["data.windows=[brain, brian]"], r"brian"),

@@ -164,6 +164,11 @@ BAD_FILES = [
         r"line 11: 'ID_9_any,7'\. Fix",
         id="many-bad-rows",
     ),
+    pytest.param(
+        HEADER + rows("ID_a", "000000") + rows("ID_b", "001000"),
+        r"1 rows say any 0 for an image with a subtype 1: line 13: 'ID_b_any,0'\. Fix: 'any' is 1 whenever",
+        id="subtype-without-any",
+    ),
 ]
 
 

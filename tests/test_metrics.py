@@ -10,7 +10,18 @@ import pandas as pd
 import pytest
 
 from ichdet.labels import LABELS
-from ichdet.metrics import LABEL_WEIGHTS, per_label_auc, per_label_log_loss, score_table, weighted_log_loss
+from ichdet.metrics import (
+    LABEL_WEIGHTS,
+    bootstrap_ci,
+    expected_calibration_error,
+    operating_points,
+    per_label_auc,
+    per_label_log_loss,
+    reliability_table,
+    score_table,
+    study_level,
+    weighted_log_loss,
+)
 
 LN = math.log
 NEG_LN_1M_EPS = -math.log1p(-1e-7)  # BCE of a perfect prediction after clipping: 1.00000005e-7
@@ -143,3 +154,126 @@ def test_score_table_rows_and_values() -> None:
     assert table["prevalence"].isna().tolist() == [False] * 6 + [True]
     assert table.loc["epidural", "note"] == "only one class present (all 0)"
     assert table.loc["weighted", "note"] == "Kaggle metric: weights 1, 1, 1, 1, 1, 2"
+
+
+# one label column, hand-worked: positives 0.9, 0.8, 0.3, 0.2; negatives 0.1, 0.25, 0.5, 0.05
+OP_T = [1, 1, 1, 1, 0, 0, 0, 0]
+OP_P = [0.9, 0.8, 0.3, 0.2, 0.1, 0.25, 0.5, 0.05]
+
+
+@pytest.mark.parametrize(("target", "threshold", "sens", "spec"), [
+    (0.95, 0.2, 1.0, 0.5),   # all four positives needed: the lowest, 0.2; negatives below it: 0.1, 0.05
+    (1.0, 0.2, 1.0, 0.5),
+    (0.75, 0.3, 0.75, 0.75),  # 3 of 4 positives: 0.3; negatives 0.1, 0.25, 0.05 below
+    (0.5, 0.8, 0.5, 1.0),
+    (0.1, 0.9, 0.25, 1.0),    # at least one positive is always kept
+])
+def test_operating_points_hand_values(target: float, threshold: float, sens: float, spec: float) -> None:
+    y_true, y_pred = _columns(OP_T, OP_P)
+    table = operating_points(y_true, y_pred, sensitivity=target)
+    assert list(table.columns) == ["threshold", "sensitivity", "specificity", "n_pos", "n_neg"]
+    assert list(table.index) == list(LABELS)
+    row = table.loc["any"]
+    assert (row["threshold"], row["sensitivity"], row["specificity"]) == (threshold, sens, spec)
+    assert (row["n_pos"], row["n_neg"]) == (4, 4)
+    # epidural has no positive: nothing to detect; subdural has no negative: no specificity
+    assert table.loc["epidural", ["threshold", "sensitivity", "specificity"]].isna().all()
+    assert math.isnan(table.loc["subdural", "specificity"])
+    assert table.loc["subdural", "sensitivity"] >= target
+
+
+def test_operating_point_needs_19_of_20_at_095() -> None:
+    # 20 positives scored 0.01..0.20: 95% is 19 of them, so the threshold is the 2nd lowest, 0.02
+    p = np.arange(1, 21) / 100
+    y_true, y_pred = _columns([1] * 20 + [0], [*p, 0.015])
+    row = operating_points(y_true, y_pred).loc["any"]
+    assert (row["threshold"], row["sensitivity"], row["specificity"]) == (0.02, 0.95, 1.0)
+
+
+@pytest.mark.parametrize("target", [0.0, -0.5, 1.01])
+def test_operating_points_rejects_target(target: float) -> None:
+    with pytest.raises(ValueError, match="sensitivity must be in"):
+        operating_points(*_columns(OP_T, OP_P), sensitivity=target)
+
+
+@pytest.mark.parametrize(("t", "p", "n_bins", "ece"), [
+    ([0, 1], [0.2, 0.8], 2, 0.2),
+    ([0, 0, 1, 1], [0.1, 0.3, 0.6, 0.9], 2, 0.225),  # bins: |0 - 0.4| + |2 - 1.5| over 4
+    ([0, 0, 1, 1], [0.1, 0.3, 0.6, 0.9], 1, 0.025),  # one bin: |2 - 1.9| / 4
+    ([0, 1], [0.0, 1.0], 15, 0.0),                  # 1.0 falls in the last bin
+    ([1, 1], [0.5, 0.5], 15, 0.5),
+    ([[0, 1], [1, 1]], [[0.2, 0.8], [0.8, 0.8]], 2, 0.2),  # a matrix pools its labels
+])
+def test_expected_calibration_error_hand_values(t: Any, p: Any, n_bins: int, ece: float) -> None:
+    assert expected_calibration_error(t, p, n_bins=n_bins) == pytest.approx(ece, abs=1e-12)
+
+
+@pytest.mark.parametrize(("t", "p", "n_bins", "match"), [
+    ([], [], 15, "non-empty"),
+    ([0, 1], [0.5], 15, "one size"),
+    ([0], [np.nan], 15, "finite probabilities"),
+    ([0], [1.2], 15, "finite probabilities"),
+    ([0], [0.5], 0, "n_bins must be >= 1"),
+])
+def test_expected_calibration_error_rejects(t: Any, p: Any, n_bins: int, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        expected_calibration_error(t, p, n_bins=n_bins)
+
+
+def test_reliability_table_bins() -> None:
+    table = reliability_table([0, 0, 1, 1], [0.1, 0.3, 0.6, 0.9], n_bins=2)
+    assert table.index.tolist() == [0, 1]
+    assert table["count"].tolist() == [2, 2]
+    np.testing.assert_allclose(table["mean_pred"], [0.2, 0.75])
+    np.testing.assert_allclose(table["frac_pos"], [0.0, 1.0])
+
+
+def test_study_level_takes_the_max_per_study() -> None:
+    y_true = np.zeros((4, 6))
+    y_true[1, 3] = y_true[1, 5] = 1
+    y_pred = np.full((4, 6), 0.1)
+    y_pred[0, 0], y_pred[2, 1] = 0.7, 0.4
+    t, p = study_level(y_true, y_pred, ["s2", "s1", "s2", "s1"])
+    # studies in sorted order: s1 (rows 1, 3), s2 (rows 0, 2)
+    np.testing.assert_array_equal(t, [[0, 0, 0, 1, 0, 1], [0, 0, 0, 0, 0, 0]])
+    np.testing.assert_allclose(p, [[0.1] * 6, [0.7, 0.4, 0.1, 0.1, 0.1, 0.1]])
+    with pytest.raises(ValueError, match="one study id per row"):
+        study_level(y_true, y_pred, ["s1"])
+
+
+def _mean_pred(t: np.ndarray, p: np.ndarray) -> float:
+    return float(np.mean(p))
+
+
+def test_bootstrap_ci_resamples_groups() -> None:
+    # study a: one slice at 0; study b: three slices at 1. Resampling studies gives means 0, 0.75 or
+    # 1 (never 0.25 or 0.5, which resampling slices would give); the 95% interval spans 0 to 1.
+    p = np.array([0.0, 1.0, 1.0, 1.0])
+    low, high = bootstrap_ci(_mean_pred, np.zeros(4), p, ["a", "b", "b", "b"], n=200, seed=3)
+    assert (low, high) == (0.0, 1.0)
+    scores = set()
+    for seed in range(20):
+        scores |= set(bootstrap_ci(_mean_pred, np.zeros(4), p, ["a", "b", "b", "b"], n=1, seed=seed))
+    assert scores == {0.0, 0.75, 1.0}
+
+
+def test_bootstrap_ci_is_seeded_and_one_group_is_exact() -> None:
+    rng = np.random.default_rng(0)
+    p, groups = rng.random(40), np.repeat(np.arange(10), 4)
+    first = bootstrap_ci(_mean_pred, np.zeros(40), p, groups, n=100, seed=1)
+    assert first == bootstrap_ci(_mean_pred, np.zeros(40), p, groups, n=100, seed=1)
+    assert first != bootstrap_ci(_mean_pred, np.zeros(40), p, groups, n=100, seed=2)
+    assert first[0] < float(np.mean(p)) < first[1]
+    assert bootstrap_ci(_mean_pred, np.zeros(3), np.full(3, 0.3), ["a"] * 3, n=10) == (0.3, 0.3)
+
+
+def test_bootstrap_ci_skips_undefined_resamples() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    def auc(t: np.ndarray, p: np.ndarray) -> float:
+        return float(roc_auc_score(t, p))  # ValueError when a resample holds one class
+
+    t, p = np.array([0, 1, 0, 1]), np.array([0.1, 0.9, 0.2, 0.8])
+    assert bootstrap_ci(auc, t, p, ["a", "a", "b", "b"], n=50) == (1.0, 1.0)
+    low, high = bootstrap_ci(auc, np.zeros(2), p[:2], ["a", "b"], n=5)
+    assert math.isnan(low) and math.isnan(high)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -25,8 +26,8 @@ def _fail(message: object, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
-def command(fn: Callable[P, R]) -> Callable[P, R]:
-    """Register ``fn`` as an ``ichdet`` command whose expected failures become one line on stderr.
+def handle_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    """``fn`` with its expected failures turned into one line on stderr and an exit code.
 
     Bad input (an :class:`IchdetError`) exits 2; a run that failed (:class:`RunFailed`, or the
     operating system refusing a read or write: missing file, permission, full disk) exits 1.
@@ -37,11 +38,24 @@ def command(fn: Callable[P, R]) -> Callable[P, R]:
         try:
             return fn(*args, **kwargs)
         except RunFailed as err:
-            raise _fail(err, 1) from None
+            message, code = str(err), 1
         except IchdetError as err:
-            raise _fail(err, 2) from None
+            message, code = str(err), 2
         except OSError as err:
-            raise _fail(err, 1) from None
+            message, code = str(err), 1
+        # Out here the error is gone, and with it the traceback whose frames can hold DataLoader iterators
+        # with worker processes, process pools and progress bars. Collect them now, while the interpreter is
+        # whole: left for interpreter shutdown (where the exit exception's context kept them), a daemon thread
+        # still in native code is ended by a forced unwind, and the process aborts with "terminate called
+        # without an active exception" (exit 134) after the error was printed.
+        gc.collect()
+        raise _fail(message, code)
+    return wrapper
+
+
+def command(fn: Callable[P, R]) -> Callable[P, R]:
+    """Register ``fn`` as an ``ichdet`` command whose expected failures become one line on stderr."""
+    wrapper = handle_errors(fn)
     app.command()(wrapper)
     return wrapper
 
@@ -106,14 +120,37 @@ def train(config: Annotated[Path | None, typer.Option(help="YAML config (configs
     typer.echo(f"run: {out}")
 
 
+_PNG = (b"\x89PNG",)
+_PREDICTION_CSV = (b"ID,Label", b"image_id,")
+
+
+def _output(path: Path, force: bool, signatures: tuple[bytes, ...]) -> Path:
+    """``path`` if a command may write it: not a folder, and new or a file of the kind it writes.
+
+    A file that does not start like the command's own output (``signatures``) was not written by
+    ichdet and is replaced only with ``--force``, so a mistyped ``--out`` cannot destroy a user's file.
+    """
+    if path.is_dir():
+        raise IchdetError(f"{path} is a folder; give a file name for the output, e.g. {path / 'out'}{path.suffix}")
+    if path.exists() and not force:
+        with open(path, "rb") as f:
+            head = f.read(max(map(len, signatures)))
+        if not any(head.startswith(s) for s in signatures):
+            raise IchdetError(f"{path} exists and is not an ichdet output of this kind; "
+                              "pass --force to replace it, or choose another name")
+    return path
+
+
+_FORCE = typer.Option("--force", help="replace an existing output file that ichdet did not write")
+
+
 @command
 def predict(run: Annotated[list[Path], typer.Option(help="run folder (repeat for several models)")],
             data: Annotated[Path, typer.Option(help="cache folder to predict")],
             out: Annotated[Path, typer.Option(help="predictions parquet to write")],
             tta: Annotated[bool, typer.Option("--tta/--no-tta", help="average with a horizontal flip")] = True,
             device: str = "auto",
-            force: Annotated[bool, typer.Option(help="replace an --out file predict did not write")] = False,
-            ) -> None:
+            force: Annotated[bool, _FORCE] = False) -> None:
     """Predict every image of a cache with every fold of each run."""
     from ichdet.io import write_parquet_atomic
     from ichdet.predict import check_out, predict_runs
@@ -132,42 +169,58 @@ def _model_weight(item: str) -> tuple[str, float]:
         weight = float(value)
     except ValueError:
         weight = float("nan")
-    if not name or not weight >= 0:
+    if not name or not (weight >= 0 and weight != float("inf")):
         raise IchdetError(f"--weight {item!r}: expected model=number >= 0, e.g. --weight resnet34=2")
     return name, weight
 
 
 @command
 def ensemble(preds: Annotated[list[Path], typer.Argument(help="prediction parquets from `ichdet predict`")],
-             out: Annotated[Path, typer.Option(help="submission CSV to write")],
+             out: Annotated[Path, typer.Option(help="submission CSV (or wide prediction CSV) to write")],
              sample_submission: Annotated[Path | None, typer.Option(help="Kaggle sample submission")] = None,
              weight: Annotated[list[str] | None, typer.Option(help="model=weight (default: equal)")] = None,
-             ) -> None:
-    """Mean over folds per model, then over models -> a Kaggle submission (validated if a sample is given)."""
-    from ichdet.ensemble import ensemble as combine
-    from ichdet.ensemble import read_predictions
-    from ichdet.labels import validate_submission, write_submission
+             force: Annotated[bool, _FORCE] = False) -> None:
+    """Mean over folds per model, then over models -> a Kaggle submission (validated if a sample is given).
 
+    Image ids that are not Kaggle ids (``ID_<hex>``), e.g. hospital UIDs, give a wide prediction CSV
+    instead: image_id and the six probabilities.
+    """
+    from ichdet.ensemble import ensemble as combine
+    from ichdet.ensemble import read_predictions, write_ensemble
+
+    _output(out, force, _PREDICTION_CSV)
     weights = dict(_model_weight(w) for w in weight) if weight else None
     wide = combine(read_predictions(preds), weights)
-    write_submission(wide, out)
-    if sample_submission is not None:
-        validate_submission(out, sample_submission)
-    typer.echo(f"{out}: {len(wide)} images" + (", matches the sample submission" if sample_submission else ""))
+    kind = write_ensemble(wide, out, sample_submission)
+    if kind == "wide":
+        typer.echo(f"{out}: {len(wide)} images, wide prediction CSV (image_id + 6 labels): the image ids are "
+                   "not Kaggle ids, so no Kaggle submission was written")
+    else:
+        typer.echo(f"{out}: {len(wide)} images" + (", matches the sample submission" if sample_submission else ""))
 
 
 @command
-def evaluate(pred: Annotated[Path, typer.Option(help="submission CSV or predictions parquet")],
+def evaluate(pred: Annotated[Path, typer.Option(help="predictions: parquet, RUN/oof.parquet, submission or wide CSV")],
              labels: Annotated[Path, typer.Option(help="Kaggle label CSV")],
+             data: Annotated[Path | None, typer.Option(help="cache of the images: groups them into studies")] = None,
+             sensitivity: Annotated[float, typer.Option(help="target sensitivity of the operating points")] = 0.95,
+             bootstrap: Annotated[int, typer.Option(help="bootstrap resamples for the 95% intervals")] = 1000,
+             seed: Annotated[int, typer.Option(help="bootstrap seed")] = 0,
              plot: Annotated[Path | None, typer.Option(help="ROC curves PNG (default: next to --pred)")] = None,
-             ) -> None:
-    """Weighted log loss (any x2), per-label log loss and ROC AUC, and ROC curves."""
-    from ichdet.ensemble import evaluate as score
+             reliability: Annotated[Path | None, typer.Option(help="reliability PNG (default: next to --pred)")] = None,
+             force: Annotated[bool, _FORCE] = False) -> None:
+    """Weighted log loss, per-label log loss and AUC, calibration, operating points, study level, CIs, plots."""
+    from ichdet.report import evaluate as score
+    from ichdet.report import write_plots
 
-    plot = plot or pred.with_name(pred.stem + "_roc.png")
-    table = score(pred, labels, plot)
-    typer.echo(table.to_string(float_format=lambda v: f"{v:.4f}"))
-    typer.echo(f"ROC curves: {plot}")
+    roc = _output(plot or pred.with_name(pred.stem + "_roc.png"), force, _PNG)
+    rel = _output(reliability or pred.with_name(pred.stem + "_reliability.png"), force, _PNG)
+    result = score(pred, labels, data, sensitivity=sensitivity, n_boot=bootstrap, seed=seed)
+    typer.echo("\n".join(result.lines()))
+    failures = write_plots(result, roc, rel)
+    if failures:
+        raise RunFailed("the scores above are complete; could not write the plot(s): " + "; ".join(failures))
+    typer.echo(f"plots: {roc}, {rel}")
 
 
 @command

@@ -7,7 +7,6 @@ same way, so a typo never silently trains the default.
 from __future__ import annotations
 
 import copy
-import difflib
 import math
 import re
 from pathlib import Path
@@ -17,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ichdet.errors import ConfigError
+from ichdet.names import did_you_mean
 from ichdet.windowing import resolve_windows
 
 
@@ -144,8 +144,7 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
         fields = schema.model_fields
         if key not in fields:
             where = ".".join(keys[:depth]) or "the top level"
-            close = difflib.get_close_matches(key, fields, n=3)
-            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            hint = did_you_mean(key, fields)
             raise ConfigError(f"unknown config key {dotted!r}: {where} has no {key!r}.{hint} "
                               f"Valid keys there: {', '.join(fields)}")
         annotation = fields[key].annotation

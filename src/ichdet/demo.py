@@ -15,15 +15,16 @@ import pandas as pd
 
 from ichdet.cache import PreprocessOptions, preprocess
 from ichdet.config import load_config
-from ichdet.ensemble import ensemble, evaluate
+from ichdet.ensemble import ensemble, read_predictions, write_ensemble
 from ichdet.errors import ConfigError
 from ichdet.io import write_parquet_atomic
-from ichdet.labels import validate_submission, write_submission
 from ichdet.predict import predict_runs
+from ichdet.report import evaluate, write_plots
 from ichdet.synth import SynthSpec, make_dataset
 from ichdet.train import train
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+"""The shipped configs (package data, so an installed ichdet finds them outside a checkout)."""
 #: The demo's two models, like the seed's SE-ResNeXt50 at 224 and at 512: one network at two input sizes
 #: (run name, overrides of configs/demo.yaml).
 DEMO_MODELS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -33,9 +34,8 @@ DEMO_MODELS: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 
 def _oof_predictions(runs: list[Path]) -> pd.DataFrame:
-    """The runs' out-of-fold predictions in the ``ichdet predict`` long form."""
-    return pd.concat([pd.read_parquet(r / "oof.parquet").assign(model=r.name) for r in runs],
-                     ignore_index=True)
+    """The runs' out-of-fold predictions in the ``ichdet predict`` long form (each run one model)."""
+    return read_predictions([r / "oof.parquet" for r in runs])
 
 
 def run_demo(out: str | Path, seed: int = 0, echo: Callable[[str], None] = print, studies: int = 14,
@@ -48,7 +48,7 @@ def run_demo(out: str | Path, seed: int = 0, echo: Callable[[str], None] = print
     out, start = Path(out), time.perf_counter()
     config = CONFIG_DIR / "demo.yaml"
     if not config.exists():
-        raise ConfigError(f"{config} not found; run the demo from a checkout of the ichdet repository")
+        raise ConfigError(f"{config} not found; the ichdet installation lacks its configs, reinstall it")
     data = out / "data"
     echo(f"[1/6] synthetic studies -> {data}")
     make_dataset(data, SynthSpec(n_studies=studies, n_test_studies=2, size=128, seed=seed))
@@ -66,14 +66,16 @@ def run_demo(out: str | Path, seed: int = 0, echo: Callable[[str], None] = print
     test_preds = predict_runs(runs, out / "cache" / "test", tta=True, device="cpu")
     write_parquet_atomic(test_preds, out / "preds" / "test.parquet")
     echo("[5/6] ensemble -> submission")
-    submission = write_submission(ensemble(test_preds), out / "submission.csv")
-    validate_submission(submission, data / "stage_2_sample_submission.csv")
+    submission = out / "submission.csv"
+    write_ensemble(ensemble(test_preds), submission, data / "stage_2_sample_submission.csv")
     echo("[6/6] evaluate the out-of-fold ensemble")
     write_parquet_atomic(_oof_predictions(runs), out / "preds" / "oof.parquet")
-    table = evaluate(out / "preds" / "oof.parquet", data / "stage_2_train.csv", out / "oof_roc.png")
-    echo(table.to_string(float_format=lambda v: f"{v:.4f}"))
+    result = evaluate(out / "preds" / "oof.parquet", data / "stage_2_train.csv", out / "cache" / "train")
+    echo("\n".join(result.lines()))
+    for failure in write_plots(result, out / "oof_roc.png", out / "oof_reliability.png"):
+        echo(f"warning: {failure}")
     artifacts = {"data": data, "cache": out / "cache", "runs": out / "runs", "predictions": out / "preds",
-                 "submission": submission, "roc": out / "oof_roc.png"}
+                 "submission": submission, "roc": out / "oof_roc.png", "reliability": out / "oof_reliability.png"}
     echo(f"done in {time.perf_counter() - start:.0f} s; artifacts:")
     for key, path in artifacts.items():
         echo(f"  {key:<12} {path}")

@@ -273,10 +273,23 @@ def _wide_frame(images: pa.Array, values: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame(values, index=index, columns=pd.Index(LABELS))
 
 
+def _check_any(path: Path, long: _Long, values: np.ndarray) -> None:
+    """Labels: ``any`` is 1 wherever a subtype is 1; otherwise name the ``any`` rows that say 0."""
+    any_col = LABELS.index("any")
+    bad = np.flatnonzero((np.delete(values, any_col, axis=1) == 1).any(axis=1) & (values[:, any_col] == 0))
+    if len(bad):
+        rows = np.flatnonzero(np.isin(long.image_code, bad) & (long.label_code == any_col))
+        raise _bad_rows_error(path, rows, "say any 0 for an image with a subtype 1",
+                              "'any' is 1 whenever one of the five subtypes is 1; correct the any row or the subtype")
+
+
 def _read_wide(path: PathLike, kind: Kind) -> pd.DataFrame:
     """Long CSV at ``path`` -> wide table of uint8 (``binary``) or float64 (``probability``) values."""
     long = _read_long(Path(path), kind)
-    return _wide_frame(long.images, _pivot(Path(path), long))
+    values = _pivot(Path(path), long)
+    if kind == "binary":
+        _check_any(Path(path), long, values)
+    return _wide_frame(long.images, values)
 
 
 def read_labels(path: PathLike) -> pd.DataFrame:
@@ -291,7 +304,8 @@ def read_labels(path: PathLike) -> pd.DataFrame:
     Raises:
         LabelError: missing file; header not ``ID,Label``; a row without exactly two fields, with an ID
             not of the form ``ID_<alphanumeric>_<label>``, or a Label other than 0/1 (file, line number,
-            text); ids with contradictory duplicate rows; images lacking some of the six labels.
+            text); ids with contradictory duplicate rows; images lacking some of the six labels; an ``any``
+            row saying 0 for an image with a subtype 1 (its line number).
     """
     return _read_wide(path, "binary")
 

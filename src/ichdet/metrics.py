@@ -1,10 +1,14 @@
-"""The RSNA 2019 metric (weighted multi-label log loss, ``any`` counted twice) and per-label ROC AUC.
+"""The RSNA 2019 metric (weighted multi-label log loss, ``any`` counted twice), per-label ROC AUC,
+operating points, calibration, study-level scores and bootstrap confidence intervals.
 
 All functions take ``y_true`` and ``y_pred`` as (N, 6) arrays in :data:`~ichdet.labels.LABELS` order
 (or DataFrames with those columns, reordered by name). They are pure: no I/O.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
@@ -13,7 +17,17 @@ from sklearn.metrics import roc_auc_score
 
 from ichdet.labels import LABELS
 
-__all__ = ["LABEL_WEIGHTS", "per_label_auc", "per_label_log_loss", "score_table", "weighted_log_loss"]
+__all__ = [
+    "LABEL_WEIGHTS",
+    "bootstrap_ci",
+    "expected_calibration_error",
+    "operating_points",
+    "per_label_auc",
+    "per_label_log_loss",
+    "score_table",
+    "study_level",
+    "weighted_log_loss",
+]
 
 LABEL_WEIGHTS: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0, 2.0)
 """Kaggle's weight per label, in LABELS order: ``any`` counts twice."""
@@ -116,3 +130,118 @@ def score_table(y_true: ArrayLike, y_pred: ArrayLike, eps: float = EPS) -> pd.Da
         "note": "Kaggle metric: weights " + ", ".join(f"{w:g}" for w in LABEL_WEIGHTS),
     }
     return pd.concat([table, pd.DataFrame(weighted, index=pd.Index(["weighted"]))])
+
+
+def _threshold_at(pos: np.ndarray, sensitivity: float) -> float:
+    """The highest threshold t with mean(pos >= t) >= sensitivity: the k-th highest positive score."""
+    k = max(1, math.ceil(sensitivity * len(pos) - 1e-9))  # -1e-9: 0.95 * 20 must stay 19, not 20
+    return float(np.sort(pos)[::-1][k - 1])
+
+
+def operating_points(y_true: np.ndarray, y_pred: np.ndarray, sensitivity: float = 0.95) -> pd.DataFrame:
+    """Per label, the highest threshold whose sensitivity (``y_pred >= threshold``) reaches ``sensitivity``.
+
+    Returns a DataFrame indexed by LABELS with columns ``threshold``, ``sensitivity`` and ``specificity``
+    (both measured at that threshold), ``n_pos`` and ``n_neg``. A label without positive images has
+    NaN threshold, sensitivity and specificity (nothing to detect); one without negatives, NaN specificity.
+
+    Example: positives scored 0.9, 0.8, 0.3, 0.2 at a target of 0.75 give threshold 0.3 (3 of 4 caught).
+    """
+    if not 0.0 < sensitivity <= 1.0:
+        raise ValueError(f"sensitivity must be in (0, 1], got {sensitivity}")
+    t, p = _check_pair(y_true, y_pred)
+    rows = []
+    for j in range(len(LABELS)):
+        pos, neg = p[t[:, j] == 1, j], p[t[:, j] == 0, j]
+        threshold = _threshold_at(pos, sensitivity) if len(pos) else np.nan
+        rows.append({
+            "threshold": threshold,
+            "sensitivity": float(np.mean(pos >= threshold)) if len(pos) else np.nan,
+            "specificity": float(np.mean(neg < threshold)) if len(neg) and len(pos) else np.nan,
+            "n_pos": len(pos),
+            "n_neg": len(neg),
+        })
+    return pd.DataFrame(rows, index=pd.Index(LABELS))
+
+
+def expected_calibration_error(y_true: npt.ArrayLike, y_pred: npt.ArrayLike, n_bins: int = 15) -> float:
+    """Expected calibration error: ``sum_b |B_b| / N * |mean(y in B_b) - mean(p in B_b)|``.
+
+    Bins split [0, 1] into ``n_bins`` equal widths (the last one includes 1). Every element counts as
+    one binary prediction, so an (N, 6) pair pools the six labels; a 1-D pair is one label.
+
+    Example:
+        >>> expected_calibration_error([0, 1], [0.2, 0.8], n_bins=2)  # both off by 0.2
+        0.2
+    """
+    t = np.asarray(y_true, dtype=np.float64).ravel()
+    p = np.asarray(y_pred, dtype=np.float64).ravel()
+    if t.shape != p.shape or not len(t):
+        raise ValueError(f"y_true and y_pred must be non-empty and of one size; got {t.shape} and {p.shape}")
+    if not (np.isfinite(p).all() and ((p >= 0) & (p <= 1)).all()):
+        raise ValueError("y_pred must hold finite probabilities in [0, 1]")
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    bins = np.minimum((p * n_bins).astype(np.int64), n_bins - 1)
+    gap = np.abs(np.bincount(bins, weights=t, minlength=n_bins) - np.bincount(bins, weights=p, minlength=n_bins))
+    return float(gap.sum() / len(t))  # sum over bins of |sum y - sum p| / N == the weighted mean gap
+
+
+def reliability_table(y_true: npt.ArrayLike, y_pred: npt.ArrayLike, n_bins: int = 15) -> pd.DataFrame:
+    """Per non-empty bin of equal width: ``count``, ``mean_pred`` and ``frac_pos`` (the reliability plot)."""
+    t = np.asarray(y_true, dtype=np.float64).ravel()
+    p = np.asarray(y_pred, dtype=np.float64).ravel()
+    bins = np.minimum((p * n_bins).astype(np.int64), n_bins - 1)
+    count = np.bincount(bins, minlength=n_bins)
+    keep = count > 0
+    return pd.DataFrame({
+        "count": count[keep],
+        "mean_pred": np.bincount(bins, weights=p, minlength=n_bins)[keep] / count[keep],
+        "frac_pos": np.bincount(bins, weights=t, minlength=n_bins)[keep] / count[keep],
+    }, index=pd.Index(np.flatnonzero(keep), name="bin"))
+
+
+def study_level(y_true: np.ndarray, y_pred: np.ndarray, groups: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Per study (``groups``: one study id per row), the max over its slices of truth and of score.
+
+    A study is positive for a label when any of its slices is; its score is its highest slice score.
+    Studies come out in sorted order of their ids.
+    """
+    t, p = _check_pair(y_true, y_pred)
+    g = np.asarray(groups)
+    if g.shape != (len(t),):
+        raise ValueError(f"groups must hold one study id per row ({len(t)}); got shape {g.shape}")
+    _, code = np.unique(g, return_inverse=True)
+    n = int(code.max()) + 1
+    out_t, out_p = np.zeros((n, t.shape[1])), np.zeros((n, p.shape[1]))
+    np.maximum.at(out_t, code, t)  # starting from 0 is safe: values are in [0, 1]
+    np.maximum.at(out_p, code, p)
+    return out_t, out_p
+
+
+def bootstrap_ci(metric: Callable[[np.ndarray, np.ndarray], float], y_true: npt.ArrayLike, y_pred: npt.ArrayLike,
+                 groups: npt.ArrayLike, n: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95% confidence interval of ``metric(y_true, y_pred)`` by resampling whole groups (studies).
+
+    Each of ``n`` resamples draws as many groups as there are, with replacement (seeded), and scores
+    all their rows; the interval is the 2.5th and 97.5th percentile. Resamples where the metric is
+    undefined (raises ValueError or returns NaN, e.g. an AUC with one class) are left out; NaN bounds
+    mean no resample was defined.
+    """
+    t, p, g = np.asarray(y_true), np.asarray(y_pred), np.asarray(groups)
+    if len(g) != len(t) or len(p) != len(t) or not len(t):
+        raise ValueError(f"y_true, y_pred and groups must have one non-zero length; got {len(t)}, {len(p)}, {len(g)}")
+    _, code = np.unique(g, return_inverse=True)
+    members = np.split(np.argsort(code, kind="stable"), np.cumsum(np.bincount(code))[:-1])
+    rng = np.random.default_rng(seed)
+    scores = np.full(n, np.nan)
+    for i in range(n):
+        rows = np.concatenate([members[k] for k in rng.integers(0, len(members), len(members))])
+        try:
+            scores[i] = metric(t[rows], p[rows])
+        except ValueError:
+            continue
+    if np.isnan(scores).all():
+        return float("nan"), float("nan")
+    low, high = np.nanpercentile(scores, [2.5, 97.5])
+    return float(low), float(high)

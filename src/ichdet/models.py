@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import difflib
 import os
 import pickle
 from functools import cache
@@ -22,6 +21,7 @@ from torch import nn
 from ichdet.config import ModelConfig
 from ichdet.errors import ConfigError
 from ichdet.labels import LABELS
+from ichdet.names import did_you_mean
 
 #: The seed's backbones under the names its configs used, mapped to timm's names.
 SEED_BACKBONES: dict[str, str] = {
@@ -45,8 +45,7 @@ def resolve_backbone(name: str) -> str:
         return SEED_BACKBONES[name]
     if timm.is_model(name):  # also pretrained tags such as resnet34.a1_in1k
         return name
-    close = difflib.get_close_matches(name, sorted(_timm_names() | set(SEED_BACKBONES)), n=5)
-    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    hint = did_you_mean(name, sorted(_timm_names() | set(SEED_BACKBONES)), n=5)
     raise ConfigError(f"unknown backbone {name!r} (model.backbone).{hint} "
                       f"Any name from timm.list_models() works; the seed's are {', '.join(SEED_BACKBONES)}")
 

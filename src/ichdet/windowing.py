@@ -13,7 +13,6 @@ Example::
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ import cv2
 import numpy as np
 
 from ichdet.errors import ConfigError
+from ichdet.names import did_you_mean
 
 __all__ = [
     "PRESETS",
@@ -87,8 +87,7 @@ def get_window(name: str) -> Window:
     try:
         return PRESETS[name]
     except KeyError:
-        close = difflib.get_close_matches(name, PRESETS, n=3, cutoff=0.5)
-        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        hint = did_you_mean(name, PRESETS, cutoff=0.5)
         raise ConfigError(
             f"unknown window {name!r}.{hint} Presets: {', '.join(PRESETS)}; "
             "or give 'center/width' in HU, e.g. '40/80'."
