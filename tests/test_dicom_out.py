@@ -63,6 +63,11 @@ def test_two_studies_and_nothing_are_refused(ready_files: list[Path], rsna_sampl
         check_dicom_ready([*ready_files, *make_dicom_ready(other, tmp_path)])
     with pytest.raises(IchdetError, match="no source slice"):
         check_dicom_ready([])
+    with pytest.raises(IchdetError, match=r"gone: cannot read it as DICOM"):
+        check_dicom_ready([*ready_files, tmp_path / "gone"])
+    (tmp_path / "text").write_text("not dicom")
+    with pytest.raises(IchdetError, match=r"text: cannot read it as DICOM"):
+        check_dicom_ready([tmp_path / "text"])
     check_dicom_ready(ready_files)  # ready: no error
 
 

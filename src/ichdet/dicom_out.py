@@ -35,6 +35,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import UID, generate_uid
@@ -71,9 +72,13 @@ def _quiet_reading() -> Iterator[None]:
         yield
 
 
-def _read_headers(source_files: Sequence[Path]) -> list[Dataset]:
-    with _quiet_reading():
-        return [pydicom.dcmread(path, stop_before_pixels=True) for path in source_files]
+def _read_header(path: Path) -> Dataset:
+    try:
+        with _quiet_reading():
+            return pydicom.dcmread(path, stop_before_pixels=True)
+    except (InvalidDicomError, OSError) as err:
+        raise IchdetError(f"{path}: cannot read it as DICOM ({err}); DICOM results refer to the analysed "
+                          "slices, which must still be where predict-study found them") from None
 
 
 def _check_header(ds: Dataset, path: Path) -> None:
@@ -90,21 +95,28 @@ def _check_header(ds: Dataset, path: Path) -> None:
                 "study valid UIDs first")
 
 
+def _ready_headers(source_files: Sequence[Path]) -> list[Dataset]:
+    """The source headers, checked as :func:`check_dicom_ready` describes."""
+    if not source_files:
+        raise IchdetError("DICOM results: no source slice given; they refer to the analysed series")
+    headers = []
+    for path in map(Path, source_files):
+        headers.append(_read_header(path))
+        _check_header(headers[-1], path)
+    studies = {str(ds.StudyInstanceUID) for ds in headers}
+    if len(studies) > 1:
+        raise IchdetError(f"DICOM results: the source slices belong to {len(studies)} studies; write the "
+                          "results of one study at a time")
+    return headers
+
+
 def check_dicom_ready(source_files: Sequence[Path]) -> None:
     """Raise IchdetError naming the file and the fix unless every source slice can be referred to.
 
     DICOM results need, in every source file, a SOP Class UID and valid Study, Series and SOP Instance
     UIDs, all files of one study. Reads headers only.
     """
-    if not source_files:
-        raise IchdetError("DICOM results: no source slice given; they refer to the analysed series")
-    studies: set[str] = set()
-    for path, ds in zip(source_files, _read_headers(source_files), strict=True):
-        _check_header(ds, Path(path))
-        studies.add(str(ds.StudyInstanceUID))
-    if len(studies) > 1:
-        raise IchdetError(f"DICOM results: the source slices belong to {len(studies)} studies; write the "
-                          "results of one study at a time")
+    _ready_headers(source_files)
 
 
 def _ranges_text(ranges: Sequence[Sequence[int]]) -> str:
@@ -210,8 +222,7 @@ def write_dicom_results(study: Mapping[str, Any], source_files: Sequence[Path], 
     """
     if overlay_sources is not None and len(overlay_sources) != len(overlays):
         raise ValueError(f"write_dicom_results: {len(overlays)} overlays but {len(overlay_sources)} sources")
-    check_dicom_ready(source_files)
-    headers = _read_headers(source_files)
+    headers = _ready_headers(source_files)
     ref = headers[0]
     out_dir = Path(out_dir)
     written = []

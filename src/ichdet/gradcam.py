@@ -118,7 +118,7 @@ def cam_overlays(models: Sequence[nn.Module], data_cfg: DataConfig, images: np.n
 
     ``images`` are the models' windowed uint8 inputs (N, C, H, W) (see :func:`model_inputs`); each model's
     map is scaled to ``[0, 1]`` per image by pytorch-grad-cam before the mean, so every member counts
-    the same. The models are left in eval mode, their weights unchanged.
+    the same. The models are moved to ``device`` and left in eval mode, their weights unchanged.
     """
     if images.ndim != 4 or images.dtype != np.uint8:
         raise ValueError(f"cam_overlays: expected uint8 images (N, C, H, W), got {images.dtype} {images.shape}")
@@ -167,15 +167,21 @@ def study_figures(study: dict, hu_by_sop: Mapping[str, np.ndarray], models: Sequ
     members' networks (all folds); their CAMs are averaged.
     """
     ordered = study_slices(study)
-    figures = []
-    for index in top_slices(study, top_k, label):
-        entry = ordered[index]
+    chosen = top_slices(study, top_k, label)
+    inputs = []
+    for index in chosen:
         # the neighbours (2.5D) come from the same series: study_slices keeps each series contiguous
-        same = [j for j, other in enumerate(ordered) if other["series_uid"] == entry["series_uid"]]
+        same = [j for j, other in enumerate(ordered) if other["series_uid"] == ordered[index]["series_uid"]]
         lo = max(same[0], index + min(data_cfg.slice_offsets))
         hi = min(same[-1] + 1, index + max(data_cfg.slice_offsets) + 1)
-        inputs = model_inputs([hu_by_sop[ordered[j]["sop_uid"]] for j in range(lo, hi)], data_cfg)
-        cam = cam_overlays(models, data_cfg, inputs[index - lo:index - lo + 1], label, device)[0]
+        around = model_inputs([hu_by_sop[ordered[j]["sop_uid"]] for j in range(lo, hi)], data_cfg)
+        inputs.append(around[index - lo])
+    if not inputs:
+        return ReportFigures()
+    cams = cam_overlays(models, data_cfg, np.stack(inputs), label, device)
+    figures = []
+    for index, cam in zip(chosen, cams, strict=True):
+        entry = ordered[index]
         hu = hu_by_sop[entry["sop_uid"]]
         figures.append(SliceFigure(sop_uid=entry["sop_uid"], position=index, label=label,
                                    probabilities=dict(entry["probabilities"]),
