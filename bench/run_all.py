@@ -22,6 +22,7 @@ BENCHES: dict[str, list[str]] = {
     "bench_labels_scale.py": ["--baseline"],
     "bench_train_step.py": ["--threads", "1"],
     "bench_inference.py": ["--threads", "1"],
+    "bench_report.py": ["--repeats", "3"],
 }
 
 
