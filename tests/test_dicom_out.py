@@ -114,12 +114,29 @@ def sr_findings(sr: pydicom.Dataset) -> dict[str, tuple[bool, float]]:
     return out
 
 
-def test_institution_only_with_phi_and_reruns_replace(ready_files: list[Path], tmp_path: Path) -> None:
+#: The planted values DICOM requires in the results: the patient module and the study module's type-2 elements.
+REQUIRED_PHI = ["AccessionNumber", "PatientBirthDate", "PatientID", "PatientName", "ReferringPhysicianName"]
+
+
+@pytest.mark.parametrize(("include_phi", "expected"), [
+    (False, REQUIRED_PHI),
+    (True, sorted([*REQUIRED_PHI, "InstitutionName"])),
+])
+def test_identifying_values_in_the_results(ready_files: list[Path], tmp_path: Path, include_phi: bool,
+                                           expected: list[str]) -> None:
+    paths = write_dicom_results(study_result(ready_files, [0.1, 0.9, 0.3]), ready_files, overlays(1), tmp_path,
+                                include_phi=include_phi)
+    for path in paths:  # the raw bytes, nested sequences included
+        raw = path.read_bytes()
+        assert sorted(k for k, v in PHI.items() if v.encode() in raw) == expected, path
+        assert not any(v.split("^")[0] in path.name for v in PHI.values())
+
+
+def test_reruns_replace(ready_files: list[Path], tmp_path: Path) -> None:
     study = study_result(ready_files, [0.1, 0.9, 0.3])
     first = write_dicom_results(study, ready_files, overlays(1), tmp_path / "a", include_phi=True)
     again = write_dicom_results(study, ready_files, overlays(1), tmp_path / "b", include_phi=True)
     assert [p.name for p in first] == [p.name for p in again]  # same result, same objects
-    assert all(read(p).InstitutionName == PHI["InstitutionName"] for p in first)
     changed = write_dicom_results(study_result(ready_files, [0.1, 0.2, 0.3]), ready_files, overlays(1),
                                   tmp_path / "c")
     assert not {p.name for p in changed} & {p.name for p in first}  # another result: new objects

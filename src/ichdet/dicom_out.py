@@ -178,12 +178,28 @@ def _save(ds: Dataset, out_dir: Path) -> Path:
     return path
 
 
-def _equipment(ds: Dataset, source: Dataset, include_phi: bool) -> None:
-    """Institution values only with ``include_phi`` (the patient and study modules are always copied)."""
-    for keyword in ("InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName"):
+_INSTITUTION = ("InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName")
+
+
+def _drop_institution(ds: Dataset) -> None:
+    """Delete the institution attributes everywhere in ``ds``, nested sequences included (highdicom
+    copies the source's equipment, institution and all, into the Contributing Equipment Sequence)."""
+    for keyword in _INSTITUTION:
         if keyword in ds:
             del ds[keyword]
-        if include_phi and keyword in source:
+    for element in ds:
+        if element.VR == "SQ":
+            for item in element.value:
+                _drop_institution(item)
+
+
+def _equipment(ds: Dataset, source: Dataset, include_phi: bool) -> None:
+    """The source's institution only with ``include_phi`` (the patient and study modules are always copied)."""
+    if not include_phi:
+        _drop_institution(ds)
+        return
+    for keyword in _INSTITUTION:
+        if keyword in source:
             setattr(ds, keyword, source.get(keyword))
 
 
