@@ -130,14 +130,16 @@ def cam_overlays(models: Sequence[nn.Module], data_cfg: DataConfig, images: np.n
         raise ConfigError("cam_overlays: no models given")
     target = [ClassifierOutputTarget(_label_index(label))]
     total = np.zeros((images.shape[0], images.shape[2], images.shape[3]), np.float64)
-    for model in models:
-        net = unwrap(model).to(device)
-        layer = cam_target_layer(net, images.shape[1], images.shape[2])
-        with GradCAM(model=_Normalised(net, images.shape[1]).to(device), target_layers=[layer]) as cam:
-            for start in range(0, len(images), batch_size):
-                batch = torch.from_numpy(images[start:start + batch_size]).to(device).float()
-                total[start:start + len(batch)] += cam(input_tensor=batch, targets=target * len(batch))
-        net.zero_grad(set_to_none=True)  # Grad-CAM's backward pass leaves gradients behind
+    # Grad-CAM needs gradients even where the caller predicts under no_grad or inference_mode
+    with torch.inference_mode(False), torch.enable_grad():
+        for model in models:
+            net = unwrap(model).to(device)
+            layer = cam_target_layer(net, images.shape[1], images.shape[2])
+            with GradCAM(model=_Normalised(net, images.shape[1]).to(device), target_layers=[layer]) as cam:
+                for start in range(0, len(images), batch_size):
+                    batch = torch.from_numpy(images[start:start + batch_size]).to(device).float()
+                    total[start:start + len(batch)] += cam(input_tensor=batch, targets=target * len(batch))
+            net.zero_grad(set_to_none=True)  # Grad-CAM's backward pass leaves gradients behind
     return np.clip(total / len(models), 0.0, 1.0).astype(np.float32)
 
 
