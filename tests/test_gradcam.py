@@ -72,9 +72,10 @@ def test_cam_of_blob_net_is_known(label: str, sign: float, value: int) -> None:
     assert (inside.min() == pytest.approx(1.0, abs=1e-5)) == (sign > 0)
 
 
-@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
-def test_cam_inside_a_no_grad_caller(context: type) -> None:
-    images, model = blob_image(), BlobNet([1.0] * 6)
+@pytest.mark.parametrize(("context", "frozen"), [(torch.no_grad, False), (torch.inference_mode, False),
+                                               (torch.no_grad, True)])
+def test_cam_inside_a_no_grad_caller(context: type, frozen: bool) -> None:
+    images, model = blob_image(), BlobNet([1.0] * 6).requires_grad_(not frozen)
     with context():
         cam = cam_overlays([model], CFG, images)
     np.testing.assert_allclose(cam, expected_cam(images.astype(np.float64), 1.0), atol=1e-5)

@@ -26,7 +26,6 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from ichdet.config import DataConfig
-from ichdet.engine import Normalizer
 from ichdet.errors import ConfigError
 from ichdet.labels import LABELS
 from ichdet.models import input_stats, unwrap
@@ -94,16 +93,22 @@ def cam_target_layer(model: nn.Module, in_chans: int, size: int = 64) -> nn.Modu
 
 
 class _Normalised(nn.Module):
-    """uint8-scale float input -> the backbone's normalisation -> the network (one module for Grad-CAM)."""
+    """uint8-scale float input -> the backbone's normalisation -> the network (one module for Grad-CAM).
+
+    The arithmetic of :class:`ichdet.engine.Normalizer`, out of place: the input here needs a gradient.
+    """
 
     def __init__(self, model: nn.Module, in_chans: int) -> None:
         super().__init__()
         mean, std = input_stats(model, in_chans)
-        self.normalize = Normalizer(mean, std, channels_last=False)
+        self.scale: torch.Tensor
+        self.shift: torch.Tensor
+        self.register_buffer("scale", (1.0 / (255.0 * std)).view(1, -1, 1, 1))
+        self.register_buffer("shift", (mean / std).view(1, -1, 1, 1))
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(self.normalize(x))
+        return self.model(x * self.scale - self.shift)
 
 
 def _label_index(label: str) -> int:
@@ -137,7 +142,8 @@ def cam_overlays(models: Sequence[nn.Module], data_cfg: DataConfig, images: np.n
             layer = cam_target_layer(net, images.shape[1], images.shape[2])
             with GradCAM(model=_Normalised(net, images.shape[1]).to(device), target_layers=[layer]) as cam:
                 for start in range(0, len(images), batch_size):
-                    batch = torch.from_numpy(images[start:start + batch_size]).to(device).float()
+                    # an input that needs a gradient: the maps exist even for frozen (requires_grad=False) weights
+                    batch = torch.from_numpy(images[start:start + batch_size]).to(device).float().requires_grad_()
                     total[start:start + len(batch)] += cam(input_tensor=batch, targets=target * len(batch))
             net.zero_grad(set_to_none=True)  # Grad-CAM's backward pass leaves gradients behind
     return np.clip(total / len(models), 0.0, 1.0).astype(np.float32)
