@@ -12,7 +12,14 @@ import pydicom
 import pytest
 from dicom_ready import PHI, dciodvfy_errors, make_dicom_ready, study_files, study_result
 
-from ichdet.dicom_out import SC_SERIES_NUMBER, SR_SERIES_NUMBER, check_dicom_ready, label_code, write_dicom_results
+from ichdet.dicom_out import (
+    SC_SERIES_NUMBER,
+    SR_SERIES_NUMBER,
+    check_dicom_ready,
+    label_code,
+    patient_orientation,
+    write_dicom_results,
+)
 from ichdet.errors import IchdetError
 from ichdet.labels import LABELS
 
@@ -97,6 +104,7 @@ def test_results_are_valid_dicom_in_the_source_study(ready_files: list[Path], tm
         assert "NOT FOR DIAGNOSTIC USE" in ds.ImageComments
         np.testing.assert_array_equal(ds.pixel_array, rgb)
         assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == study["series"][0]["slices"][1]["sop_uid"]
+        assert list(ds.PatientOrientation) == ["L", "P"]
     assert sr_path.Modality == "SR" and sr_path.CompletionFlag == "COMPLETE"
     assert sr_findings(sr_path) == {label: (max(probs) >= 0.5, pytest.approx(max(probs))) for label in LABELS}
 
@@ -147,3 +155,17 @@ def test_overlay_sources_must_match(ready_files: list[Path], tmp_path: Path) -> 
         write_dicom_results(study_result(ready_files, [0.1, 0.2, 0.3]), ready_files, overlays(2), tmp_path,
                             overlay_sources=["1.2.3"])
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("cosines", "expected"), [
+    ([1, 0, 0, 0, 1, 0], ("L", "P")),                       # plain axial
+    ([1, 0, 0, 0, 0.968148, -0.25038], ("L", "P")),         # a tilted gantry (an RSNA slice's values)
+    ([-1, 0, 0, 0, -1, 0], ("R", "A")),
+    ([0, 1, 0, 0, 0, -1], ("P", "F")),                      # sagittal
+    (None, ("L", "P")),                                     # no orientation: axial assumed
+])
+def test_patient_orientation(cosines: list[float] | None, expected: tuple[str, str]) -> None:
+    ds = pydicom.Dataset()
+    if cosines is not None:
+        ds.ImageOrientationPatient = cosines
+    assert patient_orientation(ds) == expected

@@ -161,4 +161,5 @@ def test_study_figures_top_slices() -> None:
     assert [f.sop_uid for f in figs.slices] == ["1.2.3.4.1", "1.2.3.4.2"]
     assert list(figs.slices[0].overlays) == list(REPORT_WINDOWS)
     assert len(figs.overlays()) == 2 * len(REPORT_WINDOWS)
+    assert figs.overlay_sources() == ["1.2.3.4.1"] * len(REPORT_WINDOWS) + ["1.2.3.4.2"] * len(REPORT_WINDOWS)
     assert all(img.shape == (24, 24, 3) for img in figs.overlays())

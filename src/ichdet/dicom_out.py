@@ -46,8 +46,8 @@ from ichdet.io import atomic_path
 from ichdet.labels import LABELS
 from ichdet.report_html import NOT_FOR_DIAGNOSIS
 
-__all__ = ["SC_SERIES_NUMBER", "SR_SERIES_NUMBER", "check_dicom_ready", "label_code", "sr_content",
-           "write_dicom_results"]
+__all__ = ["SC_SERIES_NUMBER", "SR_SERIES_NUMBER", "check_dicom_ready", "label_code", "patient_orientation",
+           "sr_content", "write_dicom_results"]
 
 SR_SERIES_NUMBER = 9901
 SC_SERIES_NUMBER = 9902
@@ -203,6 +203,19 @@ def _equipment(ds: Dataset, source: Dataset, include_phi: bool) -> None:
             setattr(ds, keyword, source.get(keyword))
 
 
+def patient_orientation(ref: Dataset) -> tuple[str, str]:
+    """Patient Orientation (0020,0020) of the slice's pixel grid from its Image Orientation (Patient): the
+    dominant patient direction of the rows and of the columns (an overlay keeps the slice's grid);
+    ``("L", "P")``, a plain axial slice, where the source has none."""
+    cosines = [float(v) for v in ref.get("ImageOrientationPatient") or [1, 0, 0, 0, 1, 0]]
+
+    def letter(vector: list[float]) -> str:
+        axis = int(np.argmax(np.abs(vector)))
+        return ("RL", "AP", "FH")[axis][int(vector[axis] > 0)]
+
+    return letter(cosines[:3]), letter(cosines[3:])
+
+
 def _secondary_capture(ref: Dataset, rgb: np.ndarray, study: Mapping[str, Any], index: int,
                        source_uid: str | None) -> hd.sc.SCImage:
     series_uid = _uid(study, "sc-series")
@@ -210,7 +223,7 @@ def _secondary_capture(ref: Dataset, rgb: np.ndarray, study: Mapping[str, Any], 
         ref_dataset=ref, pixel_array=np.ascontiguousarray(rgb, np.uint8), photometric_interpretation="RGB",
         bits_allocated=8, coordinate_system="PATIENT", series_instance_uid=series_uid,
         series_number=SC_SERIES_NUMBER, sop_instance_uid=_uid(study, "sc", index), instance_number=index + 1,
-        manufacturer=MANUFACTURER, patient_orientation=("L", "P"),
+        manufacturer=MANUFACTURER, patient_orientation=patient_orientation(ref),
         series_description="ichdet Grad-CAM overlays - NOT FOR DIAGNOSTIC USE")
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.ImageComments = NOT_FOR_DIAGNOSIS

@@ -70,6 +70,10 @@ class ReportFigures:
         """Every overlay image, slice by slice, window by window (the secondary-capture series' frames)."""
         return [img for fig in self.slices for img in fig.overlays.values()]
 
+    def overlay_sources(self) -> list[str]:
+        """The SOP Instance UID of the slice each of :meth:`overlays` shows (their Source Image Sequence)."""
+        return [fig.sop_uid for fig in self.slices for _ in fig.overlays]
+
 
 def study_slices(study: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The study's analysed slices in order, series after series, each with its ``series_uid`` added."""
