@@ -23,6 +23,7 @@ BENCHES: dict[str, list[str]] = {
     "bench_train_step.py": ["--threads", "1"],
     "bench_inference.py": ["--threads", "1"],
     "bench_bombs.py": [],
+    "bench_report.py": ["--repeats", "3"],
 }
 
 

@@ -1,0 +1,253 @@
+"""The HTML study report: one self-contained page per study (CSS and images inline, no external asset).
+
+The page shows a "not for diagnostic use" banner, the study summary with the decision per label, an
+inline SVG chart of the six probabilities along the ordered slices, the top slices in three windows
+with their Grad-CAM overlays (PNG ``data:`` URIs), the skipped series with their reasons and the model
+manifest. Pure string building: the figures come in as arrays (:class:`ReportFigures`, made by
+:func:`ichdet.gradcam.study_figures`), nothing here touches torch or DICOM.
+
+The study result it reads (``predict_study(...).result``; every key read in one place below)::
+
+    {"study_uid": "1.2...", "series": [{"series_uid": "1.2...", "slices": [
+         {"sop_uid": "1.2...", "probabilities": {"epidural": 0.01, ..., "any": 0.3}}, ...]}, ...],
+     "summary": {"probabilities": {label: p}, "ranges": {label: [[first, last], ...]},
+                 "decision": {label: true/false}},
+     "skipped": [{"series_uid": "...", "reason": "..."}], "timings": {...}}
+
+Patient data: the page shows only what the result holds; a result made without ``include_phi`` holds
+no name, ID, birth date, accession number or institution, and neither does this page. A ``patient``
+mapping in the result (``include_phi``) is shown as is.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from ichdet.io import write_text_atomic
+from ichdet.labels import LABELS
+
+__all__ = ["NOT_FOR_DIAGNOSIS", "REPORT_WINDOWS", "ReportFigures", "SliceFigure", "png_data_uri",
+           "probability_chart", "render_report", "study_slices", "top_slices", "write_report"]
+
+#: The windows each top slice is shown in (presets of :mod:`ichdet.windowing`).
+REPORT_WINDOWS: tuple[str, ...] = ("brain", "subdural", "bone")
+
+#: The notice on every page, SR and secondary capture.
+NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSTIC USE: research software output, not reviewed by a physician"
+
+#: One colour per label, in LABELS order (colour-blind-safe Okabe-Ito palette; "any" in black).
+COLOURS: tuple[str, ...] = ("#E69F00", "#56B4E9", "#009E73", "#CC79A7", "#D55E00", "#000000")
+
+
+@dataclass(frozen=True)
+class SliceFigure:
+    """One top slice: where it is (``position`` in :func:`study_slices` order), its probabilities, and
+    its overlay images, RGB uint8 (H, W, 3), keyed by window name."""
+
+    sop_uid: str
+    position: int
+    label: str
+    probabilities: dict[str, float]
+    overlays: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class ReportFigures:
+    """The images of one study's report: its top slices, highest probability first."""
+
+    slices: list[SliceFigure] = field(default_factory=list)
+
+    def overlays(self) -> list[np.ndarray]:
+        """Every overlay image, slice by slice, window by window (the secondary-capture series' frames)."""
+        return [img for fig in self.slices for img in fig.overlays.values()]
+
+    def overlay_sources(self) -> list[str]:
+        """The SOP Instance UID of the slice each of :meth:`overlays` shows (their Source Image Sequence)."""
+        return [fig.sop_uid for fig in self.slices for _ in fig.overlays]
+
+
+def study_slices(study: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The study's analysed slices in order, series after series, each with its ``series_uid`` added."""
+    out = []
+    for series in study.get("series", []):
+        for entry in series["slices"]:
+            out.append({**entry, "series_uid": series.get("series_uid", "")})
+    return out
+
+
+def top_slices(study: Mapping[str, Any], k: int, label: str = "any") -> list[int]:
+    """Positions (in :func:`study_slices` order) of the ``k`` slices most likely to show ``label``.
+
+    Ties keep the slice order (stable sort), so the choice is reproducible.
+    """
+    scores = np.array([entry["probabilities"][label] for entry in study_slices(study)], np.float64)
+    return [int(i) for i in np.argsort(-scores, kind="stable")[:k]]
+
+
+def png_data_uri(rgb: np.ndarray) -> str:
+    """An RGB (or grey) uint8 image as a ``data:image/png;base64,...`` URI."""
+    img = rgb if rgb.ndim == 2 else cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(".png", img)
+    if not ok:
+        raise ValueError(f"png_data_uri: OpenCV could not encode an image of shape {rgb.shape}")
+    return "data:image/png;base64," + base64.b64encode(buf.tobytes()).decode("ascii")
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def probability_chart(slices: Sequence[Mapping[str, Any]], marked: Sequence[int] = (),
+                      width: int = 860, height: int = 260) -> str:
+    """An inline SVG line chart of the six probabilities (y, 0-1) along the slices (x, in order).
+
+    ``marked`` positions (the top slices) get a dashed vertical line. Pure string; no script.
+    """
+    left, right, top, bottom = 44, 150, 12, 34
+    plot_w, plot_h = width - left - right, height - top - bottom
+    n = max(len(slices) - 1, 1)
+
+    def x(i: float) -> float:
+        return left + plot_w * i / n
+
+    def y(p: float) -> float:
+        return top + plot_h * (1.0 - min(max(p, 0.0), 1.0))
+
+    parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" '
+             'aria-label="probability of each label along the slices" xmlns="http://www.w3.org/2000/svg">',
+             f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fafafa" stroke="#999"/>']
+    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+        parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y(tick):.1f}" y2="{y(tick):.1f}" '
+                     'stroke="#ddd"/>'
+                     f'<text x="{left - 6}" y="{y(tick) + 4:.1f}" text-anchor="end">{tick:g}</text>')
+    for i in marked:
+        parts.append(f'<line class="marked" x1="{x(i):.1f}" x2="{x(i):.1f}" y1="{top}" y2="{top + plot_h}" '
+                     'stroke="#888" stroke-dasharray="4 3"/>')
+    for j, label in enumerate(LABELS):
+        points = " ".join(f"{x(i):.1f},{y(float(s['probabilities'][label])):.1f}" for i, s in enumerate(slices))
+        widthpx = 2.5 if label == "any" else 1.6
+        parts.append(f'<polyline class="series" data-label="{label}" fill="none" stroke="{COLOURS[j]}" '
+                     f'stroke-width="{widthpx}" points="{points}"/>')
+        ly = top + 16 + 18 * j
+        parts.append(f'<line x1="{left + plot_w + 12}" x2="{left + plot_w + 32}" y1="{ly - 4}" y2="{ly - 4}" '
+                     f'stroke="{COLOURS[j]}" stroke-width="3"/>'
+                     f'<text x="{left + plot_w + 38}" y="{ly}">{label}</text>')
+    parts.append(f'<text x="{left + plot_w / 2:.0f}" y="{height - 6}" text-anchor="middle">'
+                 f'slice (in order along the slice normal, {len(slices)} slices)</text></svg>')
+    return "".join(parts)
+
+
+_CSS = """
+body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;background:#eef0f3;color:#1b1f24}
+main{max-width:1180px;margin:0 auto;padding:16px 20px 40px;background:#fff;min-height:100vh}
+.notice{background:#b00020;color:#fff;font-weight:700;padding:10px 14px;border-radius:4px;letter-spacing:.02em}
+h1{font-size:1.45em;margin:.6em 0 .2em}h2{font-size:1.15em;margin:1.4em 0 .5em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;width:100%;font-variant-numeric:tabular-nums}
+th,td{text-align:left;padding:4px 8px;border-bottom:1px solid #eee;vertical-align:top}
+.pos{color:#b00020;font-weight:700}.neg{color:#2e7d32}
+.chart{width:100%;height:auto;font-size:12px;font-family:inherit}
+.slice{display:grid;grid-template-columns:repeat(3,1fr);gap:8px;margin-bottom:14px}
+figure{margin:0}figure img{width:100%;height:auto;image-rendering:auto;border-radius:3px;display:block}
+figcaption{font-size:.85em;color:#555}.muted{color:#666;font-size:.9em}
+pre{background:#f6f8fa;padding:8px;overflow:auto;font-size:12px;max-height:320px}
+"""
+
+
+def _summary(study: Mapping[str, Any]) -> str:
+    summary = study.get("summary", {})
+    probs, ranges, decision = (summary.get(key, {}) for key in ("probabilities", "ranges", "decision"))
+    rows = []
+    for label in LABELS:
+        called = bool(decision.get(label, False))
+        spans = ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in ranges.get(label, [])) or "-"
+        rows.append(f'<tr><td>{label}</td><td>{float(probs.get(label, float("nan"))):.3f}</td>'
+                    f'<td class="{"pos" if called else "neg"}">{"positive" if called else "negative"}</td>'
+                    f"<td>{_esc(spans)}</td></tr>")
+    any_called = bool(decision.get("any", False))
+    headline = ("Intracranial hemorrhage flagged" if any_called else "No intracranial hemorrhage flagged")
+    return (f'<p class="{"pos" if any_called else "neg"}" id="decision">{headline} '
+            f'(probability of any hemorrhage {float(probs.get("any", float("nan"))):.3f})</p>'
+            "<table><tr><th>label</th><th>probability</th><th>decision at the operating point</th>"
+            f"<th>slices where called</th></tr>{''.join(rows)}</table>")
+
+
+def _figures(figures: ReportFigures) -> str:
+    if not figures.slices:
+        return '<p class="muted">No overlay images (no 2D model to explain, or no slice analysed).</p>'
+    blocks = []
+    for fig in figures.slices:
+        probs = ", ".join(f"{k} {float(v):.2f}" for k, v in fig.probabilities.items())
+        cells = "".join(f'<figure><img class="overlay" alt="slice {fig.position} {name} window, Grad-CAM of '
+                        f'{_esc(fig.label)}" src="{png_data_uri(img)}"><figcaption>{_esc(name)} window'
+                        "</figcaption></figure>" for name, img in fig.overlays.items())
+        blocks.append(f"<h3>Slice {fig.position} <span class=\"muted\">{_esc(fig.sop_uid)} &middot; "
+                      f"{_esc(probs)}</span></h3><div class=\"slice\">{cells}</div>")
+    return "".join(blocks)
+
+
+def _skipped(study: Mapping[str, Any]) -> str:
+    skipped = study.get("skipped", [])
+    if not skipped:
+        return '<p class="muted">None: every series found was analysed.</p>'
+    rows = "".join(f"<tr><td>{_esc(s.get('series_uid', ''))}</td><td>{_esc(s.get('reason', ''))}</td></tr>"
+                   for s in skipped)
+    return f"<table><tr><th>series</th><th>reason</th></tr>{rows}</table>"
+
+
+def render_report(study: Mapping[str, Any], figures: ReportFigures, manifest: Mapping[str, Any]) -> str:
+    """One study's report as a complete HTML document (UTF-8 string, no external reference)."""
+    slices = study_slices(study)
+    patient = study.get("patient")
+    patient_html = (f"<h2>Patient</h2><pre>{_esc(json.dumps(patient, indent=2, default=str))}</pre>"
+                    if patient else "")
+    timings = study.get("timings")
+    timing_html = f"<p class=\"muted\">Timings (s): {_esc(json.dumps(timings, default=str))}</p>" if timings else ""
+    return (
+        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        f"<title>ichdet study report</title><style>{_CSS}</style></head><body><main>"
+        f'<div class="notice" role="alert">{_esc(NOT_FOR_DIAGNOSIS)}</div>'
+        f"<h1>Head CT: intracranial hemorrhage study report</h1>"
+        f'<p class="muted">Study {_esc(study.get("study_uid", ""))} &middot; {len(slices)} slices analysed '
+        f"in {len(study.get('series', []))} series</p>{patient_html}"
+        f"<h2>Summary</h2>{_summary(study)}"
+        f"<h2>Probabilities along the slices</h2>"
+        f"{probability_chart(slices, [f.position for f in figures.slices])}"
+        f"<h2>Top slices with Grad-CAM</h2>{_figures(figures)}"
+        f"<h2>Skipped series</h2>{_skipped(study)}"
+        f"<h2>Model</h2><pre>{_esc(json.dumps(manifest, indent=2, sort_keys=True, default=str))}</pre>"
+        f"{timing_html}</main></body></html>\n"
+    )
+
+
+def _index(pages: Sequence[Path]) -> str:
+    items = "".join(f'<li><a href="{_esc(p.name)}">Study {k}</a></li>' for k, p in enumerate(pages, start=1))
+    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>ichdet study reports"
+            f"</title><style>{_CSS}</style></head><body><main><div class=\"notice\">{_esc(NOT_FOR_DIAGNOSIS)}"
+            f"</div><h1>Study reports</h1><ul>{items}</ul></main></body></html>\n")
+
+
+def write_report(studies: list[tuple[dict, ReportFigures]], manifest: Mapping[str, Any], out: Path) -> Path:
+    """Write the report(s) atomically and return ``out``.
+
+    One study: ``out`` is its page. Several: each study's page is ``<stem>-<k>.html`` next to ``out``
+    (numbered, so no identifier reaches a file name) and ``out`` is an index linking them, written last.
+    """
+    out = Path(out)
+    if not studies:
+        raise ValueError("write_report: no study to report")
+    if len(studies) == 1:
+        return write_text_atomic(out, render_report(studies[0][0], studies[0][1], manifest))
+    pages = [out.with_name(f"{out.stem}-{k}.html") for k in range(1, len(studies) + 1)]
+    for page, (study, figures) in zip(pages, studies, strict=True):
+        write_text_atomic(page, render_report(study, figures, manifest))
+    return write_text_atomic(out, _index(pages))

@@ -1,0 +1,168 @@
+"""The HTML study report: content from real RSNA slices, rendered in headless Chromium (every image decoded
+and non-blank, the chart laid out, no horizontal scroll on a laptop screen), and no patient data leaks."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from dicom_ready import PHI, make_dicom_ready, study_files, study_result
+
+from ichdet.config import DataConfig, ModelConfig
+from ichdet.dicom import read_hu
+from ichdet.gradcam import study_figures
+from ichdet.labels import LABELS
+from ichdet.models import build_model
+from ichdet.report_html import (
+    NOT_FOR_DIAGNOSIS,
+    REPORT_WINDOWS,
+    ReportFigures,
+    probability_chart,
+    render_report,
+    top_slices,
+    write_report,
+)
+
+N_SLICES, TOP_K = 6, 2
+PROBS = [0.05, 0.2, 0.85, 0.6, 0.1, 0.02]
+MANIFEST = {"ichdet_version": "0.1.0", "bundle_sha256": "ab" * 32, "members": [{"name": "r18", "folds": [0]}]}
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium (Debian package chromium) not installed")
+
+
+@pytest.fixture(scope="module")
+def case(rsna_sample: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, ReportFigures]:
+    """A study result and its figures from real slices carrying planted identifying values."""
+    files = make_dicom_ready(study_files(rsna_sample / "stage_2_train_images", N_SLICES),
+                             tmp_path_factory.mktemp("src"))
+    study = study_result(files, PROBS)
+    hu_by_sop = {s["sop_uid"]: read_hu(f) for s, f in zip(study["series"][0]["slices"], files, strict=True)}
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="resnet18", pretrained=False), in_chans=3)
+    with torch.no_grad():
+        model.fc.weight[LABELS.index("any")] = 1.0  # a CAM with something in it (see test_gradcam)
+    figures = study_figures(study, hu_by_sop, [model], DataConfig(image_size=64), top_k=TOP_K)
+    return study, figures
+
+
+def data_uri_images(page: str) -> list[np.ndarray]:
+    """Every inline PNG of the page, decoded."""
+    uris = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    return [cv2.imdecode(np.frombuffer(base64.b64decode(u), np.uint8), cv2.IMREAD_COLOR) for u in uris]
+
+
+def test_page_content(case: tuple[dict, ReportFigures]) -> None:
+    study, figures = case
+    page = render_report(study, figures, MANIFEST)
+    assert page.startswith("<!DOCTYPE html>") and NOT_FOR_DIAGNOSIS in page
+    assert not re.search(r'(?:src|href)="(?:https?:)?//', page)  # no external asset
+    images = data_uri_images(page)
+    assert len(images) == TOP_K * len(REPORT_WINDOWS)
+    for img in images:
+        assert img.shape == (512, 512, 3) and img.std() > 10  # a CT slice under a heat map, not a blank
+    assert [f.position for f in figures.slices] == top_slices(study, TOP_K) == [2, 3]
+    polylines = re.findall(r'<polyline class="series" data-label="(\w+)"[^>]*points="([^"]+)"', page)
+    assert [label for label, _ in polylines] == list(LABELS)
+    assert all(len(points.split()) == N_SLICES for _, points in polylines)
+    assert 'id="decision">Intracranial hemorrhage flagged' in page
+    assert "scout/localizer (ImageType LOCALIZER)" in page and "1.2.3.999" in page  # skipped series
+    assert "ab" * 32 in page  # the manifest
+
+
+@pytest.mark.parametrize(("probs", "expected"), [
+    ([0.0, 1.0], ["44.0,226.0", "710.0,12.0"]),  # plot 44..710 x 12..226 px: 0 at the bottom left, 1 top right
+    ([0.5], ["44.0,119.0"]),  # one slice: at the left edge, half way up
+])
+def test_chart_coordinates(probs: list[float], expected: list[str]) -> None:
+    slices = [{"probabilities": {label: p for label in LABELS}} for p in probs]
+    svg = probability_chart(slices)
+    points = re.findall(r'data-label="any"[^>]*points="([^"]+)"', svg)
+    assert points == [" ".join(expected)]
+
+
+def chromium(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    assert CHROMIUM is not None
+    base = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars"]
+    return subprocess.run(base + args, capture_output=True, text=True, timeout=180, check=False)
+
+
+# Run in the page by the test only (the report itself has no script): each image drawn on a canvas and
+# its pixel range measured, the chart's laid-out size, the page width; written into the DOM for --dump-dom.
+PROBE = """<script>window.addEventListener("load", () => {
+  const imgs = [...document.querySelectorAll("img")].map(img => {
+    const c = document.createElement("canvas"); c.width = img.naturalWidth; c.height = img.naturalHeight;
+    const g = c.getContext("2d"); g.drawImage(img, 0, 0);
+    const d = g.getImageData(0, 0, c.width, c.height).data; let lo = 255, hi = 0;
+    for (let i = 0; i < d.length; i += 4) {
+      lo = Math.min(lo, d[i], d[i+1], d[i+2]); hi = Math.max(hi, d[i], d[i+1], d[i+2]); }
+    const r = img.getBoundingClientRect();
+    return {w: img.naturalWidth, shown: r.width, lo, hi}; });
+  const chart = document.querySelector("svg.chart").getBoundingClientRect();
+  const out = {imgs, chart: [chart.width, chart.height], scroll: document.documentElement.scrollWidth,
+               notice: document.querySelector(".notice").getBoundingClientRect().top};
+  const pre = document.createElement("pre"); pre.id = "probe"; pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre); });</script>"""
+
+
+@needs_chromium
+def test_chromium_renders_every_image_and_the_chart(case: tuple[dict, ReportFigures], tmp_path: Path) -> None:
+    study, figures = case
+    page = write_report([(study, figures)], MANIFEST, tmp_path / "report.html")
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.read_text().replace("</body>", PROBE + "</body>"))
+    dom = chromium(["--window-size=1366,900", "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()], tmp_path)
+    found = re.search(r'<pre id="probe">(.*?)</pre>', dom.stdout)
+    assert found, dom.stderr[-2000:]
+    result = json.loads(found.group(1).replace("&quot;", '"'))
+    assert len(result["imgs"]) == TOP_K * len(REPORT_WINDOWS)
+    for img in result["imgs"]:
+        assert img["w"] == 512 and img["shown"] > 200 and img["hi"] - img["lo"] > 100  # decoded, visible, not blank
+    assert result["chart"][0] > 800 and result["chart"][1] > 200
+    assert result["scroll"] <= 1366  # no horizontal scrolling on a laptop screen
+    assert result["notice"] < 100  # the notice is at the top
+
+    shot = tmp_path / "shot.png"
+    run = chromium([f"--screenshot={shot}", "--window-size=1366,900", "--virtual-time-budget=10000", page.as_uri()],
+                   tmp_path)
+    assert shot.is_file(), run.stderr[-2000:]
+    pixels = cv2.imread(str(shot), cv2.IMREAD_COLOR)
+    assert pixels.shape[:2] == (900, 1366) and pixels.std() > 20
+    banner = pixels[:80].reshape(-1, 3).astype(int)  # BGR: the red "not for diagnostic use" notice
+    assert ((banner[:, 2] > 150) & (banner[:, 1] < 60) & (banner[:, 0] < 80)).sum() > 5000
+
+
+def test_no_patient_data_in_any_output(case: tuple[dict, ReportFigures], tmp_path: Path,
+                                       caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> None:
+    study, figures = case
+    with caplog.at_level(logging.DEBUG):
+        write_report([(study, figures), (study, figures)], MANIFEST, tmp_path / "report.html")
+    texts = [p.read_text() for p in tmp_path.iterdir()] + [p.name for p in tmp_path.iterdir()]
+    texts += [caplog.text, *capsys.readouterr()]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report-1.html", "report-2.html", "report.html"]
+    for value in PHI.values():
+        for variant in {value, value.replace("^", " "), value.split("^")[0]}:
+            assert not any(variant.lower() in text.lower() for text in texts), variant
+    shown = render_report({**study, "patient": {"PatientName": PHI["PatientName"]}}, figures, MANIFEST)
+    assert PHI["PatientName"] in shown  # with include_phi the result carries it and the page shows it
+
+
+def test_write_report_refuses_nothing_and_replaces_atomically(case: tuple[dict, ReportFigures], tmp_path: Path) -> None:
+    study = case[0]
+    out = tmp_path / "report.html"
+    with pytest.raises(ValueError, match="no study"):
+        write_report([], MANIFEST, out)
+    assert not out.exists()
+    out.write_text("old")
+    assert write_report([(study, ReportFigures())], MANIFEST, out) == out
+    assert "No overlay images" in out.read_text() and [p.name for p in tmp_path.iterdir()] == ["report.html"]
