@@ -180,7 +180,7 @@ class Node:
 
     def status(self) -> dict[str, Any]:
         """Health and queue status: the spool's counts plus what only the running node knows."""
-        status = spool_status(self.spool)
+        status = spool_status(self.spool, self.cfg.quiet_seconds)
         status.update(running=True, uptime_seconds=round(time.time() - self.started, 1),
                       queued=self.queue.qsize(), analysing=study_key(self.analysing) if self.analysing else None,
                       last_send_error=self.last_send_error)
