@@ -26,33 +26,35 @@ class AnalysisResult:
 Analyser = Callable[[Path, Path], AnalysisResult]
 
 
-def _top_slice_images(study_dir: Path, study: dict[str, Any], k: int = 3) -> list[np.ndarray]:
-    """Brain-window RGB images of the ``k`` slices most likely to bleed ("any"), for the SC series.
+def _overlays(prediction: Any, study: dict[str, Any], ensemble: Any, device: str,
+              top_k: int) -> tuple[list[np.ndarray], list[str]]:
+    """Grad-CAM overlays (brain window) of the study's ``top_k`` slices, and the SOP UIDs they show.
 
-    These are plain windowed slices: Grad-CAM overlays (ichdet.gradcam) replace them where the
-    integrator wires them in; the secondary captures are marked not for diagnosis either way.
+    The CAM is the mean over the folds of the ensemble's first 2D member (ichdet.gradcam); the secondary
+    captures made of them are marked not for diagnosis by ichdet.dicom_out.
     """
-    from ichdet.dicom import read_hu
-    from ichdet.windowing import apply_windows, resolve_windows
+    import torch
 
-    slices = [(s.get("probabilities", {}).get("any", 0.0), s) for series in study.get("series", [])
-              for s in series.get("slices", [])]
-    top = sorted(slices, key=lambda item: -float(item[0]))[:k]
-    images = []
-    for _, item in top:
-        path = study_dir / f"{item.get('sop_uid')}.dcm"  # the spool names every instance by its SOP UID
-        if path.is_file():
-            brain = apply_windows(read_hu(path), resolve_windows(["brain"]))[..., 0]
-            images.append(np.repeat(brain[..., None], 3, axis=2))
-    return images
+    from ichdet.gradcam import study_figures
+
+    members = [m for m in ensemble.members if m.kind == "2d"]
+    if not members:
+        return [], []
+    use_gpu = device != "cpu" and torch.cuda.is_available()
+    dev = torch.device(("cuda" if device == "auto" else device) if use_gpu else "cpu")
+    models = members[0].load_models(dev)
+    hu_by_sop = {s.sop_uid: s.hu() for s in prediction.slices(study["study_uid"])}
+    figures = study_figures(study, hu_by_sop, models, members[0].config.data, top_k=top_k, device=dev)
+    return [f.overlays["brain"] for f in figures.slices], [f.sop_uid for f in figures.slices]
 
 
 def analyse_study(study_dir: Path, ensemble: Any, out_dir: Path, *, tta: bool = True,
-                  device: str = "auto") -> AnalysisResult:
+                  device: str = "auto", top_k: int = 3) -> AnalysisResult:
     """Run ``predict_study`` on one study's folder, write ``result.json`` and the DICOM results into ``out_dir``.
 
-    The spool holds one study per folder, so the result has one study; every DICOM file returned is
-    inside ``out_dir``.
+    The result's DICOM objects are an SR of the findings and one secondary capture per top slice (Grad-CAM
+    overlay), in the source study; every file returned is inside ``out_dir``. The spool holds one study
+    per folder, so the result normally has one study.
     """
     from ichdet.dicom_out import write_dicom_results
     from ichdet.study import predict_study
@@ -60,11 +62,11 @@ def analyse_study(study_dir: Path, ensemble: Any, out_dir: Path, *, tta: bool = 
     prediction = predict_study(study_dir, ensemble, tta=tta, device=device)
     result = prediction.result
     json_path = write_json_atomic(out_dir / "result.json", result)
-    source_files = sorted(p for p in study_dir.iterdir() if p.is_file())
     dicom_files: list[Path] = []
     for study in result["studies"]:
-        overlays = _top_slice_images(study_dir, study)
-        dicom_files += write_dicom_results(study, source_files, overlays, out_dir / "dicom")
+        source_files = [s.path for s in prediction.slices(study["study_uid"])]  # the analysed slices
+        overlays, shown = _overlays(prediction, study, ensemble, device, top_k)
+        dicom_files += write_dicom_results(study, source_files, overlays, out_dir / "dicom", overlay_sources=shown)
     return AnalysisResult(json_path, dicom_files)
 
 
