@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: test demo lint typecheck pytest bench clean
+.PHONY: test demo lint typecheck pytest bench clean test-programs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,7 +13,21 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
-test: $(STAMP) lint typecheck pytest
+test: $(STAMP) test-programs lint typecheck pytest
+
+# Programs the tests drive, as program:Debian-package. Installed where missing and possible (root with
+# apt-get, as CI runs); elsewhere their tests skip and say why.
+TEST_PROGRAMS := storescu:dcmtk Orthanc:orthanc
+
+test-programs:
+	@for pair in $(TEST_PROGRAMS); do prog=$${pair%%:*}; pkg=$${pair#*:}; \
+	  command -v $$prog >/dev/null 2>&1 && continue; \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$pkg >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$pkg; } || \
+	    echo "could not install $$pkg: the tests that need $$prog will skip"; \
+	  else echo "$$prog not installed (Debian package $$pkg): the tests that need it will skip"; fi; \
+	done
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
