@@ -46,6 +46,7 @@ class Node:
         self._threads: list[threading.Thread] = []
         self._servers: list[Any] = []
         self._held: Any = None
+        self._settled: dict[str, int] = {}  # study UID -> received/ mtime when it needed nothing
 
     # -- life cycle ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -96,6 +97,7 @@ class Node:
             if self.cfg.max_age_days and time.time() - last_clean > 3600:
                 last_clean = time.time()
                 for uid in self.spool.clean(self.cfg.max_age_days):
+                    self._settled.pop(uid, None)
                     log.info("study %s removed (older than %s days, results sent)", study_key(uid),
                              self.cfg.max_age_days)
 
@@ -106,7 +108,18 @@ class Node:
             with self._lock:
                 if uid in self.in_flight:
                     continue
-            if self.spool.state(uid).is_due(now, self.cfg.quiet_seconds):
+            # a settled study (analysed, nothing new) is skipped on one stat: its received/ folder's mtime
+            # changes with every instance renamed into it
+            try:
+                stamp = (self.spool.studies / uid / "received").stat().st_mtime_ns
+            except FileNotFoundError:
+                continue
+            if self._settled.get(uid) == stamp:
+                continue
+            state = self.spool.state(uid)
+            if not state.needs_analysis():
+                self._settled[uid] = stamp
+            elif state.is_due(now, self.cfg.quiet_seconds):
                 with self._lock:
                     self.in_flight.add(uid)
                 self.queue.put(uid)
@@ -152,13 +165,16 @@ class Node:
         if self.cfg.send_to is None:
             return
         backoff = Backoff(self.cfg.retry_initial_seconds, self.cfg.retry_max_seconds)
+        self._send_wake.set()  # first pass at once: sends a previous run left pending
         while not self._stop.is_set():
-            self._send_wake.wait(timeout=max(backoff.delay(), 1.0))
+            if backoff.failures:  # the destination failed: wait out the back-off, whatever arrives meanwhile
+                if self._stop.wait(backoff.delay()):
+                    return
+            else:  # woken by each committed analysis; a periodic pass as a safety net
+                self._send_wake.wait(timeout=60)
             self._send_wake.clear()
-            if backoff.delay() and self._stop.wait(backoff.delay()):
-                return
-            ok = self.send_pending()
-            backoff.record(ok)
+            if not self._stop.is_set():
+                backoff.record(self.send_pending())
 
     def send_pending(self) -> bool:
         """Try to send every pending result file; True when nothing is left (or nothing was pending)."""

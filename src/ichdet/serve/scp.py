@@ -57,13 +57,14 @@ def _handle_store(event: Any, spool: Spool, on_stored: Callable[[str], None]) ->
     """Spool the instance (fsync + rename) and only then answer success; quarantine what cannot be analysed."""
     try:
         ds = event.dataset
-        ds.file_meta = event.file_meta
         reason = check_instance(ds, str(event.context.abstract_syntax))
     except Exception as err:  # a data set pydicom cannot parse: keep it aside, never crash the node
         reason = f"cannot parse the data set ({type(err).__name__}: {err})"
     if reason is not None:
         path = spool.quarantine(event.encoded_dataset(), reason)
-        log.warning("quarantined an instance from %s: %s (%s)", event.assoc.requestor.ae_title, reason, path.name)
+        # the reason may quote header values: it stays in the spool, the log names the file only
+        log.warning("quarantined an instance from %s: see quarantine/%s", event.assoc.requestor.ae_title,
+                    path.with_suffix(".reason.txt").name)
         return _CANNOT_UNDERSTAND
     study_uid = str(ds.StudyInstanceUID)
     try:

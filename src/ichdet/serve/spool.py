@@ -19,11 +19,13 @@ generation's (or failed attempt's) inputs, which makes "analysed exactly once" a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -87,11 +89,45 @@ class PendingSend:
     marker: Path
 
 
+class _Gate:
+    """Many instance writers at once, or one cleaner alone (so a study is never removed under a new arrival)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._writers = 0
+        self._cleaning = False
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._cleaning)
+            self._writers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writers -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def cleaning(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._cleaning and self._writers == 0)
+            self._cleaning = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._cleaning = False
+                self._cond.notify_all()
+
+
 class Spool:
     """Reads and writes the spool folder; every write is atomic; safe to share between the node's threads."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self._gate = _Gate()
         self.studies = self.root / "studies"
         self.quarantine_dir = self.root / "quarantine"
         self.outbox = self.root / "outbox"
@@ -110,7 +146,7 @@ class Spool:
         if not valid_uid(sop_uid):
             raise IchdetError(f"SOP Instance UID {sop_uid!r} is not a valid DICOM UID")
         final = self.study_dir(study_uid) / "received" / f"{sop_uid}.dcm"
-        with atomic_path(final) as tmp:
+        with self._gate.writing(), atomic_path(final) as tmp:
             write(tmp)
         return final
 
@@ -243,10 +279,11 @@ class Spool:
         limit = now - max_age_days * 86400
         removed = []
         for uid in self.study_uids():
-            state = self.state(uid)
-            if state.needs_analysis() or state.last_arrival > limit or self.pending_sends(uid):
-                continue
-            shutil.rmtree(self.studies / uid)
+            with self._gate.cleaning():  # no instance lands in the study between the check and the removal
+                state = self.state(uid)
+                if state.needs_analysis() or state.last_arrival > limit or self.pending_sends(uid):
+                    continue
+                shutil.rmtree(self.studies / uid)
             removed.append(uid)
         for path in self.outbox.glob("*.json"):
             if path.stat().st_mtime < limit:
