@@ -5,10 +5,15 @@ each) sent by dcmtk's ``storescu`` in one association, timed from its start to i
 acknowledged), to
   * ``storescp``: dcmtk's own Storage SCP writing each instance to a fresh folder (no fsync), with its
     defaults (16 KiB PDUs) and tuned (``-pdu 131072 +B``: the largest PDUs, written as received), and
+  * ``pynetdicom_floor``: a bare pynetdicom SCP (in this process) that acknowledges each instance and
+    does nothing with it: no pynetdicom node can be faster, and
   * ``ichdet``: ``ichdet serve`` (the node as a child process; quiet time 1 h so no analysis runs during
     the timing) writing each instance to its spool: parse the header, check it, write, fsync, rename,
     and only then acknowledge.
 Interleaved rounds, receiver started fresh (untimed) before each; median instances/s and the ratio.
+Every dcmtk process runs with ``TCP_NODELAY=1`` (dcmtk's switch for the socket option): with Nagle's
+algorithm on, each instance waits for a delayed ACK and storescp tops out near 20 instances/s here
+(``--nagle`` keeps dcmtk's default, to see that).
 
 ``latency``: a 40-slice study (the sample's 36-slice study plus 4 slices of another, re-identified into
 the same series) sent by storescu to the node, which sends its results to Orthanc; the time from
@@ -83,9 +88,11 @@ def bench_receive(files: list[Path], tmp: Path, repeats: int) -> dict[str, Any]:
     state: dict[str, Any] = {}
 
     def stop() -> None:
-        for key in ("proc", "node"):
+        for key in ("proc", "node", "server"):
             item = state.pop(key, None)
-            if isinstance(item, subprocess.Popen):
+            if key == "server" and item is not None:
+                item.shutdown()
+            elif isinstance(item, subprocess.Popen):
                 item.terminate()
                 item.wait()
             elif item is not None:
@@ -108,12 +115,26 @@ def bench_receive(files: list[Path], tmp: Path, repeats: int) -> dict[str, Any]:
         state["port"] = free_port()
         state["node"] = NodeProcess(tmp / "rx" / "spool", state["port"], ["STORESCU"], quiet=3600).start()
 
+    def start_floor() -> None:
+        """pynetdicom's own floor: an SCP that accepts each instance and does nothing with it."""
+        from pydicom.uid import CTImageStorage
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+
+        stop()
+        state["port"] = free_port()
+        ae = AE("ICHDET")
+        ae.maximum_pdu_size = 0
+        ae.add_supported_context(CTImageStorage, ALL_TRANSFER_SYNTAXES)
+        state["server"] = ae.start_server(("127.0.0.1", state["port"]), block=False,
+                                          evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000)])
+
     def send() -> int:
         storescu(state["port"], files)
         return len(files)
 
     results = run_interleaved([Variant("storescp", send, storescp(), "instances"),
                                Variant("storescp_tuned", send, storescp("-pdu", "131072", "+B"), "instances"),
+                               Variant("pynetdicom_floor", send, start_floor, "instances"),
                                Variant("ichdet", send, start_node, "instances")], repeats)
     stop()
     return results
@@ -170,11 +191,14 @@ def main() -> None:
     parser.add_argument("--quiet", type=float, default=2.0, help="the node's quiet time in the latency test")
     parser.add_argument("--bundle", type=Path, help="real analysis with this bundle (default: the stand-in)")
     parser.add_argument("--skip", choices=["receive", "latency"], action="append", default=[])
+    parser.add_argument("--nagle", action="store_true", help="leave dcmtk's TCP_NODELAY unset (its default)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if not args.nagle:
+        os.environ["TCP_NODELAY"] = "1"  # inherited by storescu and storescp
     info = machine_info()
     print(format_machine(info))
-    report: dict[str, Any] = {"machine": info}
+    report: dict[str, Any] = {"machine": info, "dcmtk_tcp_nodelay": not args.nagle}
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         if "receive" not in args.skip:
@@ -184,7 +208,9 @@ def main() -> None:
             ratio = res["ichdet"]["median_rate"] / best
             print(f"receive, {len(files)} instances, one association: storescp {res['storescp']['median_rate']:.1f}/s "
                   f"(tuned: 128 KiB PDUs, bit-preserving: {res['storescp_tuned']['median_rate']:.1f}/s), "
-                  f"ichdet {res['ichdet']['median_rate']:.1f}/s, ratio to the faster storescp {ratio:.2f}")
+                  f"bare pynetdicom {res['pynetdicom_floor']['median_rate']:.1f}/s, "
+                  f"ichdet {res['ichdet']['median_rate']:.1f}/s, ratio to the faster storescp {ratio:.2f}, "
+                  f"to bare pynetdicom {res['ichdet']['median_rate'] / res['pynetdicom_floor']['median_rate']:.2f}")
             report["receive"] = {**res, "ratio_to_best_storescp": ratio}
         if "latency" not in args.skip:
             files = study_of_40(tmp / "study40")
