@@ -25,6 +25,8 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, SecondaryCapture
 from ichdet.serve.analysis import AnalysisResult
 
 REPO = Path(__file__).resolve().parents[1]
+# dcmtk's switch for TCP_NODELAY: with Nagle's algorithm each instance waits for a delayed ACK (~20/s)
+os.environ.setdefault("TCP_NODELAY", "1")
 ORTHANC = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").exists() else None)
 STORESCU, ECHOSCU, STORESCP = shutil.which("storescu"), shutil.which("echoscu"), shutil.which("storescp")
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from ichdet.cli import app
 from ichdet.errors import ConfigError
+from ichdet.serve import Spool
 from ichdet.serve.config import Destination, load_serve_config, parse_destination
 
 
@@ -66,3 +70,26 @@ def test_flags_alone() -> None:
 def test_example_config_is_valid() -> None:
     cfg = load_serve_config(Path(__file__).parents[1] / "deploy" / "serve.yaml", {})
     assert cfg.allow and cfg.send_to is not None
+
+
+@pytest.mark.parametrize(("args", "match"), [
+    (["--spool", "s", "--allow", "ORTHANC"], "bundle: Field required"),
+    (["--bundle", "b", "--spool", "s"], "allow: Field required"),
+    (["--bundle", "b", "--spool", "s", "--allow", "ORTHANC", "--send-to", "PACS:104"], "expected AE@HOST:PORT"),
+    (["--config", "missing.yaml"], "missing.yaml: cannot read the serve config"),
+])
+def test_serve_command_refuses_bad_settings(args: list[str], match: str) -> None:
+    result = CliRunner().invoke(app, ["serve", *args])
+    assert result.exit_code == 2, result.output
+    assert match in result.output
+
+
+def test_serve_status_command(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.store("1.2.3", "1.2.3.4", lambda p: p.write_bytes(b"instance"))
+    spool.quarantine(b"not dicom", "cannot parse the data set")
+    result = CliRunner().invoke(app, ["serve", "--status", "--spool", str(tmp_path / "spool")])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) == {"studies": 1, "receiving": 0, "waiting_analysis": 1, "analysed": 0,
+                                         "failed": 0, "instances": 1, "pending_sends": 0, "quarantined": 1,
+                                         "outbox": 0}

@@ -98,6 +98,7 @@ def start_scp(spool: Spool, ae_title: str, host: str, port: int, allow: list[str
     ae = AE(ae_title=ae_title)
     ae.require_calling_aet = list(allow)
     ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs from senders that allow it
+    ae.maximum_associations = 32  # several modalities and PACS jobs at once (pynetdicom's default is 10)
     for sop_class in CT_STORAGE:
         ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
     ae.add_supported_context("1.2.840.10008.1.1")  # Verification (C-ECHO)
