@@ -154,3 +154,20 @@ def test_failed_analysis_recorded_and_not_retried(tmp_path: Path) -> None:
     assert (node.status()["failed"], node.status()["waiting_analysis"]) == (0, 1)
     assert node.scan() == ["1.2.3"]
     assert node.spool.state("1.2.3").next_generation == 2
+
+
+def test_results_outside_the_output_folder_are_a_recorded_failure(tmp_path: Path) -> None:
+    stray = tmp_path / "elsewhere.dcm"
+    stray.write_bytes(b"x")
+
+    def misplaced(study_dir: Path, out_dir: Path) -> AnalysisResult:
+        (out_dir / "result.json").write_text("{}")
+        return AnalysisResult(out_dir / "result.json", [stray])
+    cfg = ServeConfig(bundle=tmp_path / "b", spool=tmp_path / "spool", allow=["X"], quiet_seconds=0.001)
+    node = Node(cfg, misplaced)
+    _receive(node.spool, "1.2.3", ["1.1"])
+    node.analyse(node.scan()[0])
+    failed = json.loads((tmp_path / "spool" / "studies" / "1.2.3" / "failed-gen-0001.json").read_text())
+    assert failed["reason"].startswith("results not stored: ValueError:")
+    assert node.spool.state("1.2.3").generations == ()
+    assert not list((tmp_path / "spool" / "studies" / "1.2.3" / "results").iterdir())

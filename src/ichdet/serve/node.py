@@ -93,13 +93,16 @@ class Node:
     def _scan_loop(self) -> None:
         last_clean = 0.0
         while not self._stop.wait(self.scan_interval):
-            self.scan()
-            if self.cfg.max_age_days and time.time() - last_clean > 3600:
-                last_clean = time.time()
-                for uid in self.spool.clean(self.cfg.max_age_days):
-                    self._settled.pop(uid, None)
-                    log.info("study %s removed (older than %s days, results sent)", study_key(uid),
-                             self.cfg.max_age_days)
+            try:
+                self.scan()
+                if self.cfg.max_age_days and time.time() - last_clean > 3600:
+                    last_clean = time.time()
+                    for uid in self.spool.clean(self.cfg.max_age_days):
+                        self._settled.pop(uid, None)
+                        log.info("study %s removed (older than %s days, results sent)", study_key(uid),
+                                 self.cfg.max_age_days)
+            except Exception:  # a service thread must outlive one bad pass (a full disk, a damaged file)
+                log.exception("scan of the spool failed; trying again")
 
     def scan(self) -> list[str]:
         """Queue every study that needs analysis and has been quiet long enough; return the queued UIDs."""
@@ -135,6 +138,8 @@ class Node:
                 continue
             try:
                 self.analyse(uid)
+            except Exception:  # the study stays due; the worker lives on
+                log.exception("analysis of study %s could not be recorded", study_key(uid))
             finally:
                 with self._lock:
                     self.in_flight.discard(uid)
@@ -156,7 +161,12 @@ class Node:
             return
         finally:
             self.analysing = None
-        self.spool.commit(uid, generation, work, inputs, result.json_path, result.dicom_files)
+        try:
+            self.spool.commit(uid, generation, work, inputs, result.json_path, result.dicom_files)
+        except (OSError, ValueError) as err:  # e.g. a result file outside the output folder, a full disk
+            self.spool.fail(uid, generation, work, inputs, f"results not stored: {type(err).__name__}: {err}")
+            log.error("study %s generation %d: results not stored: %s", study_key(uid), generation, err)
+            return
         log.info("study %s generation %d analysed (%d instances, %.1f s, %d result file(s))", study_key(uid),
                  generation, len(inputs), time.monotonic() - started, len(result.dicom_files))
         self._send_wake.set()
@@ -174,7 +184,12 @@ class Node:
                 self._send_wake.wait(timeout=60)
             self._send_wake.clear()
             if not self._stop.is_set():
-                backoff.record(self.send_pending())
+                try:
+                    ok = self.send_pending()
+                except Exception:  # e.g. a damaged result file: log it, back off, try again
+                    log.exception("sending results failed")
+                    ok = False
+                backoff.record(ok)
 
     def send_pending(self) -> bool:
         """Try to send every pending result file; True when nothing is left (or nothing was pending)."""

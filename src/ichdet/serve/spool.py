@@ -168,10 +168,11 @@ class Spool:
         """Read one study's state from its folder."""
         folder = self.study_dir(study_uid)
         received: dict[str, float] = {}
-        with os.scandir(folder / "received") if (folder / "received").is_dir() else _empty() as entries:
-            for entry in entries:
-                if entry.name.endswith(".dcm") and not entry.name.startswith("."):
-                    received[entry.name] = entry.stat().st_mtime
+        if (folder / "received").is_dir():
+            with os.scandir(folder / "received") as entries:
+                for entry in entries:
+                    if entry.name.endswith(".dcm") and not entry.name.startswith("."):  # not a temporary file
+                        received[entry.name] = entry.stat().st_mtime
         gens = sorted(self._generations(folder))
         last_inputs = frozenset(self._inputs(folder / "results" / _gen_name(gens[-1]))) if gens else frozenset()
         failed_gen, failed_inputs = 0, frozenset[str]()
@@ -294,10 +295,3 @@ class Spool:
 def _gen_name(generation: int) -> str:
     return f"gen-{generation:04d}"
 
-
-class _empty:
-    def __enter__(self) -> list[os.DirEntry[str]]:
-        return []
-
-    def __exit__(self, *exc: object) -> None:
-        return None
