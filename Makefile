@@ -17,7 +17,7 @@ test: $(STAMP) test-programs lint typecheck pytest
 
 # Programs the tests drive, as program:Debian-package. Installed where missing and possible (root with
 # apt-get, as CI runs); elsewhere their tests skip and say why.
-TEST_PROGRAMS := chromium:chromium dciodvfy:dicom3tools
+TEST_PROGRAMS := chromium:chromium dciodvfy:dicom3tools storescu:dcmtk Orthanc:orthanc
 
 test-programs:
 	@for pair in $(TEST_PROGRAMS); do prog=$${pair%%:*}; pkg=$${pair#*:}; \

@@ -232,6 +232,40 @@ def demo(out: Annotated[Path, typer.Option(help="folder for every artifact")] = 
     run_demo(out, seed=seed, echo=typer.echo)
 
 
+@command
+def serve(bundle: Annotated[Path | None, typer.Option(help="model bundle (model.ichdet)")] = None,
+          spool: Annotated[Path | None, typer.Option(help="spool folder: received studies, results, state")] = None,
+          ae_title: Annotated[str | None, typer.Option(help="this node's AE title [ICHDET]")] = None,
+          port: Annotated[int | None, typer.Option(help="DICOM port to listen on [11112]")] = None,
+          allow: Annotated[list[str] | None, typer.Option(help="calling AE title allowed to send (repeat)")] = None,
+          send_to: Annotated[str | None, typer.Option(help="results destination AE@HOST:PORT")] = None,
+          quiet_seconds: Annotated[float | None, typer.Option(help="a study is complete after this quiet time [10]")]
+          = None,
+          max_age_days: Annotated[float | None, typer.Option(help="remove sent studies older than this")] = None,
+          status_port: Annotated[int | None, typer.Option(help="HTTP port for /status and /health (loopback)")]
+          = None,
+          config: Annotated[Path | None, typer.Option(help="serve.yaml with the same settings (flags win)")] = None,
+          status: Annotated[bool, typer.Option("--status", help="print the spool's status as JSON and exit")]
+          = False) -> None:
+    """A DICOM node: receive CT studies (C-STORE), analyse each completed study, send SR + SC results back."""
+    import json
+    import logging
+
+    from ichdet.serve import Spool, bundle_analyser, load_serve_config, run_node, spool_status
+
+    if status:
+        if spool is None:
+            spool = load_serve_config(config, {}).spool
+        typer.echo(json.dumps(spool_status(Spool(spool)), indent=2))
+        return
+    cfg = load_serve_config(config, dict(bundle=bundle, spool=spool, ae_title=ae_title, port=port, allow=allow,
+                                         send_to=send_to, quiet_seconds=quiet_seconds, max_age_days=max_age_days,
+                                         status_port=status_port))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    run_node(cfg, bundle_analyser(cfg.bundle, tta=cfg.tta, device=cfg.device))
+
+
 def main() -> None:
     """Entry point for ``python -m ichdet``."""
     app()

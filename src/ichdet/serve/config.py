@@ -1,0 +1,118 @@
+"""The node's settings: one pydantic model filled from ``serve.yaml`` and then from command-line flags."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ichdet.errors import ConfigError
+
+__all__ = ["Destination", "ServeConfig", "load_serve_config", "parse_destination"]
+
+#: An application entity title: 1-16 characters of the default repertoire, no backslash or control codes.
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+
+
+def _check_ae(value: str) -> str:
+    if not _AE_TITLE.match(value) or not value.strip():
+        raise ValueError(f"{value!r} is not an AE title (1-16 printable ASCII characters, no backslash)")
+    return value.strip()
+
+
+class Destination(BaseModel):
+    """Where results go by C-STORE: ``AE@HOST:PORT``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return _check_ae(value)
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+def parse_destination(text: str) -> Destination:
+    """``"PACS@10.0.0.5:104"`` -> :class:`Destination`; a :class:`ConfigError` naming the fix otherwise."""
+    match = re.fullmatch(r"([^@]+)@([^:@]+):(\d+)", text.strip())
+    if not match:
+        raise ConfigError(f"send_to {text!r}: expected AE@HOST:PORT, e.g. PACS@127.0.0.1:4242")
+    try:
+        return Destination(ae_title=match[1], host=match[2], port=int(match[3]))
+    except ValidationError as err:
+        raise ConfigError(f"send_to {text!r}: {err.errors()[0]['msg']}") from None
+
+
+class ServeConfig(BaseModel):
+    """Everything ``ichdet serve`` needs; the same keys in ``serve.yaml`` and as flags (flags win)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bundle: Path
+    spool: Path
+    ae_title: str = "ICHDET"
+    host: str = "0.0.0.0"
+    port: int = Field(11112, ge=1, le=65535)
+    allow: list[str] = Field(min_length=1)
+    send_to: Destination | None = None
+    quiet_seconds: float = Field(10.0, gt=0, le=3600)
+    max_age_days: float | None = Field(None, gt=0)
+    status_port: int | None = Field(None, ge=1, le=65535)
+    device: str = "auto"
+    tta: bool = True
+    retry_initial_seconds: float = Field(5.0, gt=0)
+    retry_max_seconds: float = Field(600.0, gt=0)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _own_ae(cls, value: str) -> str:
+        return _check_ae(value)
+
+    @field_validator("allow")
+    @classmethod
+    def _allowed(cls, value: list[str]) -> list[str]:
+        return [_check_ae(v) for v in value]
+
+    @field_validator("send_to", mode="before")
+    @classmethod
+    def _dest(cls, value: Any) -> Any:
+        return parse_destination(value) if isinstance(value, str) else value
+
+
+def load_serve_config(path: Path | None, overrides: dict[str, Any]) -> ServeConfig:
+    """Read ``path`` (YAML, optional), apply the non-``None`` ``overrides`` (flags) on top, validate.
+
+    Relative paths in the file are taken relative to the file's folder, so a deployment folder can move.
+
+    Raises:
+        ConfigError: unreadable YAML, an unknown key, or a value out of range (named, with the reason).
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"{path}: cannot read the serve config ({err})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
+        values = {k.replace("-", "_"): v for k, v in loaded.items()}
+        for key in ("bundle", "spool"):
+            if isinstance(values.get(key), str) and not Path(values[key]).is_absolute():
+                values[key] = Path(path).resolve().parent / values[key]
+    values.update({k: v for k, v in overrides.items() if v is not None and v != []})
+    try:
+        return ServeConfig(**values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "config"
+        source = f"{path}: " if path else ""
+        raise ConfigError(f"{source}{where}: {first['msg']} (see deploy/serve.yaml for every key)") from None

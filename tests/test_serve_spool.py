@@ -1,0 +1,173 @@
+"""The node's on-disk state: when a study is due, generations, pending sends, recovery, clean-up; the
+instance checks, the back-off, and the worker's handling of a failed analysis (no network here)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
+from serve_support import stand_in_analyser
+
+from ichdet.errors import IchdetError
+from ichdet.serve import Node, ServeConfig, Spool, StudyState
+from ichdet.serve.analysis import AnalysisResult
+from ichdet.serve.scp import check_instance
+from ichdet.serve.sender import Backoff
+
+A, B, C = "a.dcm", "b.dcm", "c.dcm"
+
+
+def _state(received: set[str], last: set[str] = frozenset(), failed: set[str] = frozenset(),  # type: ignore[assignment]
+           arrival: float = 100.0) -> StudyState:
+    return StudyState("1.2.3", frozenset(received), arrival, (1,) if last else (), frozenset(last), frozenset(failed))
+
+
+@pytest.mark.parametrize(("state", "now", "due"), [
+    (_state({A, B}), 110.0, True),              # quiet for 10 s
+    (_state({A, B}), 105.0, False),             # still receiving
+    (_state(set()), 200.0, False),              # nothing received
+    (_state({A, B}, last={A, B}), 200.0, False),  # analysed already
+    (_state({A, B, C}, last={A, B}), 200.0, True),  # more instances after the analysis
+    (_state({A, B}, failed={A, B}), 200.0, False),  # failed on exactly these: wait for new instances
+    (_state({A, B, C}, failed={A, B}), 200.0, True),
+])
+def test_is_due(state: StudyState, now: float, due: bool) -> None:
+    assert state.is_due(now, quiet_seconds=10.0) is due
+
+
+def _ct(**changes: object) -> Dataset:
+    ds = Dataset()
+    ds.StudyInstanceUID, ds.SOPInstanceUID, ds.Modality, ds.BitsAllocated = "1.2.3", "1.2.3.4", "CT", 8
+    ds.PixelData = b"\0\0"
+    for key, value in changes.items():
+        setattr(ds, key, value)
+    return ds
+
+
+@pytest.mark.parametrize(("ds", "sop_class", "reason"), [
+    (_ct(), CTImageStorage, None),
+    (_ct(), MRImageStorage, f"SOP class {MRImageStorage} is not CT image storage"),
+    (_ct(StudyInstanceUID="ID_134d398b61"), CTImageStorage, "Study Instance UID 'ID_134d398b61' is not a valid UID"),
+    (_ct(SOPInstanceUID="1.02.3"), CTImageStorage, "SOP Instance UID '1.02.3' is not a valid UID"),
+    (_ct(Modality="MR"), CTImageStorage, "Modality is 'MR', not CT"),
+])
+def test_check_instance(ds: Dataset, sop_class: str, reason: str | None) -> None:
+    assert check_instance(ds, sop_class) == reason
+
+
+def test_check_instance_no_pixels() -> None:
+    ds = _ct()
+    del ds.PixelData
+    assert check_instance(ds, CTImageStorage) == "no pixel data"
+
+
+@pytest.mark.parametrize(("outcomes", "delay"), [
+    ([], 0.0), ([False], 1.0), ([False, False], 2.0), ([False] * 3, 4.0), ([False] * 10, 5.0), ([False, True], 0.0),
+])
+def test_backoff(outcomes: list[bool], delay: float) -> None:
+    backoff = Backoff(initial=1.0, maximum=5.0)
+    for ok in outcomes:
+        backoff.record(ok)
+    assert backoff.delay() == delay
+
+
+def _receive(spool: Spool, study: str, names: list[str]) -> None:
+    """Spool tiny CT instances (header and two pixel bytes) named ``names`` in ``study``."""
+    for name in names:
+        ds = _ct(StudyInstanceUID=study, SOPInstanceUID=name, SOPClassUID=CTImageStorage)
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        spool.store(study, name, lambda p, ds=ds: ds.save_as(p, enforce_file_format=True))
+
+
+def test_generation_life_cycle(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    _receive(spool, "1.2.3", ["1.1", "1.2"])
+    state = spool.state("1.2.3")
+    assert (state.received, state.next_generation, state.needs_analysis()) == ({"1.1.dcm", "1.2.dcm"}, 1, True)
+    work = spool.begin("1.2.3", 1, state.received)
+    _receive(spool, "1.2.3", ["1.3"])  # arrives during the analysis: not in this generation's input
+    assert sorted(p.name for p in (work / "input").iterdir()) == ["1.1.dcm", "1.2.dcm"]
+    (work / "out").mkdir()
+    result = stand_in_analyser()(work / "input", work / "out")
+    spool.commit("1.2.3", 1, work, state.received, result.json_path, result.dicom_files)
+    state = spool.state("1.2.3")
+    assert (state.generations, state.last_inputs, state.needs_analysis()) == ((1,), {"1.1.dcm", "1.2.dcm"}, True)
+    assert (tmp_path / "outbox" / "1.2.3.gen-0001.json").is_file()
+    pending = spool.pending_sends("1.2.3")
+    assert [(p.generation, p.index, p.path.name) for p in pending] == [(1, 0, "sr.dcm"), (1, 1, "sc.dcm")]
+    Spool.mark_sent(pending[0])
+    assert [p.index for p in spool.pending_sends("1.2.3")] == [1]
+
+
+def test_recover_removes_half_done_work(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    _receive(spool, "1.2.3", ["1.1"])
+    work = spool.begin("1.2.3", 1, spool.state("1.2.3").received)
+    (tmp_path / "studies" / "1.2.3" / "received" / ".1.2.dcm.0123456789ab.tmp.dcm").write_text("half")
+    assert spool.recover() == 2
+    assert not work.exists()
+    assert sorted(p.name for p in (tmp_path / "studies" / "1.2.3" / "received").iterdir()) == ["1.1.dcm"]
+
+
+@pytest.mark.parametrize("uid", ["ID_134d398b61", "../etc", "1.2.", ""])
+def test_study_uid_must_be_a_uid(tmp_path: Path, uid: str) -> None:
+    with pytest.raises(IchdetError, match="is not a valid DICOM UID"):
+        Spool(tmp_path).store(uid, "1.2", lambda p: p.write_text("x"))
+
+
+def test_clean_keeps_unsent_and_recent(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    for study in ("1.1", "1.2", "1.3"):
+        _receive(spool, study, ["9.1"])
+    for study in ("1.1", "1.2"):  # analysed; 1.1 fully sent, 1.2 not; 1.3 never analysed
+        work = spool.begin(study, 1, spool.state(study).received)
+        (work / "out").mkdir()
+        result = stand_in_analyser()(work / "input", work / "out")
+        spool.commit(study, 1, work, spool.state(study).received, result.json_path, result.dicom_files)
+    for send in spool.pending_sends("1.1"):
+        Spool.mark_sent(send)
+    now = os.path.getmtime(tmp_path / "studies" / "1.1" / "received" / "9.1.dcm")
+    assert spool.clean(max_age_days=1, now=now + 3600) == []  # too recent
+    assert spool.clean(max_age_days=1, now=now + 2 * 86400) == ["1.1"]
+    assert spool.study_uids() == ["1.2", "1.3"]
+
+
+def test_failed_analysis_recorded_and_not_retried(tmp_path: Path) -> None:
+    def broken(study_dir: Path, out_dir: Path) -> AnalysisResult:
+        raise ValueError("no usable series")
+    cfg = ServeConfig(bundle=tmp_path / "b", spool=tmp_path / "spool", allow=["X"], quiet_seconds=0.001)
+    node = Node(cfg, broken)
+    _receive(node.spool, "1.2.3", ["1.1"])
+    assert node.scan() == ["1.2.3"]
+    node.analyse(node.queue.get())
+    node.in_flight.clear()
+    failed = json.loads((tmp_path / "spool" / "studies" / "1.2.3" / "failed-gen-0001.json").read_text())
+    assert failed == {"inputs": ["1.1.dcm"], "reason": "ValueError: no usable series"}
+    assert node.scan() == []  # not retried on the same instances
+    assert (node.status()["failed"], node.status()["waiting_analysis"]) == (1, 0)
+    _receive(node.spool, "1.2.3", ["1.2"])
+    assert (node.status()["failed"], node.status()["waiting_analysis"]) == (0, 1)
+    assert node.scan() == ["1.2.3"]
+    assert node.spool.state("1.2.3").next_generation == 2
+
+
+def test_results_outside_the_output_folder_are_a_recorded_failure(tmp_path: Path) -> None:
+    stray = tmp_path / "elsewhere.dcm"
+    stray.write_bytes(b"x")
+
+    def misplaced(study_dir: Path, out_dir: Path) -> AnalysisResult:
+        (out_dir / "result.json").write_text("{}")
+        return AnalysisResult(out_dir / "result.json", [stray])
+    cfg = ServeConfig(bundle=tmp_path / "b", spool=tmp_path / "spool", allow=["X"], quiet_seconds=0.001)
+    node = Node(cfg, misplaced)
+    _receive(node.spool, "1.2.3", ["1.1"])
+    node.analyse(node.scan()[0])
+    failed = json.loads((tmp_path / "spool" / "studies" / "1.2.3" / "failed-gen-0001.json").read_text())
+    assert failed["reason"].startswith("results not stored: ValueError:")
+    assert node.spool.state("1.2.3").generations == ()
+    assert not list((tmp_path / "spool" / "studies" / "1.2.3" / "results").iterdir())
