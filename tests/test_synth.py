@@ -557,7 +557,7 @@ def test_interrupted_run_leaves_no_partial_file_and_rerun_completes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = {"n": 0}
-    real = synth._dicom_bytes
+    real = synth.writer._dicom_bytes
 
     def dying(ds: pydicom.Dataset) -> bytes:
         calls["n"] += 1
@@ -565,12 +565,12 @@ def test_interrupted_run_leaves_no_partial_file_and_rerun_completes(
             raise KeyboardInterrupt
         return real(ds)
 
-    monkeypatch.setattr(synth, "_dicom_bytes", dying)
+    monkeypatch.setattr(synth.writer, "_dicom_bytes", dying)
     with pytest.raises(KeyboardInterrupt):
         synth.make_dataset(tmp_path / "run", SMALL)
     written = [p.name for p in (tmp_path / "run").rglob("*") if p.is_file()]
     assert len(written) == 6 and all(n.endswith(".dcm") and n.startswith("ID_") for n in written)
-    monkeypatch.setattr(synth, "_dicom_bytes", real)
+    monkeypatch.setattr(synth.writer, "_dicom_bytes", real)
     synth.make_dataset(tmp_path / "run", SMALL)
     synth.make_dataset(tmp_path / "fresh", SMALL)
     assert digest(tmp_path / "run") == digest(tmp_path / "fresh")
