@@ -51,12 +51,15 @@ def synth(out: Annotated[Path, typer.Option(help="folder to write the Kaggle-lay
           studies: Annotated[int, typer.Option(help="labelled studies")] = 12,
           test_studies: Annotated[int, typer.Option(help="unlabelled test studies")] = 2,
           size: Annotated[int, typer.Option(help="slice size in pixels")] = 128,
-          seed: int = 0) -> None:
+          seed: int = 0,
+          context: Annotated[bool, typer.Option(help="lesions taper with faint edge slices (sequence stage)")]
+          = False,
+          force: Annotated[bool, typer.Option(help="overwrite files ichdet synth did not write")] = False) -> None:
     """Write synthetic head-CT studies (skull, brain, ventricles, five bleed types) as DICOM."""
     from ichdet.synth import SynthSpec, make_dataset
 
     summary = make_dataset(out, SynthSpec(n_studies=studies, n_test_studies=test_studies, size=size,
-                                          seed=seed))
+                                          seed=seed, context=context), force=force)
     typer.echo(str(summary))
 
 

@@ -273,8 +273,9 @@ def phantom_slice(plan: StudyPlan, k: int) -> PhantomSlice:
     """Render slice ``k`` of ``plan``: HU (int16, noise included), the cranial cavity, blood and labels.
 
     Pure: the same plan and index give the same arrays. Order of operations: anatomy, edema, blood,
-    Gaussian noise (``NOISE_HU``), rounding, then clipping (blood to ``BLOOD_HU``, skull to ``BONE_HU``,
-    everything to ``HU_RANGE``).
+    Gaussian noise (``NOISE_HU``), rounding, then clipping (full-contrast blood to ``BLOOD_HU``, skull to
+    ``BONE_HU``, everything to ``HU_RANGE``). A faded lesion edge (:meth:`Lesion.contrast` < 1) is blood
+    blended with the tissue under it.
     """
     g = _slice_geometry(plan, k)
     hu = _tissue(plan, g)
@@ -282,11 +283,14 @@ def phantom_slice(plan: StudyPlan, k: int) -> PhantomSlice:
     for les, mask in zip(plan.lesions, blood, strict=True):
         if les.kind == "intraparenchymal":  # perihematomal edema, a low-density rim
             hu[_edema(les, g, plan.z_mm(k)) & ~mask] = EDEMA
-    for les, mask in zip(plan.lesions, blood, strict=True):
-        hu[mask] = les.hu
+    contrast = [les.contrast(plan.z_mm(k)) for les in plan.lesions]
+    for les, mask, c in zip(plan.lesions, blood, contrast, strict=True):
+        # a faded lesion (context-matters sets) blends into the tissue under it: faint, not clipped to BLOOD_HU
+        hu[mask] = les.hu if c >= 1.0 else hu[mask] + c * (les.hu - hu[mask])
     rng = np.random.default_rng([plan.noise_seed, k])
     hu = np.rint(hu + rng.normal(0.0, NOISE_HU, hu.shape))
-    any_blood = np.any(blood, axis=0) if blood else np.zeros(hu.shape, dtype=bool)
+    full = [mask for mask, c in zip(blood, contrast, strict=True) if c >= 1.0]
+    any_blood = np.any(full, axis=0) if full else np.zeros(hu.shape, dtype=bool)
     hu = np.where(any_blood, np.clip(hu, *BLOOD_HU), np.where(g.skull, np.clip(hu, *BONE_HU), hu))
     hu = np.clip(hu, *HU_RANGE).astype(np.int16)
     return PhantomSlice(hu=hu, intracranial=g.intracranial, blood=blood, labels=_labels(plan, blood))

@@ -15,6 +15,8 @@ from ichdet.synth.phantom import _axes, _lesion_mask, _slice_geometry, min_visib
 from ichdet.synth.spec import (
     _KIND_WEIGHTS,
     _WINDOWS,
+    CONTEXT_FADE,
+    CONTEXT_TAPER,
     INSTANCE_ORDERS,
     KINDS,
     LAYOUTS,
@@ -49,7 +51,7 @@ def plan_dataset(spec: SynthSpec) -> tuple[tuple[StudyPlan, ...], tuple[StudyPla
     for i in range(n_train + n_test):
         syntax = RLELossless if i == rle else syntaxes[i]
         plan = _plan_study(rng, spec, ids, (layouts[i], syntax, orders[i]), labelled=i < n_train)
-        plans.append(replace(plan, lesions=tuple(_plan_lesion(rng, plan, kind) for kind in kinds[i])))
+        plans.append(replace(plan, lesions=tuple(_plan_lesion(rng, plan, kind, spec.context) for kind in kinds[i])))
     return tuple(plans[:n_train]), tuple(plans[n_train:])
 
 
@@ -164,10 +166,16 @@ _T_RANGE = {
 }
 
 
-def _plan_lesion(rng: np.random.Generator, plan: StudyPlan, kind: str) -> Lesion:
-    """Draw a lesion of ``kind`` until it is visible on a run of >= 2 neighbouring slices."""
+def _plan_lesion(rng: np.random.Generator, plan: StudyPlan, kind: str, context: bool = False) -> Lesion:
+    """Draw a lesion of ``kind`` until it is visible on a run of >= 2 neighbouring slices.
+
+    With ``context`` (:attr:`SynthSpec.context`) it tapers over ``CONTEXT_TAPER`` times the z extent and
+    fades in at its edges (``CONTEXT_FADE``); the draws from ``rng`` are the same either way.
+    """
     for _ in range(200):
         lesion = _draw_lesion(rng, plan, kind)
+        if context:
+            lesion = replace(lesion, z_half_mm=lesion.z_half_mm * CONTEXT_TAPER, fade=CONTEXT_FADE)
         visible = visible_slices(replace(plan, lesions=(lesion,)), 0)
         if len(visible) >= 2 and visible[-1] - visible[0] == len(visible) - 1:
             return lesion

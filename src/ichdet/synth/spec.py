@@ -32,6 +32,8 @@ BONE_HU = (1000.0, 1800.0)
 BLOOD_HU = (55.0, 80.0)
 NOISE_HU = 5.0
 SCALP_MM = 5.0
+CONTEXT_TAPER = 1.6  # context-matters lesions: z extent x this (more tapering edge slices)
+CONTEXT_FADE = 0.75  # ... and blood contrast min(1, profile / this)²: faint where the lesion is thin
 MIN_VISIBLE_MM2 = 12.0  # a lesion smaller than this on a slice does not make the slice positive
 
 _KIND_WEIGHTS = np.array([0.08, 0.25, 0.17, 0.25, 0.25])  # EDH is rare, as in the real data
@@ -60,6 +62,11 @@ class SynthSpec:
     size: int = 128
     slices_per_study: tuple[int, int] = (16, 24)
     seed: int = 0
+    context: bool = False
+    """"Context matters" (issue 10): each lesion extends ``CONTEXT_TAPER`` times further in z and fades
+    in over its edge slices (:attr:`Lesion.fade`), so the thin, faint first and last positive slices
+    are hard to call alone but plain to a model that sees the neighbours. Off: the classic set, byte
+    for byte."""
 
     def __post_init__(self) -> None:
         """Reject values the generator cannot honour, naming the value and the valid range."""
@@ -103,6 +110,11 @@ class Lesion:
     thickness: float = 0.0
     center_mm: tuple[float, float] = (0.0, 0.0)
     variant: str = ""
+    fade: float = 0.0  # 0: full contrast everywhere; > 0: see contrast() (faint edges)
+
+    def contrast(self, z: float) -> float:
+        """Blood contrast at ``z`` relative to full (1): ``min(1, profile / fade)²``, faint where the lesion is thin."""
+        return 1.0 if self.fade <= 0.0 else min(1.0, self.profile(z) / self.fade) ** 2
 
     def profile(self, z: float) -> float:
         """Relative in-plane size at height ``z`` (mm): 1 at the centre, 0 beyond ``z_half_mm``."""

@@ -3,7 +3,9 @@ disk (images, label CSV, sample submission), every file written atomically."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 import math
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from pydicom.uid import (
 )
 
 from ichdet.errors import IchdetError
-from ichdet.io import atomic_path, remove_stale_temps
+from ichdet.io import atomic_path, folder_lock, remove_stale_temps, write_text_atomic
 from ichdet.labels import LABELS, write_labels, write_submission
 from ichdet.synth.phantom import phantom_slice
 from ichdet.synth.plan import plan_dataset
@@ -150,9 +152,18 @@ def _write_atomic(path: Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-def _prepare_folder(folder: Path, expected: set[str]) -> None:
-    """Create ``folder``, drop temporary files a killed run left, refuse DICOMs this spec does not make."""
-    folder.mkdir(parents=True, exist_ok=True)
+MARKER = ".ichdet_synth.json"
+"""The hidden file by which ``make_dataset`` knows a folder as its own: the spec that wrote it."""
+
+
+def _spec_json(spec: SynthSpec) -> dict[str, object]:
+    return dict(json.loads(json.dumps(dataclasses.asdict(spec))))
+
+
+def _check_foreign(folder: Path, expected: set[str]) -> None:
+    """Drop temporary files a killed run left in ``folder``; refuse DICOMs this spec does not make."""
+    if not folder.is_dir():
+        return
     remove_stale_temps(folder)
     foreign = sorted(p.name for p in folder.glob("*.dcm") if p.stem not in expected)
     if foreign:
@@ -160,6 +171,36 @@ def _prepare_folder(folder: Path, expected: set[str]) -> None:
             f"{folder} holds {len(foreign)} DICOM file(s) that this SynthSpec does not produce "
             f"(e.g. {foreign[0]}); generate into an empty folder or delete {folder}"
         )
+
+
+def _claim(out: Path, spec: SynthSpec, force: bool) -> None:
+    """Make ``out`` this spec's folder, or refuse: never overwrite what another spec or program wrote.
+
+    A folder whose marker names this spec is ours (a rerun completes it). Any other folder that already
+    holds one of our output files is refused unless ``force``; only then is the marker (re)written.
+    """
+    marker, want = out / MARKER, _spec_json(spec)
+    if marker.is_file():
+        try:
+            have = json.loads(marker.read_text())
+        except (ValueError, UnicodeDecodeError):
+            have = None
+        if have == want:
+            return
+        changed = sorted(k for k in want if not isinstance(have, dict) or have.get(k) != want[k])
+        if not force:
+            raise IchdetError(f"{out} holds a synthetic data set of another spec (differs in "
+                              f"{', '.join(changed) or 'its marker'}); pass --force to overwrite it, "
+                              "or choose a new --out")
+    elif not force:
+        ours = [out / TRAIN_CSV, out / SUBMISSION_CSV, *(f for d in (TRAIN_DIR, TEST_DIR) if (out / d).is_dir()
+                                                         for f in (out / d).iterdir() if not f.name.startswith("."))]
+        existing = [p for p in ours if p.exists()]
+        if existing:
+            raise IchdetError(f"{out} already holds {existing[0].relative_to(out)} (and {len(existing) - 1} other "
+                              "file(s)) that `ichdet synth` did not write; pass --force to overwrite, or "
+                              "choose a new --out")
+    write_text_atomic(marker, json.dumps(want, sort_keys=True) + "\n")
 
 
 def _write_study(plan: StudyPlan, folder: Path) -> np.ndarray:
@@ -172,24 +213,37 @@ def _write_study(plan: StudyPlan, folder: Path) -> np.ndarray:
     return np.stack(labels)
 
 
-def make_dataset(out: Path, spec: SynthSpec) -> SynthSummary:
+def make_dataset(out: Path, spec: SynthSpec, force: bool = False) -> SynthSummary:
     """Write the synthetic data set of ``spec`` under ``out`` in the Kaggle layout; return a summary.
 
     Files: ``stage_2_train_images/ID_*.dcm`` + ``stage_2_train.csv`` (labelled studies),
     ``stage_2_test_images/ID_*.dcm`` + ``stage_2_sample_submission.csv`` (Label 0.5). Every file is
     written atomically; the same spec always gives byte-identical files, so a rerun (after an
-    interruption, say) simply completes the set.
+    interruption, say) simply completes the set. The folder is locked (:func:`ichdet.io.folder_lock`)
+    and remembers its spec in :data:`MARKER`: files that another spec or program wrote there are never
+    overwritten unless ``force``.
 
     Raises:
-        IchdetError: an image folder holds DICOM files that this spec does not produce.
+        IchdetError: an image folder holds DICOM files that this spec does not produce, or ``out``
+            holds output files this spec did not write (and not ``force``).
+        LockError: another process is writing ``out``.
     """
     out = Path(out)
     train, test = plan_dataset(spec)
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out)  # temporary files of a killed run
     train_dir, test_dir = out / TRAIN_DIR, out / TEST_DIR
-    _prepare_folder(train_dir, {i for p in train for i in p.image_ids})
-    _prepare_folder(test_dir, {i for p in test for i in p.image_ids})
+    with folder_lock(out, "ichdet synth"):
+        remove_stale_temps(out)  # temporary files of a killed run
+        _check_foreign(train_dir, {i for p in train for i in p.image_ids})
+        _check_foreign(test_dir, {i for p in test for i in p.image_ids})
+        _claim(out, spec, force)
+        train_dir.mkdir(exist_ok=True)
+        test_dir.mkdir(exist_ok=True)
+        return _write_all(out, train, test)
+
+
+def _write_all(out: Path, train: tuple[StudyPlan, ...], test: tuple[StudyPlan, ...]) -> SynthSummary:
+    """Render and write every study, then the two CSVs; the summary of what was written."""
+    train_dir, test_dir = out / TRAIN_DIR, out / TEST_DIR
     rows = [_write_study(plan, train_dir) for plan in train]
     labels = pd.DataFrame(np.concatenate(rows).astype(np.uint8) if rows else np.zeros((0, len(LABELS)), np.uint8),
                           index=[i for p in train for i in p.image_ids], columns=list(LABELS)).sort_index()
