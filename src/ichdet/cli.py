@@ -25,8 +25,9 @@ def _fail(message: object, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
-def command(fn: Callable[P, R]) -> Callable[P, R]:
-    """Register ``fn`` as an ``ichdet`` command whose expected failures become one line on stderr.
+def command(fn: Callable[P, R], on: typer.Typer = app, name: str | None = None) -> Callable[P, R]:
+    """Register ``fn`` as an ``ichdet`` command (of sub-app ``on`` as ``name``) whose expected failures
+    become one line on stderr.
 
     Bad input (an :class:`IchdetError`) exits 2; a run that failed (:class:`RunFailed`, or the
     operating system refusing a read or write: missing file, permission, full disk) exits 1.
@@ -42,7 +43,7 @@ def command(fn: Callable[P, R]) -> Callable[P, R]:
             raise _fail(err, 2) from None
         except OSError as err:
             raise _fail(err, 1) from None
-    app.command()(wrapper)
+    on.command(name)(wrapper)
     return wrapper
 
 
@@ -173,6 +174,32 @@ def demo(out: Annotated[Path, typer.Option(help="folder for every artifact")] = 
     from ichdet.demo import run_demo
 
     run_demo(out, seed=seed, echo=typer.echo)
+
+
+seq_app = typer.Typer(no_args_is_help=True, help="The sequence stage: a model over each series of slices.")
+app.add_typer(seq_app, name="seq")
+
+
+@functools.partial(command, on=seq_app, name="train")
+def seq_train(run: Annotated[list[Path], typer.Option(help="trained 2D run folder (repeat for several)")],
+              data: Annotated[Path, typer.Option(help="the cache the 2D runs were trained on")],
+              out: Annotated[Path, typer.Option(help="sequence run folder")],
+              config: Annotated[Path | None, typer.Option(help="YAML (configs/seq_bigru.yaml)")] = None,
+              fold: Annotated[str, typer.Option(help="fold number, or all")] = "all",
+              resume: Annotated[bool, typer.Option(help="continue an interrupted run")] = False,
+              set_: Annotated[list[str] | None, typer.Option("--set", help="override: key=value")] = None) -> None:
+    """Train a sequence model over out-of-fold features of trained 2D runs (predict it like any run)."""
+    from ichdet.config import load_seq_config
+    from ichdet.seq import train_seq
+
+    if config is None and resume and (out / "config.yaml").exists():
+        config = out / "config.yaml"
+    results = train_seq(load_seq_config(config, set_ or []), run, data, out, fold=fold, resume=resume,
+                        progress=sys.stderr.isatty())
+    for r in results:
+        typer.echo(f"fold {r['fold']}: best val weighted log loss {r['val_loss']:.4f} at epoch {r['epoch']} "
+                   f"({r['epochs']} epochs)")
+    typer.echo(f"run: {out}")
 
 
 def main() -> None:
