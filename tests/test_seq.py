@@ -150,6 +150,11 @@ def test_seq_run_predicts_like_any_run_to_a_valid_submission(setup: tuple[Path, 
     assert json.loads((tmp_path / "seq" / "seq.json").read_text())["bases"] == [str(base_dir.resolve())]
     with pytest.raises(IchdetError, match=r"already holds a sequence run .*pass --resume"):
         train_seq(load_seq_config(None, SEQ), [base_dir], cache_dir, tmp_path / "seq", progress=False)
+    before = (tmp_path / "seq" / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"config\.yaml differs in model; resume with the run's own config"):
+        train_seq(load_seq_config(Path("configs/seq_bigru.yaml"), [*SEQ, "model.hidden=8"]), [base_dir], cache_dir,
+                  tmp_path / "seq", resume=True, progress=False)
+    assert (tmp_path / "seq" / "config.yaml").read_text() == before
     # the real sample's test studies, alone and mixed with the 2D run
     preprocess(rsna_sample / "stage_2_test_images", tmp_path / "test_cache", None,
                PreprocessOptions(size=32, workers=1, progress=False))

@@ -157,7 +157,7 @@ def _read_tree(path: str | Path | None) -> dict[str, Any]:
     return tree
 
 
-def config_to_yaml(cfg: Config) -> str:
+def config_to_yaml(cfg: BaseModel) -> str:
     """The resolved config as YAML, the form written to a run directory."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 

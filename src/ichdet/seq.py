@@ -247,8 +247,8 @@ def build_seq_trainer(cfg: SeqConfig, cache: PixelCache, features: np.ndarray, l
 
 
 def _claim_run(run: Path, cfg: SeqConfig, bases: Sequence[BaseRun], resume: bool) -> None:
-    """Refuse before anything is written: an existing run without ``--resume``, or other base runs or
-    config on resume; then record config.yaml and seq.json."""
+    """Refuse before anything is written: an existing run without ``--resume``, other base runs, or on
+    resume another model or feature config; then record config.yaml and seq.json."""
     started = sorted(run.glob("fold*/checkpoints/last.pt"))
     if started and not resume:
         raise IchdetError(f"{run} already holds a sequence run ({started[0].parent.parent.name}); pass --resume "
@@ -259,9 +259,12 @@ def _claim_run(run: Path, cfg: SeqConfig, bases: Sequence[BaseRun], resume: bool
         if old.get("bases") != meta["bases"]:
             raise IchdetError(f"{run} was trained on base runs {old.get('bases')}, not {meta['bases']}; "
                               "choose a new --out")
-    if resume and (run / "config.yaml").is_file() and load_seq_config(run / "config.yaml") != cfg:
-        raise ConfigError(f"{run}/config.yaml differs from the given config; resume with the run's own config")
-    write_text_atomic(run / "config.yaml", config_to_yaml(cfg))  # type: ignore[arg-type]
+    if resume and (run / "config.yaml").is_file():  # the train section is checked per fold, by train_fold
+        old_cfg = load_seq_config(run / "config.yaml")
+        changed = [key for key in ("model", "features") if getattr(old_cfg, key) != getattr(cfg, key)]
+        if changed:
+            raise ConfigError(f"{run}/config.yaml differs in {', '.join(changed)}; resume with the run's own config")
+    write_text_atomic(run / "config.yaml", config_to_yaml(cfg))
     write_text_atomic(run / SEQ_FILE, json.dumps(meta, indent=1) + "\n")
 
 
