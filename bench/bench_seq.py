@@ -128,13 +128,15 @@ def cost(series: int, slices: int, device: str, max_batches: int | None) -> dict
     optimizer, scheduler, autocast, scaler = optimisation(cfg, model, rt, steps)
     t = Trainer(cfg, rt, model, nn.Identity(), WeightedBCE().to(rt.device), optimizer, scheduler, scaler, autocast,
                 loader, loader, None, to_batch=series_batch, infer=_infer)  # type: ignore[arg-type]  # no pixel cache
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     record = train_one_epoch(t, 0, progress=False)
-    epoch_s = time.perf_counter() - start
+    epoch_s, epoch_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
     done_slices = int(lengths[: steps * cfg.train.batch_size].sum()) if max_batches else slices
     return {"series": series, "slices": slices, "width": WIDTH, "device": str(rt.device),
             "batches": steps, "batch_series": cfg.train.batch_size, "epoch_s": round(epoch_s, 1),
-            "epoch_s_full": round(epoch_s * slices / done_slices, 1), "slices_per_s": round(done_slices / epoch_s),
+            "epoch_s_full": round(epoch_s * slices / done_slices, 1),
+            "epoch_cpu_s_full": round(epoch_cpu_s * slices / done_slices, 1),  # all threads: load-independent
+            "slices_per_s": round(done_slices / epoch_s),
             "train_loss": round(record["train_loss"], 4), "make_features_s": round(make_s, 1),
             "features_gb_float16": round(features.nbytes / 1e9, 2),
             "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
