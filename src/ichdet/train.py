@@ -202,7 +202,8 @@ def train_one_epoch(t: Trainer, epoch: int, progress: bool) -> dict[str, float]:
             break
         inputs, target, mask = t.to_batch(t, batch)
         loss = train_step(t, inputs, target, mask)
-        n = len(target) if mask is None else int(mask.sum())  # images (2D) or real slices (sequence)
+        # images (2D) or real slices (sequence: a sync, as packing the series already needs their lengths)
+        n = len(target) if mask is None else int(mask.sum())
         total_loss += loss * n  # stays on the device: no sync per step
         n_images += n
         if not bar.disable and step % 10 == 0:  # .item() syncs the GPU: only when someone watches
