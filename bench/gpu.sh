@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # ichdet on a GPU: throughput (bf16+channels_last vs fp32), ichdet's train step and inference vs bare
-# timm, and whether the data loader keeps the GPU busy. Sized to finish within 10 minutes on an H100
+# timm, whether the data loader keeps the GPU busy, and one sequence-stage epoch at RSNA scale. Sized to finish within 10 minutes on an H100
 # (not yet run on one); results printed and written to "${OUT:-bench_out}/gpu.json". The Python is
 # bench/gpu_bench.py (see its docstring).
 #
@@ -71,6 +71,14 @@ else
 fi
 "$PY" -c "import sys, torch; print('using', sys.executable, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 if ichdet_ok "$PY"; then echo "ichdet: importable"; else echo "ichdet: NOT importable (ichdet sections will fail)"; fi
+
+# the sequence stage (issue 10): one epoch of the sequence model over RSNA-scale random features
+# (752,803 slices, 21,700 series, 2048+6 wide) on the GPU; at most 150 s, before the budget is set
+SEQ_ARGS=(cost --device cuda --out "$OUT_DIR/seq_cost.json")
+[ "$SMOKE" = 1 ] && SEQ_ARGS=(cost --device cpu --series 60 --slices 2400 --out "$OUT_DIR/seq_cost.json")
+echo "sequence stage: bench/bench_seq.py ${SEQ_ARGS[*]}"
+PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" timeout 150 "$PY" bench/bench_seq.py "${SEQ_ARGS[@]}" \
+    | tail -n 25 || echo "sequence stage: failed or over 150 s (see above)"
 
 # whatever the setup took comes off the 10 minutes: sections that would end past ~9.5 min are skipped
 BUDGET=$(( ${ICHDET_GPU_BUDGET_S:-570} - ($(date +%s) - START) ))

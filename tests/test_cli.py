@@ -27,7 +27,7 @@ def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_synth_writes_the_kaggle_layout(synth_dir: Path) -> None:
-    assert sorted(p.name for p in synth_dir.iterdir()) == [
+    assert sorted(p.name for p in synth_dir.iterdir() if not p.name.startswith(".")) == [  # not lock, marker
         "stage_2_sample_submission.csv", "stage_2_test_images", "stage_2_train.csv", "stage_2_train_images"]
 
 

@@ -82,7 +82,7 @@ def read_long_csv(path: Path) -> list[tuple[str, str]]:
 
 def digest(root: Path) -> dict[str, str]:
     """sha256 of every file under ``root`` by relative path."""
-    files = sorted(p for p in root.rglob("*") if p.is_file())
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))  # not lock, marker
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
@@ -383,6 +383,8 @@ def _order(numbers: tuple[int, ...]) -> str:
 def test_layout_on_disk(default_set: synth.SynthSummary) -> None:
     out = default_set.out
     assert sorted(p.name for p in out.iterdir()) == [
+        ".ichdet.lock",  # the writer lock (free once make_dataset returns)
+        ".ichdet_synth.json",  # the spec that wrote the folder
         "stage_2_sample_submission.csv",
         "stage_2_test_images",
         "stage_2_train.csv",
@@ -557,7 +559,7 @@ def test_interrupted_run_leaves_no_partial_file_and_rerun_completes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = {"n": 0}
-    real = synth._dicom_bytes
+    real = synth.writer._dicom_bytes
 
     def dying(ds: pydicom.Dataset) -> bytes:
         calls["n"] += 1
@@ -565,12 +567,12 @@ def test_interrupted_run_leaves_no_partial_file_and_rerun_completes(
             raise KeyboardInterrupt
         return real(ds)
 
-    monkeypatch.setattr(synth, "_dicom_bytes", dying)
+    monkeypatch.setattr(synth.writer, "_dicom_bytes", dying)
     with pytest.raises(KeyboardInterrupt):
         synth.make_dataset(tmp_path / "run", SMALL)
-    written = [p.name for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    written = [p.name for p in (tmp_path / "run").rglob("*") if p.is_file() and not p.name.startswith(".ichdet")]
     assert len(written) == 6 and all(n.endswith(".dcm") and n.startswith("ID_") for n in written)
-    monkeypatch.setattr(synth, "_dicom_bytes", real)
+    monkeypatch.setattr(synth.writer, "_dicom_bytes", real)
     synth.make_dataset(tmp_path / "run", SMALL)
     synth.make_dataset(tmp_path / "fresh", SMALL)
     assert digest(tmp_path / "run") == digest(tmp_path / "fresh")
@@ -591,3 +593,71 @@ def test_leftover_temp_files_of_a_killed_run_are_removed(tmp_path: Path) -> None
         p.write_bytes(b"half")
     synth.make_dataset(tmp_path, SMALL)
     assert not any(p.exists() for p in stale)
+
+
+# ------------------------------------------------------------------- ownership of the output folder
+
+
+@pytest.mark.parametrize("existing", ["stage_2_train.csv", "stage_2_sample_submission.csv",
+                                      "stage_2_test_images/notes.txt"])
+def test_refuses_to_overwrite_files_it_did_not_write(tmp_path: Path, existing: str) -> None:
+    (tmp_path / existing).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / existing).write_text("mine\n")
+    with pytest.raises(IchdetError, match=rf"already holds {re.escape(existing)} .*did not write; pass --force"):
+        synth.make_dataset(tmp_path, SMALL)
+    assert (tmp_path / existing).read_text() == "mine\n"
+    assert not list((tmp_path / "stage_2_train_images").glob("*.dcm")) if existing != "stage_2_test_images/notes.txt" \
+        else True
+    synth.make_dataset(tmp_path, SMALL, force=True)
+    assert (tmp_path / "stage_2_train.csv").read_text().startswith("ID,Label\n")
+
+
+def test_refuses_a_folder_of_another_spec_unless_forced(tmp_path: Path) -> None:
+    synth.make_dataset(tmp_path, SMALL)
+    before = digest(tmp_path)
+    other = SynthSpec(n_studies=4, n_test_studies=2, size=48, slices_per_study=(8, 10), seed=3)
+    with pytest.raises(IchdetError, match=r"another spec \(differs in size\); pass --force"):
+        synth.make_dataset(tmp_path, other)
+    assert digest(tmp_path) == before
+    synth.make_dataset(tmp_path, other, force=True)
+    assert digest(tmp_path) != before and len(digest(tmp_path)) == len(before)
+
+
+def test_cli_synth_refuses_an_existing_label_csv(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ichdet.cli import app
+
+    (tmp_path / "stage_2_train.csv").write_text("ID,Label\nID_0_any,1\n")
+    result = CliRunner().invoke(app, ["synth", "--out", str(tmp_path), "--studies", "3", "--size", "32"])
+    assert result.exit_code == 2 and "pass --force" in result.output
+    assert (tmp_path / "stage_2_train.csv").read_text() == "ID,Label\nID_0_any,1\n"
+
+
+# ------------------------------------------------------------------------------ context matters
+
+
+CONTEXT = SynthSpec(n_studies=6, n_test_studies=0, size=64, slices_per_study=(16, 20), seed=5, context=True)
+
+
+def test_context_option_keeps_the_plan_and_tapers_every_lesion() -> None:
+    plain, _ = synth.plan_dataset(SynthSpec(**{**CONTEXT.__dict__, "context": False}))
+    ctx, _ = synth.plan_dataset(CONTEXT)
+    assert [p.image_ids for p in plain] == [p.image_ids for p in ctx]
+    for a, b in zip(plain, ctx, strict=True):
+        assert [les.kind for les in a.lesions] == [les.kind for les in b.lesions]
+        assert all(les.fade == 0.0 for les in a.lesions) and all(les.fade == 0.75 for les in b.lesions)
+        assert all(les.z_half_mm > 0 for les in b.lesions)
+
+
+def test_context_edge_slices_are_positive_but_faint() -> None:
+    ctx, _ = synth.plan_dataset(CONTEXT)
+    faint, full = [], []
+    for plan in ctx:
+        for k in range(plan.n_slices):
+            sl = synth.phantom_slice(plan, k)
+            for les, mask in zip(plan.lesions, sl.blood, strict=True):
+                if mask.sum() >= synth.min_visible_px(plan.style.spacing_mm):
+                    (full if les.contrast(plan.z_mm(k)) >= 1.0 else faint).append(float(sl.hu[mask].mean()))
+    assert len(faint) >= 10 and len(full) >= 10
+    assert np.median(faint) < 55.0 <= min(full)  # faint edges fall below the blood range; the core stays in it

@@ -53,10 +53,11 @@ def handle_errors(fn: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-def command(fn: Callable[P, R]) -> Callable[P, R]:
-    """Register ``fn`` as an ``ichdet`` command whose expected failures become one line on stderr."""
+def command(fn: Callable[P, R], on: typer.Typer = app, name: str | None = None) -> Callable[P, R]:
+    """Register ``fn`` as an ``ichdet`` command (of sub-app ``on``, as ``name``) whose expected failures
+    become one line on stderr."""
     wrapper = handle_errors(fn)
-    app.command()(wrapper)
+    on.command(name)(wrapper)
     return wrapper
 
 
@@ -65,12 +66,15 @@ def synth(out: Annotated[Path, typer.Option(help="folder to write the Kaggle-lay
           studies: Annotated[int, typer.Option(help="labelled studies")] = 12,
           test_studies: Annotated[int, typer.Option(help="unlabelled test studies")] = 2,
           size: Annotated[int, typer.Option(help="slice size in pixels")] = 128,
-          seed: int = 0) -> None:
+          seed: int = 0,
+          context: Annotated[bool, typer.Option(help="lesions taper with faint edge slices (sequence stage)")]
+          = False,
+          force: Annotated[bool, typer.Option(help="overwrite files ichdet synth did not write")] = False) -> None:
     """Write synthetic head-CT studies (skull, brain, ventricles, five bleed types) as DICOM."""
     from ichdet.synth import SynthSpec, make_dataset
 
     summary = make_dataset(out, SynthSpec(n_studies=studies, n_test_studies=test_studies, size=size,
-                                          seed=seed))
+                                          seed=seed, context=context), force=force)
     typer.echo(str(summary))
 
 
@@ -264,6 +268,30 @@ def serve(bundle: Annotated[Path | None, typer.Option(help="model bundle (model.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     run_node(cfg, bundle_analyser(cfg.bundle, tta=cfg.tta, device=cfg.device))
+seq_app = typer.Typer(no_args_is_help=True, help="The sequence stage: a model over each series of slices.")
+app.add_typer(seq_app, name="seq")
+
+
+@functools.partial(command, on=seq_app, name="train")
+def seq_train(run: Annotated[list[Path], typer.Option(help="trained 2D run folder (repeat for several)")],
+              data: Annotated[Path, typer.Option(help="the cache the 2D runs were trained on")],
+              out: Annotated[Path, typer.Option(help="sequence run folder")],
+              config: Annotated[Path | None, typer.Option(help="YAML (configs/seq_bigru.yaml)")] = None,
+              fold: Annotated[str, typer.Option(help="fold number, or all")] = "all",
+              resume: Annotated[bool, typer.Option(help="continue an interrupted run")] = False,
+              set_: Annotated[list[str] | None, typer.Option("--set", help="override: key=value")] = None) -> None:
+    """Train a sequence model over out-of-fold features of trained 2D runs (predict it like any run)."""
+    from ichdet.config import load_seq_config
+    from ichdet.seq import train_seq
+
+    if config is None and resume and (out / "config.yaml").exists():
+        config = out / "config.yaml"
+    results = train_seq(load_seq_config(config, set_ or []), run, data, out, fold=fold, resume=resume,
+                        progress=sys.stderr.isatty())
+    for r in results:
+        typer.echo(f"fold {r['fold']}: best val weighted log loss {r['val_loss']:.4f} at epoch {r['epoch']} "
+                   f"({r['epochs']} epochs)")
+    typer.echo(f"run: {out}")
 
 
 def main() -> None:

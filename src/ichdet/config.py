@@ -136,10 +136,10 @@ class Config(_Strict):
     train: TrainConfig = Field(default_factory=lambda: TrainConfig())
 
 
-def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def _set_path(tree: dict[str, Any], dotted: str, value: Any, schema: type[BaseModel] | None = None) -> None:
     node: Any = tree
     keys = dotted.split(".")
-    schema: type[BaseModel] = Config
+    schema = schema or Config
     for depth, key in enumerate(keys):
         fields = schema.model_fields
         if key not in fields:
@@ -191,10 +191,15 @@ def build_config(tree: dict[str, Any], overrides: list[str] | tuple[str, ...] = 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config (or the defaults when ``path`` is None) and apply overrides."""
+    return build_config(_read_tree(path), overrides, source=str(path or "defaults"))
+
+
+def _read_tree(path: str | Path | None) -> dict[str, Any]:
+    """The YAML mapping of a config file ({} for None: the defaults)."""
     tree: dict[str, Any] = {}
     if path is not None:
         tree = _read_yaml(Path(path))
-    return build_config(tree, overrides, source=str(path or "defaults"))
+    return tree
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -214,6 +219,66 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return tree
 
 
-def config_to_yaml(cfg: Config) -> str:
+def config_to_yaml(cfg: BaseModel) -> str:
     """The resolved config as YAML, the form written to a run directory."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------- the sequence stage
+
+
+class SeqModelConfig(_Strict):
+    """The sequence model over each series (1st place 2019): projection, 1D conv, BiGRU, six logits."""
+
+    kind: Literal["bigru"] = "bigru"
+    hidden: int = Field(128, ge=4, le=4096)
+    conv_kernel: int = Field(3, ge=1, le=15)
+    gru_layers: int = Field(1, ge=1, le=4)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    residual: bool = True  # add the base runs' mean logits: the model learns a correction to them
+
+    @field_validator("conv_kernel")
+    @classmethod
+    def _odd(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError(f"must be odd (centred on the slice), got {value}")
+        return value
+
+    @property
+    def arch(self) -> str:
+        """The architecture name checkpoints record."""
+        return f"seq_{self.kind}"
+
+
+class SeqFeatureConfig(_Strict):
+    """How per-slice features are extracted from the base runs (cached on disk, float16)."""
+
+    tta: bool = True  # average embedding and logits over the image and its mirror
+    batch_size: int = Field(64, ge=1)
+    num_workers: int = Field(2, ge=0)
+
+
+class SeqConfig(_Strict):
+    """A sequence run: the model, feature extraction and the same training settings as a 2D run.
+
+    ``train.batch_size`` counts series, not slices.
+    """
+
+    name: str = "seq"
+    model: SeqModelConfig = Field(default_factory=lambda: SeqModelConfig())
+    features: SeqFeatureConfig = Field(default_factory=lambda: SeqFeatureConfig())
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=20, batch_size=16, lr=1e-3,
+                                                                   warmup_epochs=0.0, patience=4))
+
+
+def load_seq_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> SeqConfig:
+    """Read a sequence config (``configs/seq_bigru.yaml``; the defaults for None) and apply overrides."""
+    tree = copy.deepcopy(_read_tree(path))
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_path(tree, key, value, SeqConfig)
+    try:
+        return SeqConfig.model_validate(tree)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
+        raise ConfigError(f"{path or 'defaults'}: {problems}") from None

@@ -180,3 +180,33 @@ def prediction_table(cache: PixelCache, rows: np.ndarray, probs: np.ndarray, **k
     for position, (name, value) in enumerate(keys.items(), start=1):
         table.insert(position, name, value)
     return table
+
+
+def embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A timm network's pooled penultimate embedding and its logits, concatenated: (N, features + 6)."""
+    pooled = model.forward_head(model.forward_features(x), pre_logits=True)  # type: ignore[operator]
+    return torch.cat([pooled, model.get_classifier()(pooled)], dim=1)  # type: ignore[operator]
+
+
+@torch.inference_mode()
+def embed_batches(model: nn.Module, normalize: Normalizer, loader: DataLoader[Any], device: torch.device,
+                  autocast: Callable[[], AbstractContextManager[Any]], tta: bool,
+                  progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`embed` of every sample of ``loader``: rows (N,), float32 (N, features + 6).
+
+    With ``tta`` the image and its mirror go through in one pass and their embeddings and logits are
+    averaged (the sequence stage's features, flip-TTA as the 2D predictions).
+    """
+    model.eval()
+    rows, feats = [], []
+    for images, _, row in tqdm(loader, desc="features", leave=False, disable=not progress):
+        images = images.to(device, non_blocking=True)
+        if tta:
+            images = torch.cat([images, torch.flip(images, dims=[3])])
+        with autocast():
+            f = embed(model, normalize(images)).float()
+        feats.append(f.view(2, -1, f.shape[-1]).mean(0) if tta else f)
+        rows.append(row)
+    if not feats:
+        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+    return torch.cat(rows).numpy(), torch.cat(feats).cpu().numpy()

@@ -1,6 +1,6 @@
 """Backbone registry over timm: the seed's six models by name, any timm name, checked early.
 
->>> from ichdet.config import ModelConfig
+>>> from ichdet.config import ModelConfig, SeqModelConfig
 >>> model = build_model(ModelConfig(backbone="resnet34"), in_chans=3)  # 6 logits per image
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from safetensors import SafetensorError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from ichdet.config import ModelConfig
+from ichdet.config import ModelConfig, SeqModelConfig
 from ichdet.errors import ConfigError
 from ichdet.labels import LABELS
 from ichdet.names import did_you_mean
@@ -103,3 +104,64 @@ def unwrap(model: nn.Module) -> nn.Module:
         if not isinstance(inner, nn.Module):
             return model
         model = inner
+
+
+# ---------------------------------------------------------------------------- the sequence model
+
+
+class SequenceModel(nn.Module):
+    """Six logits per slice from a series of per-slice features (the 1st-place 2019 second stage).
+
+    Each slice sees its (layer-normed, linearly projected) features, their differences to the previous
+    and next slice of its series (itself at an end) and its relative position; a mixing layer, a 1D
+    convolution over neighbouring slices and a bidirectional GRU mix the series; a linear head gives six
+    logits per slice. The differences are taken after the projection (the projection of the differences,
+    as it is linear): the wide features go through one matrix product, not three. With ``residual``
+    the head's output is added to the base runs' mean logits (zero-initialised
+    head: training starts from the 2D predictions). Padding never leaks into a series: hidden states
+    are zeroed past its end before the convolution, and the GRU runs on packed sequences.
+    """
+
+    def __init__(self, cfg: SeqModelConfig, n_features: int, logit_columns: Sequence[int]) -> None:
+        super().__init__()
+        self.residual = cfg.residual
+        self.logit_index: torch.Tensor
+        self.register_buffer("logit_index", torch.tensor([[c + i for i in range(len(LABELS))]
+                                                          for c in logit_columns], dtype=torch.long))
+        self.norm = nn.LayerNorm(n_features, elementwise_affine=False)  # proj scales: no gradient into x
+        self.proj = nn.Linear(n_features, cfg.hidden)
+        self.mix = nn.Linear(3 * cfg.hidden + 1, cfg.hidden)
+        self.conv = nn.Conv1d(cfg.hidden, cfg.hidden, cfg.conv_kernel, padding=cfg.conv_kernel // 2)
+        self.gru = nn.GRU(cfg.hidden, cfg.hidden, num_layers=cfg.gru_layers, batch_first=True, bidirectional=True,
+                          dropout=cfg.dropout if cfg.gru_layers > 1 else 0.0)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.head = nn.Linear(2 * cfg.hidden, len(LABELS))
+        if cfg.residual:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, L, F) features, ``mask`` (B, L) true on real slices -> logits (B, L, 6)."""
+        lengths = mask.sum(1)
+        pos = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        last = (lengths - 1).clamp(min=0)[:, None]
+        z = self.proj(self.norm(x.float()))
+        prev = z.gather(1, (pos - 1).clamp(min=0)[..., None].expand_as(z))
+        nxt = z.gather(1, torch.minimum(pos + 1, last)[..., None].expand_as(z))
+        rel = (pos / last.clamp(min=1)).to(z.dtype)[..., None]
+        keep = mask[..., None].to(z.dtype)
+        h = torch.relu(self.mix(torch.cat([z, z - prev, z - nxt, rel], dim=-1))) * keep
+        h = torch.relu(self.conv(h.transpose(1, 2))).transpose(1, 2) * keep
+        packed = nn.utils.rnn.pack_padded_sequence(h, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = self.gru(packed)
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        logits = self.head(self.drop(out))
+        if self.residual:
+            logits = logits + x[..., self.logit_index].float().mean(dim=-2)
+        return logits
+
+
+def build_seq_model(cfg: SeqModelConfig, n_features: int, logit_columns: Sequence[int]) -> SequenceModel:
+    """The sequence model of ``cfg`` over ``n_features`` per slice; ``logit_columns``: where each base
+    run's six logits start in a feature row (their mean is the residual's base)."""
+    return SequenceModel(cfg, n_features, logit_columns)

@@ -103,7 +103,12 @@ def predict_run(run: str | Path, cache: PixelCache, tta: bool = True, batch_size
     """Predict every image of ``cache`` with every fold of one run; a long table (see module doc).
 
     The folds share the run's config, so each image is read, windowed and batched once for all of them.
+    A sequence run (:mod:`ichdet.seq`) predicts the same table through its base runs' folds.
     """
+    from ichdet.seq import is_seq_run, predict_seq  # seq imports this module
+
+    if is_seq_run(run):
+        return predict_seq(run, cache, tta, device, progress)
     rt = init_runtime(device)
     cfg = run_config(run)
     folds = fold_weights(run)

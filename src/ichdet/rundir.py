@@ -19,7 +19,7 @@ import pandas as pd
 import yaml
 
 from ichdet.checkpoint import load_state
-from ichdet.config import Config
+from ichdet.config import Config, SeqConfig
 from ichdet.errors import ConfigError, IchdetError
 from ichdet.store import PixelCache
 
@@ -47,7 +47,7 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def result_changes(saved: dict[str, Any], cfg: Config) -> list[str]:
+def result_changes(saved: dict[str, Any], cfg: Config | SeqConfig) -> list[str]:
     """The keys, outside :data:`RESULT_FREE_KEYS`, where config tree ``saved`` and ``cfg`` differ."""
     old, new = flatten(saved), flatten(cfg.model_dump(mode="json"))
     return sorted(k for k in old.keys() | new.keys()
@@ -105,7 +105,7 @@ def _check_run_config(run: Path, cfg: Config) -> None:
                           "train with the run's own config.yaml or choose a new --out")
 
 
-def check_fold_dir(fold_dir: Path, cfg: Config, resume: bool, state: dict[str, Any] | None = None) -> None:
+def check_fold_dir(fold_dir: Path, cfg: Config | SeqConfig, resume: bool, state: dict[str, Any] | None = None) -> None:
     """Whether a fold may be trained into ``fold_dir``: a checkpoint there needs ``--resume`` and the same
     result-changing config (:func:`result_changes`). ``state``: that checkpoint, if already loaded."""
     last = fold_dir / "checkpoints" / "last.pt"

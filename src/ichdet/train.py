@@ -21,9 +21,9 @@ import os
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from ichdet.checkpoint import load_state, load_weights, save_state, save_weights
-from ichdet.config import Config, config_to_yaml
+from ichdet.config import Config, SeqConfig, config_to_yaml
 from ichdet.data import SliceDataset
 from ichdet.engine import (
     Normalizer,
@@ -78,14 +78,33 @@ def lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     return factor
 
 
+Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor | None]
+"""What the loop feeds a step: model inputs on the device, targets, and a mask of the target rows that
+count (None: all of them; a sequence batch masks its padding)."""
+
+
+def image_batch(t: Trainer, batch: Any) -> Batch:
+    """A 2D loader batch ``(uint8 images, targets, rows)`` -> normalised images on the device."""
+    images, target, _ = batch
+    return (t.normalize(images.to(t.rt.device, non_blocking=True)),), target.to(t.rt.device, non_blocking=True), None
+
+
+def predict_images(t: Trainer, tta: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Validation inference of a 2D trainer: this rank's (rows, probs (N, 6))."""
+    normalize = cast(Normalizer, t.normalize)
+    rows, probs = predict_batches([unwrap(t.model)], normalize, t.val_loader, t.rt.device, t.autocast, tta)
+    return rows, probs[0]
+
+
 @dataclass
 class Trainer:
-    """Everything one fold's training needs, built once by :func:`build_trainer`."""
+    """Everything one fold's training needs, built once by :func:`build_trainer` (2D) or
+    :func:`ichdet.seq.build_seq_trainer` (sequence); the loop only calls ``to_batch`` and ``infer``."""
 
-    cfg: Config
+    cfg: Config | SeqConfig
     rt: Runtime
     model: nn.Module
-    normalize: Normalizer
+    normalize: nn.Module  # a Normalizer for images; identity for feature sequences
     loss_fn: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -94,6 +113,8 @@ class Trainer:
     train_loader: DataLoader[Any]
     val_loader: DataLoader[Any]
     cache: PixelCache
+    to_batch: Callable[[Trainer, Any], Batch] = field(default=image_batch)
+    infer: Callable[[Trainer, bool], tuple[np.ndarray, np.ndarray]] = field(default=predict_images)
 
 
 def _loader(ds: SliceDataset, cfg: Config, rt: Runtime, train: bool) -> DataLoader[Any]:
@@ -126,27 +147,36 @@ def build_trainer(cfg: Config, cache: PixelCache, fold: int, rt: Runtime) -> Tra
     train_ds = SliceDataset(cache, train_rows, cfg.data, augment=True, seed=cfg.train.seed)
     val_ds = SliceDataset(cache, val_rows[rt.rank::rt.world_size], cfg.data)  # no padding duplicates
     train_loader = _loader(train_ds, cfg, rt, train=True)
-    steps = _steps_per_epoch(cfg, train_loader)
+    optimizer, scheduler, autocast, scaler = optimisation(cfg, model, rt, _steps_per_epoch(cfg, train_loader))
+    return Trainer(cfg, rt, model, normalize, WeightedBCE().to(rt.device), optimizer, scheduler, scaler,
+                   autocast, train_loader, _loader(val_ds, cfg, rt, train=False), cache)
+
+
+def optimisation(cfg: Config | SeqConfig, model: nn.Module, rt: Runtime, steps: int) -> tuple[
+        torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, Callable[[], AbstractContextManager[Any]],
+        torch.amp.GradScaler]:
+    """AdamW, the warm-up + cosine schedule over ``steps`` per epoch, autocast and grad scaler of a run."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                                   fused=rt.device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(steps * cfg.train.epochs, round(steps * cfg.train.warmup_epochs)))
     autocast, scaler = precision(rt.device, cfg.train.amp)
-    return Trainer(cfg, rt, model, normalize, WeightedBCE().to(rt.device), optimizer, scheduler, scaler,
-                   autocast, train_loader, _loader(val_ds, cfg, rt, train=False), cache)
+    return optimizer, scheduler, autocast, scaler
 
 
-def _steps_per_epoch(cfg: Config, loader: DataLoader[Any]) -> int:
+def _steps_per_epoch(cfg: Config | SeqConfig, loader: DataLoader[Any]) -> int:
     """Batches one epoch trains on: the loader's, or ``train.limit_train_batches`` if fewer."""
     return min(len(loader), cfg.train.limit_train_batches or len(loader))
 
 
-def train_step(t: Trainer, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """One optimisation step on a batch (uint8 images, float targets); returns the detached loss."""
-    x = t.normalize(images.to(t.rt.device, non_blocking=True))
-    y = target.to(t.rt.device, non_blocking=True)
+def train_step(t: Trainer, inputs: tuple[torch.Tensor, ...], target: torch.Tensor,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One optimisation step on a batch (see :data:`Batch`); returns the detached loss."""
     with t.autocast():
-        loss = t.loss_fn(t.model(x), y)
+        logits = t.model(*inputs)
+        if mask is not None:  # padded sequence positions carry no loss
+            logits, target = logits[mask], target[mask]
+        loss = t.loss_fn(logits, target)
     t.optimizer.zero_grad(set_to_none=True)
     t.scaler.scale(loss).backward()
     if t.cfg.train.grad_clip > 0:
@@ -169,13 +199,16 @@ def train_one_epoch(t: Trainer, epoch: int, progress: bool) -> dict[str, float]:
     total_loss, n_images, start = torch.zeros((), device=t.rt.device), 0, time.perf_counter()
     first_bad = torch.full((), -1, device=t.rt.device)  # first step with a non-finite loss (no sync per step)
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}", leave=False, disable=not (progress and t.rt.is_main))
-    for step, (images, target, _) in enumerate(t.train_loader):
+    for step, batch in enumerate(t.train_loader):
         if step >= steps:  # not islice: a loader run to its end finishes its own iteration (and timers)
             break
-        loss = train_step(t, images, target)
+        inputs, target, mask = t.to_batch(t, batch)
+        loss = train_step(t, inputs, target, mask)
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step + 1, first_bad)
-        total_loss += loss * len(images)  # stays on the device: no sync per step
-        n_images += len(images)
+        # images (2D) or real slices (sequence: a sync, as packing the series already needs their lengths)
+        n = len(target) if mask is None else int(mask.sum())
+        total_loss += loss * n  # stays on the device: no sync per step
+        n_images += n
         if not bar.disable and step % 10 == 0:  # .item() syncs the GPU: only when someone watches
             rate = n_images * t.rt.world_size / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.0f}")
@@ -189,8 +222,7 @@ def train_one_epoch(t: Trainer, epoch: int, progress: bool) -> dict[str, float]:
 
 def validate(t: Trainer, tta: bool = False) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
     """Validation weighted log loss and per-label AUC (identical on every rank), rows and probs."""
-    rows, probs = predict_batches([unwrap(t.model)], t.normalize, t.val_loader, t.rt.device, t.autocast, tta)
-    rows, probs = gather(t.rt, rows, probs[0])
+    rows, probs = gather(t.rt, *t.infer(t, tta))
     check_finite_predictions(t, rows, probs)
     truth = t.cache.index[list(LABELS)].iloc[rows].to_numpy(dtype=np.float64)
     metrics = {"val_loss": weighted_log_loss(truth, probs)}
@@ -221,8 +253,12 @@ class Best:
 def _state(t: Trainer, epoch: int, history: list[dict[str, Any]], best: Best) -> dict[str, Any]:
     return {"model": unwrap(t.model).state_dict(), "optimizer": t.optimizer.state_dict(),
             "scheduler": t.scheduler.state_dict(), "scaler": t.scaler.state_dict(), "epoch": epoch,
-            "arch": resolve_backbone(t.cfg.model.backbone), "config": t.cfg.model_dump(mode="json"),
+            "arch": _arch(t), "config": t.cfg.model_dump(mode="json"),
             "history": history, "best": best.as_dict()}
+
+
+def _arch(t: Trainer) -> str:
+    return resolve_backbone(t.cfg.model.backbone) if isinstance(t.cfg, Config) else t.cfg.model.arch
 
 
 def _restore(t: Trainer, state: dict[str, Any]) -> None:
@@ -239,7 +275,7 @@ def update_best(best: Best, val_loss: float, epoch: int) -> tuple[Best, bool]:
     return replace(best, bad_epochs=best.bad_epochs + 1), False
 
 
-def should_stop(cfg: Config, epoch: int, best: Best) -> bool:
+def should_stop(cfg: Config | SeqConfig, epoch: int, best: Best) -> bool:
     """All epochs done, or ``train.patience`` epochs in a row without a better validation loss."""
     return epoch >= cfg.train.epochs or best.bad_epochs >= cfg.train.patience
 
@@ -253,13 +289,16 @@ def _log_epoch(fold_dir: Path, writer: Any, history: list[dict[str, Any]]) -> No
         writer.flush()
 
 
-def train_fold(cfg: Config, cache: PixelCache, fold_dir: Path, fold: int, rt: Runtime,
-               resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train one fold to the end (or early stop); returns the best epoch's metrics."""
+def train_fold(cfg: Config | SeqConfig, cache: PixelCache, fold_dir: Path, fold: int, rt: Runtime,
+               resume: bool = False, progress: bool = True, trainer: Trainer | None = None) -> dict[str, Any]:
+    """Train one fold to the end (or early stop); returns the best epoch's metrics.
+
+    ``trainer``: a ready one (the sequence stage's); by default :func:`build_trainer` builds the 2D one.
+    """
     last = fold_dir / "checkpoints" / "last.pt"
     state = load_state(last, map_location=rt.device) if resume and last.exists() else None
     check_fold_dir(fold_dir, cfg, resume, state)
-    t = build_trainer(cfg, cache, fold, rt)
+    t = trainer if trainer is not None else build_trainer(cfg, cache, fold, rt)  # type: ignore[arg-type]
     history: list[dict[str, Any]] = []
     best = Best()
     epoch = 0
