@@ -84,3 +84,15 @@ def test_roc_plot_leaves_out_one_class_labels(tmp_path: Path) -> None:
     y_pred = np.array([[0.9, 0.2, 0.2, 0.2, 0.2, 0.2], [0.1, 0.8, 0.8, 0.8, 0.8, 0.8]])
     out = plot_roc(y_true, y_pred, tmp_path / "roc.png")
     assert out == tmp_path / "roc.png" and out.stat().st_size > 1000
+
+
+def test_ensemble_of_identical_members_equals_one_member() -> None:
+    rng = np.random.default_rng(0)
+    one = pd.DataFrame(rng.uniform(0, 1, (5, 6)), columns=list(LABELS)).assign(
+        image_id=[f"ID_{i}" for i in range(5)], model="m", fold=0)
+    members = pd.concat([one.assign(fold=k) for k in range(3)] + [one.assign(model="n")], ignore_index=True)
+    alone = ensemble(one)
+    together = ensemble(members)
+    np.testing.assert_allclose(together.to_numpy(), alone.to_numpy(), rtol=0, atol=1e-15)
+    assert list(together.index) == [f"ID_{i}" for i in range(5)]
+    np.testing.assert_allclose(alone.to_numpy(), one[list(LABELS)].to_numpy(), rtol=0, atol=0)

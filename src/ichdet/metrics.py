@@ -13,7 +13,14 @@ from sklearn.metrics import roc_auc_score
 
 from ichdet.labels import LABELS
 
-__all__ = ["LABEL_WEIGHTS", "per_label_auc", "per_label_log_loss", "score_table", "weighted_log_loss"]
+__all__ = [
+    "LABEL_WEIGHTS",
+    "expected_calibration_error",
+    "per_label_auc",
+    "per_label_log_loss",
+    "score_table",
+    "weighted_log_loss",
+]
 
 LABEL_WEIGHTS: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0, 2.0)
 """Kaggle's weight per label, in LABELS order: ``any`` counts twice."""
@@ -116,3 +123,23 @@ def score_table(y_true: ArrayLike, y_pred: ArrayLike, eps: float = EPS) -> pd.Da
         "note": "Kaggle metric: weights " + ", ".join(f"{w:g}" for w in LABEL_WEIGHTS),
     }
     return pd.concat([table, pd.DataFrame(weighted, index=pd.Index(["weighted"]))])
+
+
+def expected_calibration_error(y_true: ArrayLike, y_pred: ArrayLike, n_bins: int = 15) -> float:
+    """Expected calibration error of the (N, 6) probabilities, every (image, label) pair one prediction.
+
+    Predictions fall into ``n_bins`` equal-width bins of [0, 1] (the last bin closed); ECE is the
+    bins' mean |mean prediction - observed frequency|, weighted by their share of the predictions.
+    0 is perfectly calibrated; an over-confident model (0.99 where 70 % are positive) scores high.
+
+    Example:
+        >>> expected_calibration_error(np.array([[1, 0, 0, 0, 0, 1]]), np.full((1, 6), 0.5), n_bins=2)
+        0.16666666666666666
+    """
+    t, p = _check_pair(y_true, y_pred)
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    t, p = t.ravel(), p.ravel()
+    bins = np.minimum((p * n_bins).astype(np.int64), n_bins - 1)
+    gap = np.abs(np.bincount(bins, p, n_bins) - np.bincount(bins, t, n_bins))  # per bin: |sum p - sum y|
+    return float(gap.sum() / len(p))  # = sum over bins of (n_b / N) * |mean p_b - mean y_b|

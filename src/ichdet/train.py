@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
+from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
@@ -49,7 +50,7 @@ from ichdet.engine import (
 from ichdet.errors import ConfigError, IchdetError
 from ichdet.io import write_parquet_atomic, write_text_atomic
 from ichdet.labels import LABELS
-from ichdet.metrics import LABEL_WEIGHTS, per_label_auc, weighted_log_loss
+from ichdet.metrics import LABEL_WEIGHTS, expected_calibration_error, per_label_auc, weighted_log_loss
 from ichdet.models import build_model, input_stats, resolve_backbone, unwrap
 from ichdet.store import PixelCache
 
@@ -93,6 +94,11 @@ class Trainer:
     train_loader: DataLoader[Any]
     val_loader: DataLoader[Any]
     cache: PixelCache
+    ema: ModelEmaV3 | None = None
+
+    def eval_model(self) -> nn.Module:
+        """The weights that are validated, selected and saved: the moving average when there is one."""
+        return self.ema.module if self.ema is not None else unwrap(self.model)
 
 
 def _loader(ds: SliceDataset, cfg: Config, rt: Runtime, train: bool) -> DataLoader[Any]:
@@ -132,7 +138,18 @@ def build_trainer(cfg: Config, cache: PixelCache, fold: int, rt: Runtime) -> Tra
         optimizer, lr_lambda(steps * cfg.train.epochs, round(steps * cfg.train.warmup_epochs)))
     autocast, scaler = precision(rt.device, cfg.train.amp)
     return Trainer(cfg, rt, model, normalize, WeightedBCE().to(rt.device), optimizer, scheduler, scaler,
-                   autocast, train_loader, _loader(val_ds, cfg, rt, train=False), cache)
+                   autocast, train_loader, _loader(val_ds, cfg, rt, train=False), cache, make_ema(model, cfg))
+
+
+def make_ema(model: nn.Module, cfg: Config) -> ModelEmaV3 | None:
+    """The moving average of ``model``'s weights and buffers (``train.ema_decay`` > 0), else None.
+
+    With warm-up (timm's ``1 - (1 + step)^(-2/3)``, capped at the decay) the average follows the
+    network closely in the first steps, so a short run's average is not dominated by its random start.
+    """
+    if cfg.train.ema_decay <= 0:
+        return None
+    return ModelEmaV3(unwrap(model), decay=cfg.train.ema_decay, use_warmup=True)
 
 
 def _steps_per_epoch(cfg: Config, loader: DataLoader[Any]) -> int:
@@ -154,6 +171,8 @@ def train_step(t: Trainer, images: torch.Tensor, target: torch.Tensor) -> torch.
     t.scaler.step(t.optimizer)
     t.scaler.update()
     t.scheduler.step()
+    if t.ema is not None:
+        t.ema.update(unwrap(t.model), step=t.scheduler.last_epoch)  # last_epoch counts optimiser steps
     return loss.detach()
 
 
@@ -185,11 +204,12 @@ def train_one_epoch(t: Trainer, epoch: int, progress: bool) -> dict[str, float]:
 
 
 def validate(t: Trainer, tta: bool = False) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
-    """Validation weighted log loss and per-label AUC (identical on every rank), rows and probs."""
-    rows, probs = predict_batches([unwrap(t.model)], t.normalize, t.val_loader, t.rt.device, t.autocast, tta)
+    """Validation weighted log loss, calibration error and per-label AUC of :meth:`Trainer.eval_model`
+    (identical on every rank), rows and probs."""
+    rows, probs = predict_batches([t.eval_model()], t.normalize, t.val_loader, t.rt.device, t.autocast, tta)
     rows, probs = gather(t.rt, rows, probs[0])
     truth = t.cache.index[list(LABELS)].iloc[rows].to_numpy(dtype=np.float64)
-    metrics = {"val_loss": weighted_log_loss(truth, probs)}
+    metrics = {"val_loss": weighted_log_loss(truth, probs), "val_ece": expected_calibration_error(truth, probs)}
     auc = per_label_auc(truth, probs)["auc"]
     metrics.update({f"auc_{name}": float(auc[name]) for name in LABELS})
     return metrics, rows, probs
@@ -198,6 +218,7 @@ def validate(t: Trainer, tta: bool = False) -> tuple[dict[str, float], np.ndarra
 def _state(t: Trainer, epoch: int, history: list[dict[str, Any]], best: dict[str, Any]) -> dict[str, Any]:
     return {"model": unwrap(t.model).state_dict(), "optimizer": t.optimizer.state_dict(),
             "scheduler": t.scheduler.state_dict(), "scaler": t.scaler.state_dict(), "epoch": epoch,
+            "ema": t.ema.module.state_dict() if t.ema is not None else None,
             "arch": resolve_backbone(t.cfg.model.backbone), "config": t.cfg.model_dump(mode="json"),
             "history": history, "best": best}
 
@@ -207,6 +228,8 @@ def _restore(t: Trainer, state: dict[str, Any]) -> None:
     t.optimizer.load_state_dict(state["optimizer"])
     t.scheduler.load_state_dict(state["scheduler"])
     t.scaler.load_state_dict(state["scaler"])
+    if t.ema is not None:
+        t.ema.module.load_state_dict(state["ema"])
 
 
 def _check_same_config(path: Path, saved: dict[str, Any], cfg: Config) -> None:
@@ -218,16 +241,22 @@ def _check_same_config(path: Path, saved: dict[str, Any], cfg: Config) -> None:
                           "with the run's own config.yaml or start a new --out")
 
 
-def update_best(best: dict[str, Any], val_loss: float, epoch: int) -> tuple[dict[str, Any], bool]:
-    """Early-stopping bookkeeping: the new best record and whether ``epoch`` improved on it."""
-    if val_loss < best["val_loss"]:
+def update_best(best: dict[str, Any], val_loss: float, epoch: int,
+                select: str = "best") -> tuple[dict[str, Any], bool]:
+    """Selection bookkeeping: the new selected record and whether ``epoch`` replaces the kept weights.
+
+    ``select="best"`` keeps the lowest validation loss (and counts epochs without improvement for
+    early stopping); ``select="last"`` keeps every new epoch, so the final one is what remains.
+    """
+    if select == "last" or val_loss < best["val_loss"]:
         return {"val_loss": val_loss, "epoch": epoch, "bad_epochs": 0}, True
     return {**best, "bad_epochs": best["bad_epochs"] + 1}, False
 
 
 def should_stop(cfg: Config, epoch: int, best: dict[str, Any]) -> bool:
-    """All epochs done, or ``train.patience`` epochs in a row without a better validation loss."""
-    return epoch >= cfg.train.epochs or best["bad_epochs"] >= cfg.train.patience
+    """All epochs done, or (selecting the best epoch) ``train.patience`` epochs in a row without a better
+    validation loss."""
+    return epoch >= cfg.train.epochs or (cfg.train.select == "best" and best["bad_epochs"] >= cfg.train.patience)
 
 
 def _log_epoch(fold_dir: Path, writer: Any, history: list[dict[str, Any]]) -> None:
@@ -267,9 +296,9 @@ def train_fold(cfg: Config, cache: PixelCache, fold_dir: Path, fold: int, rt: Ru
         metrics, _, _ = validate(t)
         record.update(metrics, seconds=time.perf_counter() - start)
         epoch += 1
-        best, improved = update_best(best, metrics["val_loss"], epoch)
+        best, improved = update_best(best, metrics["val_loss"], epoch, cfg.train.select)
         if improved and rt.is_main:
-            save_weights(unwrap(t.model), fold_dir / "best.safetensors")
+            save_weights(t.eval_model(), fold_dir / "best.safetensors")
         history.append(record)
         if rt.is_main:
             save_state(_state(t, epoch, history, best), last)
@@ -280,16 +309,35 @@ def train_fold(cfg: Config, cache: PixelCache, fold_dir: Path, fold: int, rt: Ru
             dist.barrier()  # nobody starts the next epoch before the checkpoint is on disk
     if writer is not None:
         writer.close()
-    _write_oof(t, fold_dir, fold)
-    return {"fold": fold, **best, "epochs": epoch}
+    oof = _write_oof(t, fold_dir, fold)
+    summary = selection_record(cfg, history, best, oof)
+    if rt.is_main:
+        write_text_atomic(fold_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in [*history, summary]))
+    return {"fold": fold, **best, "epochs": epoch, "selected": cfg.train.select, "ema": t.ema is not None}
 
 
-def _write_oof(t: Trainer, fold_dir: Path, fold: int) -> None:
-    """Out-of-fold predictions of the best weights (with TTA) to ``fold_dir/oof.parquet``."""
-    load_weights(unwrap(t.model), fold_dir / "best.safetensors")
-    _, rows, probs = validate(t, tta=t.cfg.train.tta)
+def selection_record(cfg: Config, history: list[dict[str, Any]], best: dict[str, Any],
+                     oof: dict[str, float]) -> dict[str, Any]:
+    """The last line of a fold's metrics.jsonl: which weights ``best.safetensors`` holds, and why.
+
+    ``selected_epoch`` names the history record whose ``val_loss`` those weights scored; ``oof_loss`` and
+    ``oof_ece`` are the same weights scored as written to oof.parquet (with TTA if ``train.tta``).
+    """
+    rule = ("lowest validation loss" if cfg.train.select == "best" else "final epoch (train.select=last)")
+    record = next(h for h in history if h["epoch"] == best["epoch"])
+    return {"selected_epoch": best["epoch"], "epochs_run": len(history), "select": cfg.train.select,
+            "reason": rule, "weights": "ema" if cfg.train.ema_decay > 0 else "raw",
+            "ema_decay": cfg.train.ema_decay, "val_loss": record["val_loss"], "val_ece": record.get("val_ece"),
+            **oof}
+
+
+def _write_oof(t: Trainer, fold_dir: Path, fold: int) -> dict[str, float]:
+    """Out-of-fold predictions of the kept weights (with TTA) to ``fold_dir/oof.parquet``; their scores."""
+    load_weights(t.eval_model(), fold_dir / "best.safetensors")
+    metrics, rows, probs = validate(t, tta=t.cfg.train.tta)
     if t.rt.is_main:
         write_parquet_atomic(prediction_table(t.cache, rows, probs, fold=fold), fold_dir / "oof.parquet")
+    return {"oof_loss": metrics["val_loss"], "oof_ece": metrics["val_ece"]}
 
 
 def folds_to_train(cache: PixelCache, fold: str) -> list[int]:
