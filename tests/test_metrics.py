@@ -277,3 +277,22 @@ def test_bootstrap_ci_skips_undefined_resamples() -> None:
     assert bootstrap_ci(auc, t, p, ["a", "a", "b", "b"], n=50) == (1.0, 1.0)
     low, high = bootstrap_ci(auc, np.zeros(2), p[:2], ["a", "b"], n=5)
     assert math.isnan(low) and math.isnan(high)
+# (y_true, y_pred, n_bins) -> ECE, by hand: every (image, label) pair is one prediction
+@pytest.mark.parametrize(("y_true", "y_pred", "n_bins", "ece"), [
+    ([[1, 0, 0, 0, 0, 1]], [[0.5] * 6], 2, 1 / 6),          # one bin: mean p 0.5, frequency 2/6
+    ([[1, 1, 1, 0, 0, 0]], [[1, 1, 1, 0, 0, 0]], 15, 0.0),   # perfect and certain
+    ([[0, 0, 0, 0, 0, 0]], [[0.9] * 6], 15, 0.9),            # over-confident: 0.9 where none are positive
+    ([[1, 1, 1, 0, 0, 0]], [[0.9, 0.9, 0.9, 0.1, 0.1, 0.1]], 10, 0.1),  # two bins, each 0.1 off
+    ([[1, 0, 1, 0, 1, 0]], [[1.0, 1.0, 0.0, 0.0, 0.5, 0.5]], 1, 0.0),  # one bin hides the errors
+])
+def test_expected_calibration_error_by_hand(y_true: Any, y_pred: Any, n_bins: int, ece: float) -> None:
+    from ichdet.metrics import expected_calibration_error
+
+    assert expected_calibration_error(np.array(y_true), np.array(y_pred), n_bins) == pytest.approx(ece, abs=1e-12)
+
+
+def test_expected_calibration_error_rejects_zero_bins() -> None:
+    from ichdet.metrics import expected_calibration_error
+
+    with pytest.raises(ValueError, match="n_bins must be >= 1"):
+        expected_calibration_error(np.zeros((1, 6)), np.zeros((1, 6)), n_bins=0)

@@ -132,7 +132,7 @@ def test_series_are_in_z_order(setup: tuple[Path, Path]) -> None:
 
 
 def test_seq_config_is_strict() -> None:
-    with pytest.raises(ConfigError, match=r"unknown config key 'model.hiden'.*Did you mean hidden"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'model.hiden'.*Did you mean 'hidden'"):
         load_seq_config(None, ["model.hiden=3"])
     with pytest.raises(ConfigError, match=r"conv_kernel.*must be odd"):
         load_seq_config(None, ["model.conv_kernel=4"])

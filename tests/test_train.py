@@ -42,7 +42,9 @@ def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _records(run: Path, fold: int = 0) -> list[dict[str, float]]:
-    return [json.loads(line) for line in (run / f"fold{fold}" / "metrics.jsonl").read_text().splitlines()]
+    """The epoch records of a fold's metrics.jsonl (once the fold ends, a selection record follows them)."""
+    lines = (run / f"fold{fold}" / "metrics.jsonl").read_text().splitlines()
+    return [record for record in map(json.loads, lines) if "epoch" in record]
 
 
 def _history(run: Path, fold: int = 0) -> list[dict[str, float]]:

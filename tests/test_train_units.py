@@ -110,3 +110,19 @@ def test_predict_batches_many_models_equal_one_at_a_time(tta: bool) -> None:
     if tta:  # the mirror image counts: different from the plain prediction
         _, plain = predict_batches(models, norm, loader, torch.device("cpu"), nullcontext, False)
         assert not np.allclose(plain, together)
+
+
+# select=last keeps every new epoch (whatever its loss) and never stops early
+@pytest.mark.parametrize(("select", "losses", "ran", "kept"), [
+    ("best", [0.5, 0.6, 0.7, 0.1], 3, 1),
+    ("last", [0.5, 0.6, 0.7, 0.1], 4, 4),
+    ("last", [0.1, 0.5, 0.6, 0.7], 4, 4),
+])
+def test_selection_rule(select: str, losses: list[float], ran: int, kept: int) -> None:
+    cfg = build_config({}, ["train.patience=2", "train.epochs=4", f"train.select={select}"])
+    best = Best()
+    epoch = 0
+    while not should_stop(cfg, epoch, best):
+        epoch += 1
+        best, _ = update_best(best, losses[epoch - 1], epoch, cfg.train.select)
+    assert (epoch, best.epoch, best.val_loss) == (ran, kept, losses[kept - 1])

@@ -105,6 +105,12 @@ class TrainConfig(_Strict):
     patience: int = Field(3, ge=1)
     seed: int = Field(0, ge=0, le=2**31 - 1)
     tta: bool = True
+    # Weight averaging: an exponential moving average of the weights (and BN statistics), with warm-up,
+    # is what gets validated, selected and saved; 0 turns it off (the raw weights are used).
+    ema_decay: float = Field(0.0, ge=0.0, lt=1.0)
+    # Which epoch's weights a fold keeps: the lowest validation loss (``best``, with early stopping
+    # after ``patience``) or the final epoch (``last``: every epoch runs, the fold only reports).
+    select: Literal["best", "last"] = "best"
     limit_train_batches: int | None = Field(None, ge=1)
 
     @field_validator("amp", mode="before")

@@ -28,6 +28,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 import torch.distributed as dist
+from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
@@ -49,7 +50,7 @@ from ichdet.engine import (
 from ichdet.errors import IchdetError, RunFailed
 from ichdet.io import folder_lock, write_parquet_atomic, write_text_atomic
 from ichdet.labels import LABELS
-from ichdet.metrics import LABEL_WEIGHTS, per_label_auc, weighted_log_loss
+from ichdet.metrics import LABEL_WEIGHTS, expected_calibration_error, per_label_auc, weighted_log_loss
 from ichdet.models import build_model, input_stats, resolve_backbone, unwrap
 from ichdet.rundir import check_fold_dir, merge_oof, plan_run
 from ichdet.store import PixelCache
@@ -92,7 +93,7 @@ def image_batch(t: Trainer, batch: Any) -> Batch:
 def predict_images(t: Trainer, tta: bool) -> tuple[np.ndarray, np.ndarray]:
     """Validation inference of a 2D trainer: this rank's (rows, probs (N, 6))."""
     normalize = cast(Normalizer, t.normalize)
-    rows, probs = predict_batches([unwrap(t.model)], normalize, t.val_loader, t.rt.device, t.autocast, tta)
+    rows, probs = predict_batches([t.eval_model()], normalize, t.val_loader, t.rt.device, t.autocast, tta)
     return rows, probs[0]
 
 
@@ -115,6 +116,11 @@ class Trainer:
     cache: PixelCache
     to_batch: Callable[[Trainer, Any], Batch] = field(default=image_batch)
     infer: Callable[[Trainer, bool], tuple[np.ndarray, np.ndarray]] = field(default=predict_images)
+    ema: ModelEmaV3 | None = None
+
+    def eval_model(self) -> nn.Module:
+        """The weights that are validated, selected and saved: the moving average when there is one."""
+        return self.ema.module if self.ema is not None else unwrap(self.model)
 
 
 def _loader(ds: SliceDataset, cfg: Config, rt: Runtime, train: bool) -> DataLoader[Any]:
@@ -149,7 +155,7 @@ def build_trainer(cfg: Config, cache: PixelCache, fold: int, rt: Runtime) -> Tra
     train_loader = _loader(train_ds, cfg, rt, train=True)
     optimizer, scheduler, autocast, scaler = optimisation(cfg, model, rt, _steps_per_epoch(cfg, train_loader))
     return Trainer(cfg, rt, model, normalize, WeightedBCE().to(rt.device), optimizer, scheduler, scaler,
-                   autocast, train_loader, _loader(val_ds, cfg, rt, train=False), cache)
+                   autocast, train_loader, _loader(val_ds, cfg, rt, train=False), cache, ema=make_ema(model, cfg))
 
 
 def optimisation(cfg: Config | SeqConfig, model: nn.Module, rt: Runtime, steps: int) -> tuple[
@@ -162,6 +168,17 @@ def optimisation(cfg: Config | SeqConfig, model: nn.Module, rt: Runtime, steps: 
         optimizer, lr_lambda(steps * cfg.train.epochs, round(steps * cfg.train.warmup_epochs)))
     autocast, scaler = precision(rt.device, cfg.train.amp)
     return optimizer, scheduler, autocast, scaler
+
+
+def make_ema(model: nn.Module, cfg: Config) -> ModelEmaV3 | None:
+    """The moving average of ``model``'s weights and buffers (``train.ema_decay`` > 0), else None.
+
+    With warm-up (timm's ``1 - (1 + step)^(-2/3)``, capped at the decay) the average follows the
+    network closely in the first steps, so a short run's average is not dominated by its random start.
+    """
+    if cfg.train.ema_decay <= 0:
+        return None
+    return ModelEmaV3(unwrap(model), decay=cfg.train.ema_decay, use_warmup=True)
 
 
 def _steps_per_epoch(cfg: Config | SeqConfig, loader: DataLoader[Any]) -> int:
@@ -185,6 +202,8 @@ def train_step(t: Trainer, inputs: tuple[torch.Tensor, ...], target: torch.Tenso
     t.scaler.step(t.optimizer)
     t.scaler.update()
     t.scheduler.step()
+    if t.ema is not None:
+        t.ema.update(unwrap(t.model), step=t.scheduler.last_epoch)  # last_epoch counts optimiser steps
     return loss.detach()
 
 
@@ -221,11 +240,12 @@ def train_one_epoch(t: Trainer, epoch: int, progress: bool) -> dict[str, float]:
 
 
 def validate(t: Trainer, tta: bool = False) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
-    """Validation weighted log loss and per-label AUC (identical on every rank), rows and probs."""
+    """Validation weighted log loss, calibration error and per-label AUC of :meth:`Trainer.eval_model`
+    (identical on every rank), rows and probs."""
     rows, probs = gather(t.rt, *t.infer(t, tta))
     check_finite_predictions(t, rows, probs)
     truth = t.cache.index[list(LABELS)].iloc[rows].to_numpy(dtype=np.float64)
-    metrics = {"val_loss": weighted_log_loss(truth, probs)}
+    metrics = {"val_loss": weighted_log_loss(truth, probs), "val_ece": expected_calibration_error(truth, probs)}
     auc = per_label_auc(truth, probs)["auc"]
     metrics.update({f"auc_{name}": float(auc[name]) for name in LABELS})
     return metrics, rows, probs
@@ -253,6 +273,7 @@ class Best:
 def _state(t: Trainer, epoch: int, history: list[dict[str, Any]], best: Best) -> dict[str, Any]:
     return {"model": unwrap(t.model).state_dict(), "optimizer": t.optimizer.state_dict(),
             "scheduler": t.scheduler.state_dict(), "scaler": t.scaler.state_dict(), "epoch": epoch,
+            "ema": t.ema.module.state_dict() if t.ema is not None else None,
             "arch": _arch(t), "config": t.cfg.model_dump(mode="json"),
             "history": history, "best": best.as_dict()}
 
@@ -266,18 +287,25 @@ def _restore(t: Trainer, state: dict[str, Any]) -> None:
     t.optimizer.load_state_dict(state["optimizer"])
     t.scheduler.load_state_dict(state["scheduler"])
     t.scaler.load_state_dict(state["scaler"])
+    if t.ema is not None:
+        t.ema.module.load_state_dict(state["ema"])
 
 
-def update_best(best: Best, val_loss: float, epoch: int) -> tuple[Best, bool]:
-    """Early-stopping bookkeeping: the new best record and whether ``epoch`` improved on it."""
-    if val_loss < best.val_loss:
+def update_best(best: Best, val_loss: float, epoch: int, select: str = "best") -> tuple[Best, bool]:
+    """Selection bookkeeping: the new selected record and whether ``epoch`` replaces the kept weights.
+
+    ``select="best"`` keeps the lowest validation loss (and counts epochs without improvement for
+    early stopping); ``select="last"`` keeps every new epoch, so the final one is what remains.
+    """
+    if select == "last" or val_loss < best.val_loss:
         return Best(val_loss, epoch, 0), True
     return replace(best, bad_epochs=best.bad_epochs + 1), False
 
 
 def should_stop(cfg: Config | SeqConfig, epoch: int, best: Best) -> bool:
-    """All epochs done, or ``train.patience`` epochs in a row without a better validation loss."""
-    return epoch >= cfg.train.epochs or best.bad_epochs >= cfg.train.patience
+    """All epochs done, or (selecting the best epoch) ``train.patience`` epochs in a row without a better
+    validation loss."""
+    return epoch >= cfg.train.epochs or (cfg.train.select == "best" and best.bad_epochs >= cfg.train.patience)
 
 
 def _log_epoch(fold_dir: Path, writer: Any, history: list[dict[str, Any]]) -> None:
@@ -318,9 +346,9 @@ def train_fold(cfg: Config | SeqConfig, cache: PixelCache, fold_dir: Path, fold:
         metrics, _, _ = validate(t)
         record.update(metrics, seconds=time.perf_counter() - start)
         epoch += 1
-        best, improved = update_best(best, metrics["val_loss"], epoch)
+        best, improved = update_best(best, metrics["val_loss"], epoch, cfg.train.select)
         if improved and rt.is_main:
-            save_weights(unwrap(t.model), fold_dir / "best.safetensors")
+            save_weights(t.eval_model(), fold_dir / "best.safetensors")
         history.append(record)
         if rt.is_main:
             save_state(_state(t, epoch, history, best), last)
@@ -331,16 +359,35 @@ def train_fold(cfg: Config | SeqConfig, cache: PixelCache, fold_dir: Path, fold:
             dist.barrier()  # nobody starts the next epoch before the checkpoint is on disk
     if writer is not None:
         writer.close()
-    _write_oof(t, fold_dir, fold)
-    return {"fold": fold, **best.as_dict(), "epochs": epoch}
+    oof = _write_oof(t, fold_dir, fold)
+    summary = selection_record(cfg, history, best, oof)
+    if rt.is_main:
+        write_text_atomic(fold_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in [*history, summary]))
+    return {"fold": fold, **best.as_dict(), "epochs": epoch, "selected": cfg.train.select, "ema": t.ema is not None}
 
 
-def _write_oof(t: Trainer, fold_dir: Path, fold: int) -> None:
-    """Out-of-fold predictions of the best weights (with TTA) to ``fold_dir/oof.parquet``."""
-    load_weights(unwrap(t.model), fold_dir / "best.safetensors")
-    _, rows, probs = validate(t, tta=t.cfg.train.tta)
+def selection_record(cfg: Config | SeqConfig, history: list[dict[str, Any]], best: Best,
+                     oof: dict[str, float]) -> dict[str, Any]:
+    """The last line of a fold's metrics.jsonl: which weights ``best.safetensors`` holds, and why.
+
+    ``selected_epoch`` names the history record whose ``val_loss`` those weights scored; ``oof_loss`` and
+    ``oof_ece`` are the same weights scored as written to oof.parquet (with TTA if ``train.tta``).
+    """
+    rule = ("lowest validation loss" if cfg.train.select == "best" else "final epoch (train.select=last)")
+    record = next(h for h in history if h["epoch"] == best.epoch)
+    return {"selected_epoch": best.epoch, "epochs_run": len(history), "select": cfg.train.select,
+            "reason": rule, "weights": "ema" if cfg.train.ema_decay > 0 else "raw",
+            "ema_decay": cfg.train.ema_decay, "val_loss": record["val_loss"], "val_ece": record.get("val_ece"),
+            **oof}
+
+
+def _write_oof(t: Trainer, fold_dir: Path, fold: int) -> dict[str, float]:
+    """Out-of-fold predictions of the kept weights (with TTA) to ``fold_dir/oof.parquet``; their scores."""
+    load_weights(t.eval_model(), fold_dir / "best.safetensors")
+    metrics, rows, probs = validate(t, tta=t.cfg.train.tta)
     if t.rt.is_main:
         write_parquet_atomic(prediction_table(t.cache, rows, probs, fold=fold), fold_dir / "oof.parquet")
+    return {"oof_loss": metrics["val_loss"], "oof_ece": metrics["val_ece"]}
 
 
 def check_finite_loss(record: dict[str, Any], fold: int, lr: float) -> None:
