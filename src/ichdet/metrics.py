@@ -13,7 +13,8 @@ from sklearn.metrics import roc_auc_score
 
 from ichdet.labels import LABELS
 
-__all__ = ["LABEL_WEIGHTS", "per_label_auc", "per_label_log_loss", "score_table", "weighted_log_loss"]
+__all__ = ["LABEL_WEIGHTS", "operating_points", "per_label_auc", "per_label_log_loss", "score_table",
+           "weighted_log_loss"]
 
 LABEL_WEIGHTS: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0, 2.0)
 """Kaggle's weight per label, in LABELS order: ``any`` counts twice."""
@@ -116,3 +117,32 @@ def score_table(y_true: ArrayLike, y_pred: ArrayLike, eps: float = EPS) -> pd.Da
         "note": "Kaggle metric: weights " + ", ".join(f"{w:g}" for w in LABEL_WEIGHTS),
     }
     return pd.concat([table, pd.DataFrame(weighted, index=pd.Index(["weighted"]))])
+
+
+def operating_points(y_true: ArrayLike, y_pred: ArrayLike, sensitivity: float = 0.95) -> pd.DataFrame:
+    """Per label, the highest threshold whose sensitivity reaches ``sensitivity`` (a slice is called
+    positive when its probability is >= the threshold).
+
+    Returns a DataFrame indexed by LABELS with columns ``threshold``, ``sensitivity``, ``specificity``
+    (reached at that threshold), ``n_pos`` and ``n_neg``. A label without a positive case has NaN
+    threshold, sensitivity and specificity.
+
+    Example: positives scored [0.9, 0.8, 0.3, 0.2] at sensitivity 0.75 give threshold 0.3 (3 of 4 called).
+    """
+    if not 0.0 < sensitivity <= 1.0:
+        raise ValueError(f"sensitivity must be in (0, 1], got {sensitivity}")
+    t, p = _check_pair(y_true, y_pred)
+    rows = []
+    for j in range(len(LABELS)):
+        pos, neg = p[t[:, j] >= 0.5, j], p[t[:, j] < 0.5, j]
+        if len(pos) == 0:
+            rows.append((np.nan, np.nan, np.nan, 0, len(neg)))
+            continue
+        # the k-th highest positive score calls k positives; k is the fewest reaching the target
+        k = max(1, int(np.ceil(sensitivity * len(pos) - 1e-9)))
+        threshold = float(np.sort(pos)[::-1][k - 1])
+        spec = float((neg < threshold).mean()) if len(neg) else np.nan
+        rows.append((threshold, float((pos >= threshold).mean()), spec, len(pos), len(neg)))
+    table = pd.DataFrame(rows, columns=["threshold", "sensitivity", "specificity", "n_pos", "n_neg"],
+                         index=pd.Index(LABELS))
+    return table.astype({"n_pos": "int64", "n_neg": "int64"})
