@@ -103,16 +103,18 @@ def train(config: Annotated[Path | None, typer.Option(help="YAML config (configs
 
 
 @command
-def predict(run: Annotated[list[Path], typer.Option(help="run folder (repeat for several models)")],
-            data: Annotated[Path, typer.Option(help="cache folder to predict")],
+def predict(data: Annotated[Path, typer.Option(help="cache folder to predict")],
             out: Annotated[Path, typer.Option(help="predictions parquet to write")],
+            run: Annotated[list[Path] | None, typer.Option(help="run folder (repeat for several models)")] = None,
+            bundle: Annotated[Path | None, typer.Option(help="model bundle from `ichdet bundle` (instead of --run)")]
+            = None,
             tta: Annotated[bool, typer.Option("--tta/--no-tta", help="average with a horizontal flip")] = True,
             device: str = "auto") -> None:
-    """Predict every image of a cache with every fold of each run."""
+    """Predict every image of a cache with every fold of each run (or of each bundle member)."""
     from ichdet.io import write_parquet_atomic
     from ichdet.predict import predict_runs
 
-    preds = predict_runs(list(run), data, tta=tta, device=device, progress=sys.stderr.isatty())
+    preds = predict_runs(list(run or []), data, tta=tta, device=device, progress=sys.stderr.isatty(), bundle=bundle)
     write_parquet_atomic(preds, out)
     typer.echo(f"{out}: {preds['image_id'].nunique()} images x {len(preds.groupby(['model', 'fold']))} "
                "model folds")
@@ -170,6 +172,60 @@ def demo(out: Annotated[Path, typer.Option(help="folder for every artifact")] = 
     from ichdet.demo import run_demo
 
     run_demo(out, seed=seed, echo=typer.echo)
+
+
+@command
+def bundle(run: Annotated[list[Path], typer.Option(help="run folder (repeat for several models)")],
+           out: Annotated[Path, typer.Option(help="bundle file to write, e.g. model.ichdet")],
+           weight: Annotated[list[str] | None, typer.Option(help="member=weight (default: equal)")] = None,
+           labels: Annotated[Path | None, typer.Option(help="label CSV of the runs' training cache: thresholds "
+                                                              "from the out-of-fold predictions")] = None,
+           sensitivity: Annotated[float, typer.Option(help="target sensitivity of the thresholds")] = 0.95,
+           ) -> None:
+    """Pack runs into one model file: weights (safetensors), configs, weights, thresholds, sha256 manifest."""
+    from ichdet.bundle import load_ensemble, write_bundle
+
+    weights = dict(_model_weight(w) for w in weight) if weight else None
+    path = write_bundle(list(run), out, weights, sensitivity, labels)
+    ens = load_ensemble(path)
+    typer.echo(f"{path}: {len(ens.members)} members, {sum(len(m.folds) for m in ens.members)} folds, "
+               f"sha256 {ens.manifest['bundle_sha256']}")
+    typer.echo("thresholds: " + ", ".join(f"{k} {v:.4g}" for k, v in ens.thresholds.items())
+               + f" ({ens.manifest['thresholds_source']})")
+
+
+@command
+def predict_study(path: Annotated[Path, typer.Argument(help="folder of DICOM files (any layout, any names)")],
+                  bundle: Annotated[Path | None, typer.Option(help="model bundle from `ichdet bundle`")] = None,
+                  run: Annotated[list[Path] | None, typer.Option(help="run folder (instead of --bundle)")] = None,
+                  out: Annotated[Path, typer.Option(help="result JSON to write")] = Path("result.json"),
+                  device: str = "auto",
+                  tta: Annotated[bool, typer.Option("--tta/--no-tta", help="average with a horizontal flip")] = True,
+                  include_phi: Annotated[bool, typer.Option(help="put patient name, ID, birth date, accession "
+                                                                 "and institution in the result")] = False,
+                  ) -> None:
+    """Analyse every axial CT series of every study under PATH; write one result JSON."""
+    from ichdet.bundle import load_ensemble
+    from ichdet.study import predict_study as run_study
+    from ichdet.study_result import write_result
+
+    if not path.is_dir():
+        raise IchdetError(f"{path}: not a folder; pass the folder that holds the study's DICOM files")
+    ensemble = load_ensemble(bundle, list(run or []))
+    prediction = run_study(path, ensemble, tta=tta, device=device, include_phi=include_phi)
+    write_result(prediction.result, out)
+    for study in prediction.result["studies"]:
+        summary = study["summary"]
+        if not summary["analysed"]:
+            typer.echo(f"{study['study_instance_uid']}: no usable series")
+            continue
+        called = [k for k, v in summary["called"].items() if v and k != "any"]
+        typer.echo(f"{study['study_instance_uid']}: any {summary['probability']['any']:.3f} -> "
+                   + ("hemorrhage suspected" + (f" ({', '.join(called)})" if called else "")
+                      if summary["hemorrhage"] else "no hemorrhage called"))
+    t = prediction.result["timings_s"]
+    typer.echo(f"{out}: read {t['read_headers_and_order'] + t['read_pixels']:.2f} s, inference "
+               f"{t['inference']:.2f} s, write {t['write']:.3f} s")
 
 
 def main() -> None:

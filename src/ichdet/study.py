@@ -426,17 +426,9 @@ class StudyPrediction:
 
 def _member_probs(member: Member, cache: MemoryCache, tta: bool, device: torch.device) -> np.ndarray:
     """Fold-mean (N, 6) probabilities of one member over every row of ``cache``, as ``ichdet predict``."""
-    from ichdet.data import SliceDataset
-    from ichdet.engine import Normalizer, make_loader, precision, predict_batches
-    from ichdet.models import input_stats
+    from ichdet.predict import member_probs
 
-    cfg = member.config
-    models = member.load_models(device)
-    loader = make_loader(SliceDataset(cache, np.arange(len(cache)), cfg.data), cfg.train.batch_size * 2, 0, device)
-    mean, std = input_stats(models[0], cfg.data.in_chans)
-    normalize = Normalizer(mean, std, cfg.train.channels_last).to(device)
-    autocast, _ = precision(device, cfg.train.amp)
-    rows, probs = predict_batches(models, normalize, loader, device, autocast, tta)
+    rows, probs = member_probs(member, cache, device, tta, num_workers=0)  # in memory: no loader workers
     out = np.empty((len(cache), len(LABELS)), np.float64)
     out[rows] = probs.astype(np.float64).mean(axis=0)
     return out
