@@ -22,7 +22,8 @@ from ichdet.ensemble import ensemble
 from ichdet.errors import IchdetError
 from ichdet.labels import LABELS
 from ichdet.predict import predict_runs
-from ichdet.study import SliceHeader, order_series, predict_study, scan_folder, series_reason
+from ichdet.series import SliceHeader, order_series, series_reason
+from ichdet.study import predict_study, scan_folder
 from ichdet.study_result import slice_ranges, write_result
 
 STUDY = "ID_134d398b61"  # 28 slices, one series, tilted gantry, no duplicate positions
