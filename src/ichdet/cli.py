@@ -201,8 +201,9 @@ def predict_study(path: Annotated[Path, typer.Argument(help="folder of DICOM fil
                   out: Annotated[Path, typer.Option(help="result JSON to write")] = Path("result.json"),
                   device: str = "auto",
                   tta: Annotated[bool, typer.Option("--tta/--no-tta", help="average with a horizontal flip")] = True,
-                  include_phi: Annotated[bool, typer.Option(help="put patient name, ID, birth date, accession "
-                                                                 "and institution in the result")] = False,
+                  include_phi: Annotated[bool, typer.Option(
+                      "--include-phi", help="put patient name, ID, birth date, accession and institution in the "
+                                            "result")] = False,
                   ) -> None:
     """Analyse every axial CT series of every study under PATH; write one result JSON."""
     from ichdet.bundle import load_ensemble
