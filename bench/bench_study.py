@@ -137,11 +137,12 @@ def main() -> None:
         base: dict[str, list[float]] = {"read": [], **{f"infer_{name}": [] for name in bundles}}
         for r in range(args.repeats):
             base["read"].append(read_baseline(study))
+            print(f"round {r + 1}: plain pydicom read {base['read'][-1]:.3f} s", flush=True)
             for name, path in bundles.items():
                 runs[name].append(study_run(study, path, tmp / f"{name}.json"))
                 base[f"infer_{name}"].append(inference_baseline(path, int(runs[name][-1]["n_slices"])))
-            print(f"round {r + 1}/{args.repeats}: " + ", ".join(
-                f"{n} {runs[n][-1]['end_to_end']:.1f} s" for n in bundles))
+                print(f"round {r + 1}: {name} " + ", ".join(f"{k} {v:.3f}" for k, v in runs[name][-1].items())
+                      + f", bare nets {base[f'infer_{name}'][-1]:.3f} s", flush=True)
         results: dict[str, Any] = {"machine": info, "repeats": args.repeats, "runs": runs, "baselines": base}
         rows = []
         for name in bundles:
