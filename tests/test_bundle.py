@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -116,6 +117,15 @@ def test_tampered_member_is_refused_by_name(bundle: Path, tmp_path: Path) -> Non
 def test_member_names_outside_the_layout_are_refused(bundle: Path, tmp_path: Path, name: str) -> None:
     bad = _rewrite(bundle, tmp_path / "bad.ichdet", add={name: b"x"})
     with pytest.raises(CheckpointError, match=r"refused member name"):
+        load_ensemble(bad)
+
+
+def test_a_member_stored_twice_is_refused(bundle: Path, tmp_path: Path) -> None:
+    bad = _rewrite(bundle, tmp_path / "bad.ichdet")
+    with zipfile.ZipFile(bad, "a") as zf, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about the duplicate name
+        zf.writestr("members/a/fold0.safetensors", b"x")
+    with pytest.raises(CheckpointError, match=r"member names \['members/a/fold0.safetensors'\] occur more than once"):
         load_ensemble(bad)
 
 

@@ -297,8 +297,13 @@ def _verified(zf: zipfile.ZipFile, entry: str, expected: str, bundle: Path) -> b
 
 
 def _check_entry_names(zf: zipfile.ZipFile, bundle: Path) -> None:
-    """Refuse absolute paths, ``..`` and any name outside the bundle layout (no path traversal)."""
-    for name in zf.namelist():
+    """Refuse absolute paths, ``..``, any name outside the bundle layout (no path traversal) and a name
+    stored twice (a zip may hold two entries of one name, and tools disagree on which one counts)."""
+    names = zf.namelist()
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise CheckpointError(f"{bundle}: member names {twice} occur more than once; the file is not a safe bundle")
+    for name in names:
         parts = PurePosixPath(name).parts
         if name.startswith(("/", "\\")) or "\\" in name or ".." in parts or (
                 name != "manifest.json" and not _MEMBER_FILE.match(name)):
