@@ -192,3 +192,13 @@ def test_dicom_out_refuses_rsna_uids_before_writing(raw_export: Path, bundle: Pa
     assert out.read_text() == "<!DOCTYPE html> an earlier output" and not (tmp_path / "dicom").exists()
     code, output = _invoke(command, str(raw_export), "--bundle", str(bundle), "--out", str(out))
     assert code == 0, output  # without --dicom-out the same files are analysed as they are
+
+
+@pytest.mark.parametrize(("command", "out_name"), [("predict-study", "result.json"), ("report", "report.html")])
+def test_dicom_out_that_is_a_file_is_refused(ready_study: Path, bundle: Path, tmp_path: Path, command: str,
+                                             out_name: str) -> None:
+    (tmp_path / "dicom").write_text("a file")
+    code, output = _invoke(command, str(ready_study), "--bundle", str(bundle), "--out", str(tmp_path / out_name),
+                           "--dicom-out", str(tmp_path / "dicom"))
+    assert code == 2 and f"--dicom-out {tmp_path / 'dicom'} is a file; give a folder" in output, output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dicom"] and (tmp_path / "dicom").read_text() == "a file"
