@@ -177,3 +177,21 @@ def test_write_report_refuses_nothing_and_replaces_atomically(case: tuple[dict, 
     out.write_text("old")
     assert write_report(result, {}, out) == out
     assert "No overlay images" in out.read_text() and [p.name for p in tmp_path.iterdir()] == ["report.html"]
+
+
+@pytest.mark.parametrize(("number", "expected"), [
+    (7, "series 2: 2-3, series 7: 0"),
+    (None, "series 2: 2-3, 1.2.3.77: 0"),  # no series number: the UID names it
+])
+def test_ranges_of_several_series_name_the_series(case: tuple[dict, ReportFigures], number: int | None,
+                                                  expected: str) -> None:
+    result, figures = case
+    study = result["studies"][0]
+    first = study["series"][0]
+    other = {**first, "series_instance_uid": "1.2.3.77", "series_number": number}
+    ranges = [*study["summary"]["slice_ranges"]["any"],
+              {"series_instance_uid": "1.2.3.77", "first_index": 0, "last_index": 0}]
+    two = {**study, "series": [first, other],
+           "summary": {**study["summary"], "slice_ranges": {**study["summary"]["slice_ranges"], "any": ranges}}}
+    assert first["series_number"] == 2  # tests/dicom_ready.py gives the series number 2
+    assert f"<td>{expected}</td></tr>" in render_report(result, two, figures)

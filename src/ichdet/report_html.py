@@ -166,7 +166,9 @@ def _ranges_text(study: Mapping[str, Any], label: str) -> str:
     parts = []
     for r in ranges:
         span = f"{r['first_index']}-{r['last_index']}" if r["first_index"] != r["last_index"] else f"{r['first_index']}"
-        parts.append(f"series {numbers.get(r['series_instance_uid'])}: {span}" if several else span)
+        number = numbers.get(r["series_instance_uid"])
+        name = f"series {number}" if number is not None else r["series_instance_uid"]
+        parts.append(f"{name}: {span}" if several else span)
     return ", ".join(parts) or "-"
 
 
