@@ -43,26 +43,38 @@ from common import (
 )
 
 
-def _study(n_slices: int) -> tuple[dict, dict[str, np.ndarray]]:
-    """The first ``n_slices`` slices of the sample's first study as a study result with made-up
-    probabilities (a bump in the middle), and their HU arrays."""
+def _study(n_slices: int) -> tuple[dict, dict, dict[str, np.ndarray]]:
+    """The first ``n_slices`` slices of the sample's first study as a study result (docs/study-result.md,
+    built by the study pipeline's scan_folder and build_result) with made-up probabilities (a bump in the
+    middle), the study entry, and their HU arrays by SOP Instance UID."""
+    import tempfile
+
     import pydicom
 
+    from ichdet.bundle import Ensemble
     from ichdet.dicom import read_hu
     from ichdet.labels import LABELS
+    from ichdet.study import StudySlice, scan_folder
+    from ichdet.study_result import build_result
 
     files = sorted((RSNA_SAMPLE / "stage_2_train_images").glob("*.dcm"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         study_uid = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
         files = [f for f in files if pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID == study_uid]
-    files = files[:n_slices]
-    probs = np.sin(np.linspace(0.1, 3.0, len(files)))
-    slices = [{"sop_uid": f.stem, "probabilities": {label: float(p) for label in LABELS}}
-              for f, p in zip(files, probs, strict=True)]
-    study = {"study_uid": "bench", "series": [{"series_uid": "s", "slices": slices}],
-             "summary": {"probabilities": {label: float(probs.max()) for label in LABELS}}}
-    return study, {f.stem: read_hu(f) for f in files}
+    with tempfile.TemporaryDirectory() as tmp:
+        for f in files[:n_slices]:
+            (Path(tmp) / f.name).symlink_to(f)
+        scan = scan_folder(Path(tmp), min_slices=1)
+        (entry,) = scan.studies
+        (series,) = entry.selected
+        slices = [StudySlice(entry.study_uid, series.series_uid, i, ref.sop_uid, ref.path, ref.position_mm, i)
+                  for i, ref in enumerate(series.slices)]
+        hu_by_sop = {s.sop_uid: read_hu(s.path) for s in slices}
+    probs = np.repeat(np.sin(np.linspace(0.1, 3.0, len(slices)))[:, None], len(LABELS), axis=1)
+    ensemble = Ensemble((), dict.fromkeys(LABELS, 0.5), {"bundle_sha256": None, "members": [], "bench": True})
+    result = build_result(scan, slices, probs, ensemble, {}, {"tta": False, "device": "cpu", "min_slices": 1})
+    return result, result["studies"][0], hu_by_sop
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -76,10 +88,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     data_cfg = DataConfig(image_size=args.size)
     models = [build_model(ModelConfig(backbone=args.arch), data_cfg.in_chans).eval() for _ in range(args.folds)]
-    study, hu_by_sop = _study(args.slices)
+    result, study, hu_by_sop = _study(args.slices)
     ordered = study_slices(study)
     chosen = top_slices(study, args.top)
-    images = model_inputs([hu_by_sop[ordered[i]["sop_uid"]] for i in chosen], data_cfg)
+    images = model_inputs([hu_by_sop[ordered[i]["sop_instance_uid"]] for i in chosen], data_cfg)
     normalize = Normalizer(*input_stats(models[0], data_cfg.in_chans), channels_last=False)
     figures = study_figures(study, hu_by_sop, models, data_cfg, top_k=args.top)
 
@@ -95,7 +107,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         Variant("gradcam", lambda: (cam_overlays(models, data_cfg, images), 1)[1], unit="studies"),
         Variant("figures", lambda: (study_figures(study, hu_by_sop, models, data_cfg, top_k=args.top), 1)[1],
                 unit="studies"),
-        Variant("render", lambda: (render_report(study, figures, {"bench": True}), 1)[1], unit="studies"),
+        Variant("render", lambda: (render_report(result, study, figures), 1)[1], unit="studies"),
     ]
     results = run_interleaved(variants, args.repeats)
     base = results["inference"]["median_seconds"]

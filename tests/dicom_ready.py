@@ -1,5 +1,5 @@
 """Test helpers: real RSNA slices made DICOM-ready (valid UIDs, SOP class, type-2 elements, planted
-identifying values) and a study result for them."""
+identifying values) and a study result for them (made by the study pipeline's own functions)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,14 @@ import subprocess
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pydicom
 from pydicom.uid import CTImageStorage, generate_uid
 
+from ichdet.bundle import Ensemble
 from ichdet.labels import LABELS
+from ichdet.study import StudySlice, scan_folder
+from ichdet.study_result import build_result
 
 #: Known identifying values planted in every identifying tag; no output without include_phi may hold them.
 PHI = {
@@ -67,24 +71,22 @@ def make_dicom_ready(files: list[Path], out: Path, *, sop_class: bool = True, ui
     return written
 
 
-def study_result(files: list[Path], probs: list[float]) -> dict:
-    """A study result (the shape predict_study writes) for DICOM-ready ``files``: ``probs`` for every label."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
-    slices = [{"sop_uid": str(h.SOPInstanceUID), "probabilities": {label: p for label in LABELS}}
-              for h, p in zip(headers, probs, strict=True)]
-    top = max(probs)
-    return {
-        "study_uid": str(headers[0].StudyInstanceUID),
-        "series": [{"series_uid": str(headers[0].SeriesInstanceUID), "slices": slices}],
-        "summary": {"probabilities": {label: top for label in LABELS},
-                    "ranges": {label: [[1, 2]] if top >= 0.5 else [] for label in LABELS},
-                    "decision": {label: top >= 0.5 for label in LABELS}},
-        "skipped": [{"series_uid": "1.2.3.999", "reason": "scout/localizer (ImageType LOCALIZER)"}],
-        "manifest": {"ichdet_version": "0.1.0", "bundle_sha256": "ab" * 32},
-        "timings": {"read_s": 0.1, "infer_s": 0.2},
-    }
+def study_result(files: list[Path], probs: list[float], threshold: float = 0.5) -> dict:
+    """The result ``predict_study`` writes (docs/study-result.md) for DICOM-ready ``files``, the only files of
+    their folder: made by ichdet.study.scan_folder and ichdet.study_result.build_result, as predict_study
+    makes it, with ``probs[i]`` for every label of the i-th slice in slice order and one threshold."""
+    scan = scan_folder(files[0].parent, min_slices=1)
+    (study,) = scan.studies
+    (series,) = study.selected
+    slices = [StudySlice(study.study_uid, series.series_uid, i, ref.sop_uid, ref.path, ref.position_mm, i)
+              for i, ref in enumerate(series.slices)]
+    manifest = {"bundle_sha256": "ab" * 32, "runs": None, "ichdet_version": "0.1.0", "members": [],
+                "operating_points": None, "thresholds_source": f"test threshold {threshold}"}
+    ensemble = Ensemble((), dict.fromkeys(LABELS, threshold), manifest)
+    table = np.repeat(np.asarray(probs, np.float64)[:, None], len(LABELS), axis=1)
+    return build_result(scan, slices, table, ensemble, {"read_headers_and_order": 0.1, "read_pixels": 0.1,
+                                                        "inference": 0.2}, {"tta": False, "device": "cpu",
+                                                                            "min_slices": 1})
 
 
 def dciodvfy_errors(path: Path) -> list[str]:

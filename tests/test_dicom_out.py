@@ -79,13 +79,15 @@ def test_two_studies_and_nothing_are_refused(ready_files: list[Path], rsna_sampl
 
 
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (Debian package dicom3tools) not installed")
-@pytest.mark.parametrize("probs", [[0.1, 0.9, 0.3], [0.1, 0.2, 0.05]])
+@pytest.mark.parametrize(("probs", "expected_slices"), [([0.1, 0.9, 0.6], "1-2"), ([0.9, 0.2, 0.7], "0, 2"),
+                                                       ([0.1, 0.2, 0.05], "")])
 def test_results_are_valid_dicom_in_the_source_study(ready_files: list[Path], tmp_path: Path,
-                                                     probs: list[float]) -> None:
-    study = study_result(ready_files, probs)
+                                                     probs: list[float], expected_slices: str) -> None:
+    result = study_result(ready_files, probs)
+    study, shown = result["studies"][0], result["studies"][0]["series"][0]["slices"][1]["sop_instance_uid"]
     source = read(ready_files[0])
-    paths = write_dicom_results(study, ready_files, overlays(2), tmp_path / "out",
-                                overlay_sources=[study["series"][0]["slices"][1]["sop_uid"]] * 2)
+    paths = write_dicom_results(study, result["model"], ready_files, overlays(2), tmp_path / "out",
+                                overlay_sources=[shown] * 2)
     assert len(paths) == 3 and all(p.parent == tmp_path / "out" for p in paths)
     for path in paths:
         assert dciodvfy_errors(path) == [], path
@@ -103,10 +105,11 @@ def test_results_are_valid_dicom_in_the_source_study(ready_files: list[Path], tm
         assert list(ds.ImageType)[:2] == ["DERIVED", "SECONDARY"]
         assert "NOT FOR DIAGNOSTIC USE" in ds.ImageComments
         np.testing.assert_array_equal(ds.pixel_array, rgb)
-        assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == study["series"][0]["slices"][1]["sop_uid"]
+        assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == shown
         assert list(ds.PatientOrientation) == ["L", "P"]
     assert sr_path.Modality == "SR" and sr_path.CompletionFlag == "COMPLETE"
     assert sr_findings(sr_path) == {label: (max(probs) >= 0.5, pytest.approx(max(probs))) for label in LABELS}
+    assert sr_slices(sr_path) == ({label: expected_slices for label in LABELS} if max(probs) >= 0.5 else {})
 
 
 def sr_findings(sr: pydicom.Dataset) -> dict[str, tuple[bool, float]]:
@@ -122,6 +125,26 @@ def sr_findings(sr: pydicom.Dataset) -> dict[str, tuple[bool, float]]:
     return out
 
 
+def sr_slices(sr: pydicom.Dataset) -> dict[str, str]:
+    """label -> the "Slices where called" text of the SR's findings (labels without one left out)."""
+    findings = next(item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "121070")
+    out = {}
+    for item in findings.ContentSequence:
+        label = next(lab for lab in LABELS if label_code(lab).value == item.ConceptNameCodeSequence[0].CodeValue)
+        for child in item.ContentSequence:
+            if child.ValueType == "TEXT":
+                out[label] = str(child.TextValue)
+    return out
+
+
+def test_unanalysed_study_is_refused(ready_files: list[Path], tmp_path: Path) -> None:
+    result = study_result(ready_files, [0.1, 0.9, 0.3])
+    study = {**result["studies"][0], "summary": {"analysed": False}}
+    with pytest.raises(IchdetError, match=r"no series was analysed"):
+        write_dicom_results(study, result["model"], ready_files, overlays(1), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 #: The planted values DICOM requires in the results: the patient module and the study module's type-2 elements.
 REQUIRED_PHI = ["AccessionNumber", "PatientBirthDate", "PatientID", "PatientName", "ReferringPhysicianName"]
 
@@ -132,7 +155,8 @@ REQUIRED_PHI = ["AccessionNumber", "PatientBirthDate", "PatientID", "PatientName
 ])
 def test_identifying_values_in_the_results(ready_files: list[Path], tmp_path: Path, include_phi: bool,
                                            expected: list[str]) -> None:
-    paths = write_dicom_results(study_result(ready_files, [0.1, 0.9, 0.3]), ready_files, overlays(1), tmp_path,
+    result = study_result(ready_files, [0.1, 0.9, 0.3])
+    paths = write_dicom_results(result["studies"][0], result["model"], ready_files, overlays(1), tmp_path,
                                 include_phi=include_phi)
     for path in paths:  # the raw bytes, nested sequences included
         raw = path.read_bytes()
@@ -141,18 +165,20 @@ def test_identifying_values_in_the_results(ready_files: list[Path], tmp_path: Pa
 
 
 def test_reruns_replace(ready_files: list[Path], tmp_path: Path) -> None:
-    study = study_result(ready_files, [0.1, 0.9, 0.3])
-    first = write_dicom_results(study, ready_files, overlays(1), tmp_path / "a", include_phi=True)
-    again = write_dicom_results(study, ready_files, overlays(1), tmp_path / "b", include_phi=True)
+    result = study_result(ready_files, [0.1, 0.9, 0.3])
+    study, model = result["studies"][0], result["model"]
+    first = write_dicom_results(study, model, ready_files, overlays(1), tmp_path / "a", include_phi=True)
+    again = write_dicom_results(study, model, ready_files, overlays(1), tmp_path / "b", include_phi=True)
     assert [p.name for p in first] == [p.name for p in again]  # same result, same objects
-    changed = write_dicom_results(study_result(ready_files, [0.1, 0.2, 0.3]), ready_files, overlays(1),
-                                  tmp_path / "c")
+    other = study_result(ready_files, [0.1, 0.2, 0.3])
+    changed = write_dicom_results(other["studies"][0], other["model"], ready_files, overlays(1), tmp_path / "c")
     assert not {p.name for p in changed} & {p.name for p in first}  # another result: new objects
 
 
 def test_overlay_sources_must_match(ready_files: list[Path], tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="2 overlays but 1 sources"):
-        write_dicom_results(study_result(ready_files, [0.1, 0.2, 0.3]), ready_files, overlays(2), tmp_path,
+        result = study_result(ready_files, [0.1, 0.2, 0.3])
+        write_dicom_results(result["studies"][0], result["model"], ready_files, overlays(2), tmp_path,
                             overlay_sources=["1.2.3"])
     assert not list(tmp_path.iterdir())
 

@@ -151,8 +151,10 @@ def test_overlay_rgb_colours_the_cam() -> None:
 
 def test_study_figures_top_slices() -> None:
     probs = [0.1, 0.9, 0.4]
-    study = {"study_uid": "1.2.3", "series": [{"series_uid": "1.2.3.4", "slices": [
-        {"sop_uid": f"1.2.3.4.{i}", "probabilities": {label: p for label in LABELS}} for i, p in enumerate(probs)]}]}
+    # the part of a study result (docs/study-result.md) that study_figures reads
+    study = {"study_instance_uid": "1.2.3", "series": [{"series_instance_uid": "1.2.3.4", "slices": [
+        {"index": i, "sop_instance_uid": f"1.2.3.4.{i}", "probabilities": {label: p for label in LABELS}}
+        for i, p in enumerate(probs)]}]}
     hu_by_sop = {f"1.2.3.4.{i}": np.where(np.arange(24)[:, None] > 11, 60.0, 0.0) * np.ones((24, 24), np.float32)
                  for i in range(3)}
     figs = study_figures(study, hu_by_sop, [BlobNet([1.0] * 6)], DataConfig(image_size=SIZE, slice_offsets=[-1, 0, 1],

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pydicom
 import pytest
 import torch
 from dicom_ready import PHI, make_dicom_ready, study_files, study_result
@@ -34,24 +35,29 @@ from ichdet.report_html import (
 
 N_SLICES, TOP_K = 6, 2
 PROBS = [0.05, 0.2, 0.85, 0.6, 0.1, 0.02]
-MANIFEST = {"ichdet_version": "0.1.0", "bundle_sha256": "ab" * 32, "members": [{"name": "r18", "folds": [0]}]}
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium (Debian package chromium) not installed")
 
 
 @pytest.fixture(scope="module")
 def case(rsna_sample: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, ReportFigures]:
-    """A study result and its figures from real slices carrying planted identifying values."""
-    files = make_dicom_ready(study_files(rsna_sample / "stage_2_train_images", N_SLICES),
-                             tmp_path_factory.mktemp("src"))
-    study = study_result(files, PROBS)
-    hu_by_sop = {s["sop_uid"]: read_hu(f) for s, f in zip(study["series"][0]["slices"], files, strict=True)}
+    """A study result (with a scout series skipped) and its figures from real slices carrying planted
+    identifying values."""
+    folder = tmp_path_factory.mktemp("src")
+    files = make_dicom_ready(study_files(rsna_sample / "stage_2_train_images", N_SLICES), folder)
+    scout = pydicom.dcmread(files[0])
+    scout.SeriesInstanceUID = "1.2.3.999"
+    scout.SOPInstanceUID = scout.file_meta.MediaStorageSOPInstanceUID = "1.2.3.999.1"
+    scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    scout.save_as(folder / "scout")
+    result = study_result(files, PROBS)
+    hu_by_sop = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID): read_hu(f) for f in files}
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone="resnet18", pretrained=False), in_chans=3)
     with torch.no_grad():
         model.fc.weight[LABELS.index("any")] = 1.0  # a CAM with something in it (see test_gradcam)
-    figures = study_figures(study, hu_by_sop, [model], DataConfig(image_size=64), top_k=TOP_K)
-    return study, figures
+    figures = study_figures(result["studies"][0], hu_by_sop, [model], DataConfig(image_size=64), top_k=TOP_K)
+    return result, figures
 
 
 def data_uri_images(page: str) -> list[np.ndarray]:
@@ -61,8 +67,9 @@ def data_uri_images(page: str) -> list[np.ndarray]:
 
 
 def test_page_content(case: tuple[dict, ReportFigures]) -> None:
-    study, figures = case
-    page = render_report(study, figures, MANIFEST)
+    result, figures = case
+    study = result["studies"][0]
+    page = render_report(result, study, figures)
     assert page.startswith("<!DOCTYPE html>") and NOT_FOR_DIAGNOSIS in page
     assert not re.search(r'(?:src|href)="(?:https?:)?//', page)  # no external asset
     images = data_uri_images(page)
@@ -74,7 +81,9 @@ def test_page_content(case: tuple[dict, ReportFigures]) -> None:
     assert [label for label, _ in polylines] == list(LABELS)
     assert all(len(points.split()) == N_SLICES for _, points in polylines)
     assert 'id="decision">Intracranial hemorrhage flagged' in page
-    assert "scout/localizer (ImageType LOCALIZER)" in page and "1.2.3.999" in page  # skipped series
+    assert study["skipped_series"][0]["reason"] in page and "1.2.3.999" in page  # skipped series
+    assert "localizer" in study["skipped_series"][0]["reason"]
+    assert re.search(r"<td>any</td><td>0\.850</td><td>0\.500</td><td class=\"pos\">positive</td><td>2-3</td>", page)
     assert "ab" * 32 in page  # the manifest
 
 
@@ -117,8 +126,8 @@ PROBE = """<script>window.addEventListener("load", () => {
 
 @needs_chromium
 def test_chromium_renders_every_image_and_the_chart(case: tuple[dict, ReportFigures], tmp_path: Path) -> None:
-    study, figures = case
-    page = write_report([(study, figures)], MANIFEST, tmp_path / "report.html")
+    result, figures = case
+    page = write_report(result, {result["studies"][0]["study_instance_uid"]: figures}, tmp_path / "report.html")
     probe = tmp_path / "probe.html"
     probe.write_text(page.read_text().replace("</body>", PROBE + "</body>"))
     dom = chromium(["--window-size=1366,900", "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()], tmp_path)
@@ -144,25 +153,45 @@ def test_chromium_renders_every_image_and_the_chart(case: tuple[dict, ReportFigu
 
 def test_no_patient_data_in_any_output(case: tuple[dict, ReportFigures], tmp_path: Path,
                                        caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> None:
-    study, figures = case
+    result, figures = case
+    study = result["studies"][0]
+    two = {**result, "studies": [study, {**study, "study_instance_uid": "1.2.3.4"}]}
     with caplog.at_level(logging.DEBUG):
-        write_report([(study, figures), (study, figures)], MANIFEST, tmp_path / "report.html")
+        write_report(two, {"1.2.3.4": figures}, tmp_path / "report.html")
     texts = [p.read_text() for p in tmp_path.iterdir()] + [p.name for p in tmp_path.iterdir()]
     texts += [caplog.text, *capsys.readouterr()]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report-1.html", "report-2.html", "report.html"]
     for value in PHI.values():
         for variant in {value, value.replace("^", " "), value.split("^")[0]}:
             assert not any(variant.lower() in text.lower() for text in texts), variant
-    shown = render_report({**study, "patient": {"PatientName": PHI["PatientName"]}}, figures, MANIFEST)
+    shown = render_report(result, {**study, "patient": {"PatientName": PHI["PatientName"]}}, figures)
     assert PHI["PatientName"] in shown  # with include_phi the result carries it and the page shows it
 
 
 def test_write_report_refuses_nothing_and_replaces_atomically(case: tuple[dict, ReportFigures], tmp_path: Path) -> None:
-    study = case[0]
+    result = case[0]
     out = tmp_path / "report.html"
     with pytest.raises(ValueError, match="no study"):
-        write_report([], MANIFEST, out)
+        write_report({**result, "studies": []}, {}, out)
     assert not out.exists()
     out.write_text("old")
-    assert write_report([(study, ReportFigures())], MANIFEST, out) == out
+    assert write_report(result, {}, out) == out
     assert "No overlay images" in out.read_text() and [p.name for p in tmp_path.iterdir()] == ["report.html"]
+
+
+@pytest.mark.parametrize(("number", "expected"), [
+    (7, "series 2: 2-3, series 7: 0"),
+    (None, "series 2: 2-3, 1.2.3.77: 0"),  # no series number: the UID names it
+])
+def test_ranges_of_several_series_name_the_series(case: tuple[dict, ReportFigures], number: int | None,
+                                                  expected: str) -> None:
+    result, figures = case
+    study = result["studies"][0]
+    first = study["series"][0]
+    other = {**first, "series_instance_uid": "1.2.3.77", "series_number": number}
+    ranges = [*study["summary"]["slice_ranges"]["any"],
+              {"series_instance_uid": "1.2.3.77", "first_index": 0, "last_index": 0}]
+    two = {**study, "series": [first, other],
+           "summary": {**study["summary"], "slice_ranges": {**study["summary"]["slice_ranges"], "any": ranges}}}
+    assert first["series_number"] == 2  # tests/dicom_ready.py gives the series number 2
+    assert f"<td>{expected}</td></tr>" in render_report(result, two, figures)

@@ -52,7 +52,7 @@ def test_analyse_study_real(tiny_bundle: Path, rsna_sample: Path, tmp_path: Path
     out.mkdir()
     result = analyse_study(study_dir, bundle.load_ensemble(tiny_bundle), out, tta=False, device="cpu")
     studies = json.loads(result.json_path.read_text())["studies"]
-    assert [s["study_uid"] for s in studies] == [uid]
+    assert [s["study_instance_uid"] for s in studies] == [uid]
     objects = [pydicom.dcmread(p) for p in result.dicom_files]
     assert all(p.is_relative_to(out) for p in result.dicom_files)
     assert sorted(str(ds.Modality) for ds in objects) == ["OT", "OT", "OT", "SR"]

@@ -7,11 +7,15 @@ import gc
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Annotated, ParamSpec, TypeVar
 
 import typer
 
 from ichdet.errors import IchdetError, RunFailed
+
+if TYPE_CHECKING:
+    from ichdet.report_html import ReportFigures
+    from ichdet.study import StudyPrediction
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Intracranial hemorrhage detection on head CT (RSNA 2019 labels).")
@@ -149,18 +153,20 @@ _FORCE = typer.Option("--force", help="replace an existing output file that ichd
 
 
 @command
-def predict(run: Annotated[list[Path], typer.Option(help="run folder (repeat for several models)")],
-            data: Annotated[Path, typer.Option(help="cache folder to predict")],
+def predict(data: Annotated[Path, typer.Option(help="cache folder to predict")],
             out: Annotated[Path, typer.Option(help="predictions parquet to write")],
+            run: Annotated[list[Path] | None, typer.Option(help="run folder (repeat for several models)")] = None,
+            bundle: Annotated[Path | None, typer.Option(help="model bundle from `ichdet bundle` (instead of --run)")]
+            = None,
             tta: Annotated[bool, typer.Option("--tta/--no-tta", help="average with a horizontal flip")] = True,
             device: str = "auto",
             force: Annotated[bool, _FORCE] = False) -> None:
-    """Predict every image of a cache with every fold of each run."""
+    """Predict every image of a cache with every fold of each run (or of each bundle member)."""
     from ichdet.io import write_parquet_atomic
     from ichdet.predict import check_out, predict_runs
 
     check_out(out, force)
-    preds = predict_runs(list(run), data, tta=tta, device=device, progress=sys.stderr.isatty())
+    preds = predict_runs(list(run or []), data, tta=tta, device=device, progress=sys.stderr.isatty(), bundle=bundle)
     write_parquet_atomic(preds, out)
     typer.echo(f"{out}: {preds['image_id'].nunique()} images x {len(preds.groupby(['model', 'fold']))} "
                "model folds")
@@ -292,6 +298,118 @@ def seq_train(run: Annotated[list[Path], typer.Option(help="trained 2D run folde
         typer.echo(f"fold {r['fold']}: best val weighted log loss {r['val_loss']:.4f} at epoch {r['epoch']} "
                    f"({r['epochs']} epochs)")
     typer.echo(f"run: {out}")
+
+
+@command
+def bundle(run: Annotated[list[Path], typer.Option(help="run folder (repeat for several models)")],
+           out: Annotated[Path, typer.Option(help="bundle file to write, e.g. model.ichdet")],
+           weight: Annotated[list[str] | None, typer.Option(help="member=weight (default: equal)")] = None,
+           labels: Annotated[Path | None, typer.Option(help="label CSV of the runs' training cache: thresholds "
+                                                              "from the out-of-fold predictions")] = None,
+           sensitivity: Annotated[float, typer.Option(help="target sensitivity of the thresholds")] = 0.95,
+           ) -> None:
+    """Pack runs into one model file: weights (safetensors), configs, weights, thresholds, sha256 manifest."""
+    from ichdet.bundle import load_ensemble, write_bundle
+
+    weights = dict(_model_weight(w) for w in weight) if weight else None
+    path = write_bundle(list(run), out, weights, sensitivity, labels)
+    ens = load_ensemble(path)
+    typer.echo(f"{path}: {len(ens.members)} members, {sum(len(m.folds) for m in ens.members)} folds, "
+               f"sha256 {ens.manifest['bundle_sha256']}")
+    typer.echo("thresholds: " + ", ".join(f"{k} {v:.4g}" for k, v in ens.thresholds.items())
+               + f" ({ens.manifest['thresholds_source']})")
+
+
+def _check_study_folder(path: Path, dicom_out: Path | None) -> None:
+    """Refuse, before any work, a PATH that is not a folder or (with --dicom-out) slices DICOM results
+    cannot refer to, and a --dicom-out that is a file."""
+    from ichdet.study_outputs import check_dicom_out
+
+    if not path.is_dir():
+        raise IchdetError(f"{path}: not a folder; pass the folder that holds the study's DICOM files")
+    if dicom_out is not None:
+        if dicom_out.exists() and not dicom_out.is_dir():
+            raise IchdetError(f"--dicom-out {dicom_out} is a file; give a folder for the DICOM results")
+        check_dicom_out(path)
+
+
+def _dicom_results(prediction: StudyPrediction, dicom_out: Path | None, include_phi: bool,
+                   figures: dict[str, ReportFigures] | None = None) -> None:
+    """With --dicom-out: the SR and secondary captures of every analysed study (figures made if not given)."""
+    from ichdet.study_outputs import prediction_figures, write_prediction_dicom
+
+    if dicom_out is None:
+        return
+    written = write_prediction_dicom(prediction, prediction_figures(prediction) if figures is None else figures,
+                                     dicom_out, include_phi)
+    typer.echo(f"{dicom_out}: {len(written)} DICOM objects (SR + secondary captures), not for diagnostic use")
+
+
+@command
+def predict_study(path: Annotated[Path, typer.Argument(help="folder of DICOM files (any layout, any names)")],
+                  bundle: Annotated[Path | None, typer.Option(help="model bundle from `ichdet bundle`")] = None,
+                  run: Annotated[list[Path] | None, typer.Option(help="run folder (instead of --bundle)")] = None,
+                  out: Annotated[Path, typer.Option(help="result JSON to write")] = Path("result.json"),
+                  device: str = "auto",
+                  tta: Annotated[bool, typer.Option("--tta/--no-tta", help="average with a horizontal flip")] = True,
+                  include_phi: Annotated[bool, typer.Option(
+                      "--include-phi", help="put patient name, ID, birth date, accession and institution in the "
+                                            "result")] = False,
+                  dicom_out: Annotated[Path | None, typer.Option(
+                      help="also write a DICOM SR and Grad-CAM secondary captures into this folder")] = None,
+                  ) -> None:
+    """Analyse every axial CT series of every study under PATH; write one result JSON."""
+    from ichdet.bundle import load_ensemble
+    from ichdet.study import predict_study as run_study
+    from ichdet.study_result import write_result
+
+    _check_study_folder(path, dicom_out)
+    ensemble = load_ensemble(bundle, list(run or []))
+    prediction = run_study(path, ensemble, tta=tta, device=device, include_phi=include_phi)
+    write_result(prediction.result, out)
+    _dicom_results(prediction, dicom_out, include_phi)
+    for study in prediction.result["studies"]:
+        summary = study["summary"]
+        if not summary["analysed"]:
+            typer.echo(f"{study['study_instance_uid']}: no usable series")
+            continue
+        called = [k for k, v in summary["called"].items() if v and k != "any"]
+        typer.echo(f"{study['study_instance_uid']}: any {summary['probability']['any']:.3f} -> "
+                   + ("hemorrhage suspected" + (f" ({', '.join(called)})" if called else "")
+                      if summary["hemorrhage"] else "no hemorrhage called"))
+    t = prediction.result["timings_s"]
+    typer.echo(f"{out}: read {t['read_headers_and_order'] + t['read_pixels']:.2f} s, inference "
+               f"{t['inference']:.2f} s, write {t['write']:.3f} s")
+
+
+@command
+def report(path: Annotated[Path, typer.Argument(help="folder of DICOM files (any layout, any names)")],
+           out: Annotated[Path, typer.Option(help="HTML report to write (an index page when several studies)")],
+           bundle: Annotated[Path | None, typer.Option(help="model bundle from `ichdet bundle`")] = None,
+           run: Annotated[list[Path] | None, typer.Option(help="run folder (instead of --bundle)")] = None,
+           dicom_out: Annotated[Path | None, typer.Option(
+               help="also write a DICOM SR and Grad-CAM secondary captures into this folder")] = None,
+           device: str = "auto",
+           tta: Annotated[bool, typer.Option("--tta/--no-tta", help="average with a horizontal flip")] = True,
+           top_k: Annotated[int, typer.Option(min=1, help="top slices shown with Grad-CAM per study")] = 3,
+           include_phi: Annotated[bool, typer.Option(
+               "--include-phi", help="show patient name, ID, birth date, accession and institution")] = False,
+           force: Annotated[bool, _FORCE] = False) -> None:
+    """Analyse PATH as predict-study does and write a self-contained HTML report per study (Grad-CAM)."""
+    from ichdet.bundle import load_ensemble
+    from ichdet.report_html import write_report
+    from ichdet.study import predict_study as run_study
+    from ichdet.study_outputs import prediction_figures
+
+    _output(out, force, (b"<!DOCTYPE html>",))
+    _check_study_folder(path, dicom_out)
+    ensemble = load_ensemble(bundle, list(run or []))
+    prediction = run_study(path, ensemble, tta=tta, device=device, include_phi=include_phi)
+    figures = prediction_figures(prediction, top_k=top_k)
+    page = write_report(prediction.result, figures, out)
+    typer.echo(f"{page}: {len(prediction.result['studies'])} studies, "
+               f"{sum(len(f.slices) for f in figures.values())} slices with Grad-CAM; not for diagnostic use")
+    _dicom_results(prediction, dicom_out, include_phi, figures)
 
 
 def main() -> None:

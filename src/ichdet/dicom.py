@@ -32,7 +32,7 @@ from ichdet._dicom_guard import check_decoded_size, check_inflated_size, open_re
 from ichdet.errors import DicomError
 
 __all__ = ["DEFAULT_MAX_PIXELS", "DicomMeta", "hu_from_dataset", "hu_from_stored", "meta_from_dataset", "read_dicom",
-           "read_hu", "read_meta"]
+           "read_header", "read_hu", "read_meta"]
 
 PathLike = str | Path
 
@@ -402,3 +402,16 @@ def read_meta(path: PathLike) -> DicomMeta:
     """Header fields of one slice, without reading the pixel data (truncated pixels go unnoticed)."""
     with _pydicom_reading():
         return meta_from_dataset(_dcmread(path, stop_before_pixels=True), path)
+
+
+def read_header(path: PathLike) -> Dataset:
+    """The whole header of a file (everything before Pixel Data), read as every reader here reads.
+
+    For callers that need more than :class:`DicomMeta` (series selection in :mod:`ichdet.study`);
+    raises DicomError for a file that is not DICOM, truncated or malformed.
+    """
+    with _pydicom_reading():
+        ds = _dcmread(path, stop_before_pixels=True)
+        for elem in ds:  # convert every value now, while ID_… UID warnings are silenced
+            _ = elem.value
+        return ds

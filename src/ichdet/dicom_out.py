@@ -11,11 +11,14 @@ the five subtypes, which have no code there, under the private scheme ``99ICHDET
     CONTAINER  LN 18748-4 "Diagnostic Imaging Report"
       CONTAINS TEXT  DCM 121106 "Comment"            = not for diagnostic use
       CONTAINS TEXT  DCM 111001 "Algorithm Name"     = ichdet
-      CONTAINS TEXT  DCM 111003 "Algorithm Version"  = ichdet version (+ bundle hash when known)
+      CONTAINS TEXT  DCM 111003 "Algorithm Version"  = the model's ichdet version (+ bundle hash when known)
       CONTAINS CONTAINER DCM 121070 "Findings"
         CONTAINS CODE <label>  = DCM 121053 "Present" | DCM 121054 "Absent"   (the decision)
           HAS PROPERTIES NUM  DCM 122157 "Probability" (UCUM "1", no units)
           HAS PROPERTIES TEXT 99ICHDET slices "Slices where called"           (when any)
+
+It reads the study result of ``ichdet predict-study`` (docs/study-result.md, schema version 1): one
+entry of ``studies`` and the result's ``model``.
 
 Instance UIDs are derived from the study UID and the result (``pydicom.uid.generate_uid`` with entropy
 sources), so rerunning on the same result rewrites the same objects instead of adding copies to the PACS.
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -119,8 +122,14 @@ def check_dicom_ready(source_files: Sequence[Path]) -> None:
     _ready_headers(source_files)
 
 
-def _ranges_text(ranges: Sequence[Sequence[int]]) -> str:
-    return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in ranges)
+def _ranges_text(ranges: Sequence[Mapping[str, Any]], several_series: bool) -> str:
+    """``summary.slice_ranges[label]`` as text: index ranges in slice order (with the series when several)."""
+    parts = []
+    for r in ranges:
+        a, b = r["first_index"], r["last_index"]
+        span = f"{a}-{b}" if a != b else f"{a}"
+        parts.append(f"{r['series_instance_uid']}: {span}" if several_series else span)
+    return ", ".join(parts)
 
 
 def _with_children(item: _Item, children: Sequence[hd.sr.ContentItem]) -> _Item:
@@ -129,13 +138,13 @@ def _with_children(item: _Item, children: Sequence[hd.sr.ContentItem]) -> _Item:
     return item
 
 
-def _finding(label: str, probability: float, called: bool, ranges: Sequence[Sequence[int]]) -> hd.sr.CodeContentItem:
+def _finding(label: str, probability: float, called: bool, ranges: str) -> hd.sr.CodeContentItem:
     props: list[hd.sr.ContentItem] = [hd.sr.NumContentItem(
         name=codes.DCM.Probability, value=round(float(probability), 6), unit=codes.UCUM.NoUnits,
         relationship_type=hd.sr.RelationshipTypeValues.HAS_PROPERTIES)]
     if ranges:
         props.append(hd.sr.TextContentItem(
-            name=hd.sr.CodedConcept("slices", _PRIVATE, "Slices where called"), value=_ranges_text(ranges),
+            name=hd.sr.CodedConcept("slices", _PRIVATE, "Slices where called"), value=ranges,
             relationship_type=hd.sr.RelationshipTypeValues.HAS_PROPERTIES))
     return _with_children(hd.sr.CodeContentItem(
         name=label_code(label), value=codes.DCM.Present if called else codes.DCM.Absent,
@@ -146,28 +155,37 @@ def _text(name: hd.sr.CodedConcept | Code, value: str) -> hd.sr.TextContentItem:
     return hd.sr.TextContentItem(name=name, value=value, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
 
 
-def _version(study: Mapping[str, Any]) -> str:
-    manifest = study.get("manifest") or {}
-    version = str(manifest.get("ichdet_version", ichdet.__version__))
-    digest = manifest.get("bundle_sha256") or manifest.get("sha256")
+def _version(model: Mapping[str, Any]) -> str:
+    version = str(model.get("ichdet_version") or ichdet.__version__)
+    digest = model.get("bundle_sha256")
     return f"{version} (bundle sha256 {str(digest)[:16]})" if digest else version
 
 
-def sr_content(study: Mapping[str, Any]) -> hd.sr.ContainerContentItem:
-    """The SR's root container for one study result (see the module docstring for the tree)."""
-    summary = study.get("summary", {})
-    probs, ranges, decision = (summary.get(key, {}) for key in ("probabilities", "ranges", "decision"))
+def _analysed_summary(study: Mapping[str, Any]) -> Mapping[str, Any]:
+    summary = study["summary"]
+    if not summary["analysed"]:
+        raise IchdetError(f"study {study['study_instance_uid']}: no series was analysed, so there are no "
+                          "findings to write as DICOM results")
+    return summary
+
+
+def sr_content(study: Mapping[str, Any], model: Mapping[str, Any]) -> hd.sr.ContainerContentItem:
+    """The SR's root container for one analysed study of a result (``model``: the result's ``model``)."""
+    summary = _analysed_summary(study)
+    several = len(study["series"]) > 1
     findings = _with_children(
         hd.sr.ContainerContentItem(name=codes.DCM.Findings, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS),
-        [_finding(label, probs[label], bool(decision.get(label, False)), ranges.get(label, [])) for label in LABELS])
+        [_finding(label, summary["probability"][label], bool(summary["called"][label]),
+                  _ranges_text(summary["slice_ranges"][label], several)) for label in LABELS])
     items = [_text(codes.DCM.Comment, NOT_FOR_DIAGNOSIS), _text(codes.DCM.AlgorithmName, "ichdet"),
-             _text(codes.DCM.AlgorithmVersion, _version(study)), findings]
+             _text(codes.DCM.AlgorithmVersion, _version(model)), findings]
     return _with_children(hd.sr.ContainerContentItem(name=codes.LN.DiagnosticImagingReport), items)
 
 
-def _uid(study: Mapping[str, Any], *parts: object) -> str:
+def _uid(study: Mapping[str, Any], model: Mapping[str, Any], *parts: object) -> str:
     """A UID fixed by the study's result and ``parts`` (same result, same objects: reruns replace, not add)."""
-    basis = json.dumps({k: study.get(k) for k in ("study_uid", "summary", "manifest")}, sort_keys=True, default=str)
+    basis = json.dumps({"study": study["study_instance_uid"], "summary": study["summary"],
+                        "model": [model.get("bundle_sha256"), model.get("members")]}, sort_keys=True, default=str)
     return generate_uid(entropy_srcs=[basis, *map(str, parts)])
 
 
@@ -216,13 +234,13 @@ def patient_orientation(ref: Dataset) -> tuple[str, str]:
     return letter(cosines[:3]), letter(cosines[3:])
 
 
-def _secondary_capture(ref: Dataset, rgb: np.ndarray, study: Mapping[str, Any], index: int,
+def _secondary_capture(ref: Dataset, rgb: np.ndarray, uid: Callable[..., str], index: int,
                        source_uid: str | None) -> hd.sc.SCImage:
-    series_uid = _uid(study, "sc-series")
+    series_uid = uid("sc-series")
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=ref, pixel_array=np.ascontiguousarray(rgb, np.uint8), photometric_interpretation="RGB",
         bits_allocated=8, coordinate_system="PATIENT", series_instance_uid=series_uid,
-        series_number=SC_SERIES_NUMBER, sop_instance_uid=_uid(study, "sc", index), instance_number=index + 1,
+        series_number=SC_SERIES_NUMBER, sop_instance_uid=uid("sc", index), instance_number=index + 1,
         manufacturer=MANUFACTURER, patient_orientation=patient_orientation(ref),
         series_description="ichdet Grad-CAM overlays - NOT FOR DIAGNOSTIC USE")
     sc.ImageType = ["DERIVED", "SECONDARY"]
@@ -239,11 +257,12 @@ def _secondary_capture(ref: Dataset, rgb: np.ndarray, study: Mapping[str, Any], 
     return sc
 
 
-def write_dicom_results(study: Mapping[str, Any], source_files: Sequence[Path], overlays: Sequence[np.ndarray],
-                        out_dir: Path, include_phi: bool = False,
+def write_dicom_results(study: Mapping[str, Any], model: Mapping[str, Any], source_files: Sequence[Path],
+                        overlays: Sequence[np.ndarray], out_dir: Path, include_phi: bool = False,
                         overlay_sources: Sequence[str] | None = None) -> list[Path]:
     """Write the SR and one secondary capture per overlay (RGB uint8 (H, W, 3)) into ``out_dir``; return the paths.
 
+    ``study`` is an analysed entry of a study result's ``studies`` and ``model`` the result's ``model``.
     ``source_files`` are the analysed slices of the study (checked by :func:`check_dicom_ready` first);
     ``overlay_sources`` optionally names the SOP Instance UID of the slice each overlay shows (written as
     its Source Image Sequence). ``include_phi`` adds the source's institution; the patient and study
@@ -251,17 +270,22 @@ def write_dicom_results(study: Mapping[str, Any], source_files: Sequence[Path], 
     """
     if overlay_sources is not None and len(overlay_sources) != len(overlays):
         raise ValueError(f"write_dicom_results: {len(overlays)} overlays but {len(overlay_sources)} sources")
+    content = sr_content(study, model)
     headers = _ready_headers(source_files)
     ref = headers[0]
     out_dir = Path(out_dir)
+
+    def uid(*parts: object) -> str:
+        return _uid(study, model, *parts)
+
     written = []
     for index, rgb in enumerate(overlays):
-        sc = _secondary_capture(ref, rgb, study, index, overlay_sources[index] if overlay_sources else None)
+        sc = _secondary_capture(ref, rgb, uid, index, overlay_sources[index] if overlay_sources else None)
         _equipment(sc, ref, include_phi)
         written.append(_save(sc, out_dir))
     sr = hd.sr.ComprehensiveSR(
-        evidence=headers, content=sr_content(study), series_instance_uid=_uid(study, "sr-series"),
-        series_number=SR_SERIES_NUMBER, sop_instance_uid=_uid(study, "sr"), instance_number=1,
+        evidence=headers, content=content, series_instance_uid=uid("sr-series"),
+        series_number=SR_SERIES_NUMBER, sop_instance_uid=uid("sr"), instance_number=1,
         manufacturer=MANUFACTURER, is_complete=True, series_description="ichdet findings - NOT FOR DIAGNOSTIC USE")
     _equipment(sr, ref, include_phi)
     written.append(_save(sr, out_dir))

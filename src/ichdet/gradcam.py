@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -165,12 +166,14 @@ def overlay_rgb(hu: np.ndarray, cam: np.ndarray, window: str = "brain", cam_weig
     return show_cam_on_image(rgb, mask, use_rgb=True, image_weight=1.0 - cam_weight)
 
 
-def study_figures(study: dict, hu_by_sop: Mapping[str, np.ndarray], models: Sequence[nn.Module],
+def study_figures(study: Mapping[str, Any], hu_by_sop: Mapping[str, np.ndarray], models: Sequence[nn.Module],
                   data_cfg: DataConfig, top_k: int = 3, label: str = "any",
                   device: torch.device = _CPU) -> ReportFigures:
     """The report's figures of one study: its ``top_k`` slices by ``label`` in the report's windows, with CAMs.
 
-    ``hu_by_sop`` maps each SOP Instance UID of the study's ordered slices to its HU array; the model
+    ``study`` is an entry of the study result's ``studies`` (docs/study-result.md). ``hu_by_sop`` maps each
+    SOP Instance UID of the study's ordered slices to its HU array (only the top slices and their
+    neighbours are looked up, so a lazy mapping reads no more than those); the model
     inputs of a top slice take its neighbours from the same series (2.5D). ``models`` are the 2D
     members' networks (all folds); their CAMs are averaged.
     """
@@ -179,10 +182,11 @@ def study_figures(study: dict, hu_by_sop: Mapping[str, np.ndarray], models: Sequ
     inputs = []
     for index in chosen:
         # the neighbours (2.5D) come from the same series: study_slices keeps each series contiguous
-        same = [j for j, other in enumerate(ordered) if other["series_uid"] == ordered[index]["series_uid"]]
+        series = ordered[index]["series_instance_uid"]
+        same = [j for j, other in enumerate(ordered) if other["series_instance_uid"] == series]
         lo = max(same[0], index + min(data_cfg.slice_offsets))
         hi = min(same[-1] + 1, index + max(data_cfg.slice_offsets) + 1)
-        around = model_inputs([hu_by_sop[ordered[j]["sop_uid"]] for j in range(lo, hi)], data_cfg)
+        around = model_inputs([hu_by_sop[ordered[j]["sop_instance_uid"]] for j in range(lo, hi)], data_cfg)
         inputs.append(around[index - lo])
     if not inputs:
         return ReportFigures()
@@ -190,8 +194,8 @@ def study_figures(study: dict, hu_by_sop: Mapping[str, np.ndarray], models: Sequ
     figures = []
     for index, cam in zip(chosen, cams, strict=True):
         entry = ordered[index]
-        hu = hu_by_sop[entry["sop_uid"]]
-        figures.append(SliceFigure(sop_uid=entry["sop_uid"], position=index, label=label,
+        hu = hu_by_sop[entry["sop_instance_uid"]]
+        figures.append(SliceFigure(sop_uid=entry["sop_instance_uid"], position=index, label=label,
                                    probabilities=dict(entry["probabilities"]),
                                    overlays={name: overlay_rgb(hu, cam, name) for name in REPORT_WINDOWS}))
     return ReportFigures(slices=figures)

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
+from ichdet.bundle import Member, load_ensemble, run_names
 from ichdet.checkpoint import load_weights
 from ichdet.config import Config, load_config
 from ichdet.data import SliceDataset
@@ -97,40 +98,56 @@ def load_run_model(run: str | Path, weights: Path, device: torch.device,
     return model, cfg
 
 
+def member_probs(member: Member, cache: PixelCache, device: torch.device, tta: bool = True,
+                 batch_size: int | None = None, num_workers: int | None = None,
+                 progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Every fold of one ensemble member over every image of ``cache``: rows (N,), probs (folds, N, 6).
+
+    The folds share the member's config, so each image is read, windowed and batched once for all of them.
+    """
+    cfg = member.config
+    models = member.load_models(device)
+    ds = SliceDataset(cache, np.arange(len(cache)), cfg.data)
+    loader = make_loader(ds, batch_size or cfg.train.batch_size * 2,
+                         cfg.train.num_workers if num_workers is None else num_workers, device)
+    mean, std = input_stats(models[0], cfg.data.in_chans)
+    normalize = Normalizer(mean, std, cfg.train.channels_last).to(device)
+    autocast, _ = precision(device, cfg.train.amp)
+    return predict_batches(models, normalize, loader, device, autocast, tta, progress)
+
+
+def predict_member(member: Member, cache: PixelCache, tta: bool = True, batch_size: int | None = None,
+                   device: str = "auto", num_workers: int | None = None, progress: bool = False) -> pd.DataFrame:
+    """Predict every image of ``cache`` with every fold of one member (a run or a bundle's); a long table."""
+    rt = init_runtime(device)
+    rows, probs = member_probs(member, cache, rt.device, tta, batch_size, num_workers, progress)
+    return pd.concat([prediction_table(cache, rows, fold_probs, model=member.name, fold=fold)
+                      for fold, fold_probs in zip(member.folds, probs, strict=True)], ignore_index=True)
+
+
 def predict_run(run: str | Path, cache: PixelCache, tta: bool = True, batch_size: int | None = None,
                 device: str = "auto", num_workers: int | None = None,
                 progress: bool = False) -> pd.DataFrame:
     """Predict every image of ``cache`` with every fold of one run; a long table (see module doc).
 
-    The folds share the run's config, so each image is read, windowed and batched once for all of them.
     A sequence run (:mod:`ichdet.seq`) predicts the same table through its base runs' folds.
     """
     from ichdet.seq import is_seq_run, predict_seq  # seq imports this module
 
     if is_seq_run(run):
         return predict_seq(run, cache, tta, device, progress)
-    rt = init_runtime(device)
-    cfg = run_config(run)
-    folds = fold_weights(run)
-    models = [load_run_model(run, weights, rt.device, cfg)[0] for _, weights in folds]
-    ds = SliceDataset(cache, np.arange(len(cache)), cfg.data)
-    loader = make_loader(ds, batch_size or cfg.train.batch_size * 2,
-                         cfg.train.num_workers if num_workers is None else num_workers, rt.device)
-    mean, std = input_stats(models[0], cfg.data.in_chans)
-    normalize = Normalizer(mean, std, cfg.train.channels_last).to(rt.device)
-    autocast, _ = precision(rt.device, cfg.train.amp)
-    rows, probs = predict_batches(models, normalize, loader, rt.device, autocast, tta, progress)
-    name = Path(run).resolve().name
-    return pd.concat([prediction_table(cache, rows, fold_probs, model=name, fold=fold)
-                      for (fold, _), fold_probs in zip(folds, probs, strict=True)], ignore_index=True)
+    member = load_ensemble(runs=[Path(run)]).members[0]
+    return predict_member(member, cache, tta, batch_size, device, num_workers, progress)
 
 
 def predict_runs(runs: Sequence[str | Path], data: str | Path, tta: bool = True, device: str = "auto",
-                 progress: bool = False) -> pd.DataFrame:
-    """:func:`predict_run` for several runs over one cache, concatenated."""
+                 progress: bool = False, bundle: str | Path | None = None) -> pd.DataFrame:
+    """Every member of a bundle, or every run folder (2D or sequence), over one cache; one long table."""
     cache = PixelCache(data)
-    names = [Path(r).resolve().name for r in runs]
-    if len(set(names)) != len(names):
-        raise CheckpointError(f"runs must have distinct folder names to be told apart: {names}")
-    return check_predictions(pd.concat([predict_run(r, cache, tta, device=device, progress=progress)
-                                        for r in runs], ignore_index=True))
+    if bundle is not None:
+        parts = [predict_member(m, cache, tta, device=device, progress=progress)
+                 for m in load_ensemble(Path(bundle)).members]
+    else:
+        run_names(runs)  # refuses two runs of one name before any work
+        parts = [predict_run(r, cache, tta, device=device, progress=progress) for r in runs]
+    return check_predictions(pd.concat(parts, ignore_index=True))

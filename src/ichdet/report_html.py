@@ -6,13 +6,9 @@ with their Grad-CAM overlays (PNG ``data:`` URIs), the skipped series with their
 manifest. Pure string building: the figures come in as arrays (:class:`ReportFigures`, made by
 :func:`ichdet.gradcam.study_figures`), nothing here touches torch or DICOM.
 
-The study result it reads (``predict_study(...).result``; every key read in one place below)::
-
-    {"study_uid": "1.2...", "series": [{"series_uid": "1.2...", "slices": [
-         {"sop_uid": "1.2...", "probabilities": {"epidural": 0.01, ..., "any": 0.3}}, ...]}, ...],
-     "summary": {"probabilities": {label: p}, "ranges": {label: [[first, last], ...]},
-                 "decision": {label: true/false}},
-     "skipped": [{"series_uid": "...", "reason": "..."}], "timings": {...}}
+It reads the study result of ``ichdet predict-study`` (``predict_study(...).result``; the schema is
+docs/study-result.md, version 1): a ``studies[]`` entry for the page's content (``summary``, ``series``,
+``skipped_series``, ``patient``) and the result's ``model`` and ``timings_s``.
 
 Patient data: the page shows only what the result holds; a result made without ``include_phi`` holds
 no name, ID, birth date, accession number or institution, and neither does this page. A ``patient``
@@ -76,11 +72,11 @@ class ReportFigures:
 
 
 def study_slices(study: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The study's analysed slices in order, series after series, each with its ``series_uid`` added."""
+    """The study's analysed slices in order, series after series, each with its ``series_instance_uid`` added."""
     out = []
-    for series in study.get("series", []):
+    for series in study["series"]:
         for entry in series["slices"]:
-            out.append({**entry, "series_uid": series.get("series_uid", "")})
+            out.append({**entry, "series_instance_uid": series["series_instance_uid"]})
     return out
 
 
@@ -162,22 +158,38 @@ pre{background:#f6f8fa;padding:8px;overflow:auto;font-size:12px;max-height:320px
 """
 
 
+def _ranges_text(study: Mapping[str, Any], label: str) -> str:
+    """The slices where ``label`` is called (indices in series order; series number first when several)."""
+    ranges = study["summary"]["slice_ranges"][label]
+    numbers = {s["series_instance_uid"]: s["series_number"] for s in study["series"]}
+    several = len(study["series"]) > 1
+    parts = []
+    for r in ranges:
+        span = f"{r['first_index']}-{r['last_index']}" if r["first_index"] != r["last_index"] else f"{r['first_index']}"
+        number = numbers.get(r["series_instance_uid"])
+        name = f"series {number}" if number is not None else r["series_instance_uid"]
+        parts.append(f"{name}: {span}" if several else span)
+    return ", ".join(parts) or "-"
+
+
 def _summary(study: Mapping[str, Any]) -> str:
-    summary = study.get("summary", {})
-    probs, ranges, decision = (summary.get(key, {}) for key in ("probabilities", "ranges", "decision"))
+    summary = study["summary"]
+    if not summary["analysed"]:
+        return '<p class="neg" id="decision">Not analysed: no usable axial CT series (see the skipped series)</p>'
+    probs, called = summary["probability"], summary["called"]
     rows = []
     for label in LABELS:
-        called = bool(decision.get(label, False))
-        spans = ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in ranges.get(label, [])) or "-"
-        rows.append(f'<tr><td>{label}</td><td>{float(probs.get(label, float("nan"))):.3f}</td>'
-                    f'<td class="{"pos" if called else "neg"}">{"positive" if called else "negative"}</td>'
-                    f"<td>{_esc(spans)}</td></tr>")
-    any_called = bool(decision.get("any", False))
-    headline = ("Intracranial hemorrhage flagged" if any_called else "No intracranial hemorrhage flagged")
-    return (f'<p class="{"pos" if any_called else "neg"}" id="decision">{headline} '
-            f'(probability of any hemorrhage {float(probs.get("any", float("nan"))):.3f})</p>'
-            "<table><tr><th>label</th><th>probability</th><th>decision at the operating point</th>"
-            f"<th>slices where called</th></tr>{''.join(rows)}</table>")
+        pos = bool(called[label])
+        rows.append(f'<tr><td>{label}</td><td>{float(probs[label]):.3f}</td>'
+                    f'<td>{float(summary["thresholds"][label]):.3f}</td>'
+                    f'<td class="{"pos" if pos else "neg"}">{"positive" if pos else "negative"}</td>'
+                    f"<td>{_esc(_ranges_text(study, label))}</td></tr>")
+    flagged = bool(summary["hemorrhage"])
+    headline = "Intracranial hemorrhage flagged" if flagged else "No intracranial hemorrhage flagged"
+    return (f'<p class="{"pos" if flagged else "neg"}" id="decision">{headline} '
+            f'(probability of any hemorrhage {float(probs["any"]):.3f})</p>'
+            "<table><tr><th>label</th><th>probability</th><th>threshold</th><th>decision at the operating point"
+            f"</th><th>slices where called</th></tr>{''.join(rows)}</table>")
 
 
 def _figures(figures: ReportFigures) -> str:
@@ -195,21 +207,26 @@ def _figures(figures: ReportFigures) -> str:
 
 
 def _skipped(study: Mapping[str, Any]) -> str:
-    skipped = study.get("skipped", [])
+    skipped = study["skipped_series"]
     if not skipped:
         return '<p class="muted">None: every series found was analysed.</p>'
-    rows = "".join(f"<tr><td>{_esc(s.get('series_uid', ''))}</td><td>{_esc(s.get('reason', ''))}</td></tr>"
-                   for s in skipped)
-    return f"<table><tr><th>series</th><th>reason</th></tr>{rows}</table>"
+    rows = "".join(f"<tr><td>{_esc(s['series_number'])}</td><td>{_esc(s['description'])}</td>"
+                   f"<td>{_esc(s['series_instance_uid'])}</td><td>{_esc(s['n_files'])}</td>"
+                   f"<td>{_esc(s['reason'])}</td></tr>" for s in skipped)
+    head = "<tr><th>number</th><th>description</th><th>series</th><th>files</th><th>reason</th></tr>"
+    return f"<table>{head}{rows}</table>"
 
 
-def render_report(study: Mapping[str, Any], figures: ReportFigures, manifest: Mapping[str, Any]) -> str:
-    """One study's report as a complete HTML document (UTF-8 string, no external reference)."""
+def render_report(result: Mapping[str, Any], study: Mapping[str, Any], figures: ReportFigures) -> str:
+    """One study's report (``study``: an entry of ``result["studies"]``) as a complete HTML document
+    (UTF-8 string, no external reference). The model manifest and timings come from ``result``."""
     slices = study_slices(study)
     patient = study.get("patient")
     patient_html = (f"<h2>Patient</h2><pre>{_esc(json.dumps(patient, indent=2, default=str))}</pre>"
                     if patient else "")
-    timings = study.get("timings")
+    chart = (f"<h2>Probabilities along the slices</h2>{probability_chart(slices, [f.position for f in figures.slices])}"
+             if slices else "")
+    timings = result.get("timings_s")
     timing_html = f"<p class=\"muted\">Timings (s): {_esc(json.dumps(timings, default=str))}</p>" if timings else ""
     return (
         "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
@@ -217,14 +234,12 @@ def render_report(study: Mapping[str, Any], figures: ReportFigures, manifest: Ma
         f"<title>ichdet study report</title><style>{_CSS}</style></head><body><main>"
         f'<div class="notice" role="alert">{_esc(NOT_FOR_DIAGNOSIS)}</div>'
         f"<h1>Head CT: intracranial hemorrhage study report</h1>"
-        f'<p class="muted">Study {_esc(study.get("study_uid", ""))} &middot; {len(slices)} slices analysed '
-        f"in {len(study.get('series', []))} series</p>{patient_html}"
-        f"<h2>Summary</h2>{_summary(study)}"
-        f"<h2>Probabilities along the slices</h2>"
-        f"{probability_chart(slices, [f.position for f in figures.slices])}"
+        f'<p class="muted">Study {_esc(study["study_instance_uid"])} &middot; {len(slices)} slices analysed '
+        f"in {len(study['series'])} series</p>{patient_html}"
+        f"<h2>Summary</h2>{_summary(study)}{chart}"
         f"<h2>Top slices with Grad-CAM</h2>{_figures(figures)}"
         f"<h2>Skipped series</h2>{_skipped(study)}"
-        f"<h2>Model</h2><pre>{_esc(json.dumps(manifest, indent=2, sort_keys=True, default=str))}</pre>"
+        f"<h2>Model</h2><pre>{_esc(json.dumps(result['model'], indent=2, sort_keys=True, default=str))}</pre>"
         f"{timing_html}</main></body></html>\n"
     )
 
@@ -236,18 +251,21 @@ def _index(pages: Sequence[Path]) -> str:
             f"</div><h1>Study reports</h1><ul>{items}</ul></main></body></html>\n")
 
 
-def write_report(studies: list[tuple[dict, ReportFigures]], manifest: Mapping[str, Any], out: Path) -> Path:
-    """Write the report(s) atomically and return ``out``.
+def write_report(result: Mapping[str, Any], figures: Mapping[str, ReportFigures], out: Path) -> Path:
+    """Write the report of every study of ``result`` atomically and return ``out``.
 
-    One study: ``out`` is its page. Several: each study's page is ``<stem>-<k>.html`` next to ``out``
+    ``figures`` maps a Study Instance UID to its figures (a study without an entry gets none). One
+    study: ``out`` is its page. Several: each study's page is ``<stem>-<k>.html`` next to ``out``
     (numbered, so no identifier reaches a file name) and ``out`` is an index linking them, written last.
     """
     out = Path(out)
+    studies = result["studies"]
     if not studies:
         raise ValueError("write_report: no study to report")
-    if len(studies) == 1:
-        return write_text_atomic(out, render_report(studies[0][0], studies[0][1], manifest))
-    pages = [out.with_name(f"{out.stem}-{k}.html") for k in range(1, len(studies) + 1)]
-    for page, (study, figures) in zip(pages, studies, strict=True):
-        write_text_atomic(page, render_report(study, figures, manifest))
-    return write_text_atomic(out, _index(pages))
+    pages = [render_report(result, st, figures.get(st["study_instance_uid"], ReportFigures())) for st in studies]
+    if len(pages) == 1:
+        return write_text_atomic(out, pages[0])
+    paths = [out.with_name(f"{out.stem}-{k}.html") for k in range(1, len(pages) + 1)]
+    for path, page in zip(paths, pages, strict=True):
+        write_text_atomic(path, page)
+    return write_text_atomic(out, _index(paths))

@@ -1,0 +1,289 @@
+"""Any DICOM folder -> studies -> selected axial CT series in slice order -> ensemble predictions.
+
+:func:`scan_folder` reads only headers (``stop_before_pixels``) of every file under a folder as a PACS
+export leaves it (nested folders, any file names, several studies, non-image objects, files that are
+not DICOM), groups them into studies and series, selects the axial head-CT series
+(:func:`ichdet.series.series_reason` says why another is skipped) and orders their slices along the
+slice normal (:func:`ichdet.series.order_series`).
+:func:`predict_study` then reads the selected slices' pixels (HU through :func:`ichdet.dicom.read_hu`),
+stores them as the preprocessor does (:func:`ichdet.cache.hu_to_store`) in an in-memory
+:class:`~ichdet.store.PixelCache` and runs the ensemble through the same dataset, engine and ensemble
+rule as ``ichdet predict``; :mod:`ichdet.study_result` turns that into the result JSON
+(docs/study-result.md). Nothing under the folder is modified.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ichdet.bundle import Ensemble, Member
+from ichdet.dicom import read_header, read_hu
+from ichdet.errors import DicomError, IchdetError
+from ichdet.index import list_dicom_files
+from ichdet.labels import LABELS
+from ichdet.series import MIN_SLICES, Duplicate, SliceHeader, SliceRef, header_from_dataset, order_series, series_reason
+from ichdet.store import PixelCache
+
+__all__ = ["MemoryCache", "SeriesScan", "SkippedFile", "StudyEntry", "StudyPrediction", "StudyScan", "StudySlice",
+           "predict_study", "scan_folder"]
+
+# --------------------------------------------------------------------------------------------- scan
+
+
+@dataclass(frozen=True)
+class SeriesScan:
+    """One series of a study: selected (``reason`` None, ``slices`` in order) or skipped with ``reason``."""
+
+    series_uid: str
+    series_number: int | None
+    description: str
+    modality: str
+    n_files: int
+    reason: str | None
+    slices: tuple[SliceRef, ...] = ()
+    duplicates: tuple[Duplicate, ...] = ()
+
+    @property
+    def selected(self) -> bool:
+        """Whether the series is analysed."""
+        return self.reason is None
+
+
+@dataclass(frozen=True)
+class StudyEntry:
+    """One study: its series (selected and skipped) and, for ``--include-phi`` only, the patient fields."""
+
+    study_uid: str
+    series: tuple[SeriesScan, ...]
+    patient: dict[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def selected(self) -> list[SeriesScan]:
+        """The series that are analysed."""
+        return [s for s in self.series if s.selected]
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file under the folder that is not DICOM or whose header cannot be used; path relative to the root."""
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class StudyScan:
+    """Everything found under a folder: studies with their series, and the files skipped with reasons."""
+
+    root: Path
+    studies: tuple[StudyEntry, ...]
+    skipped_files: tuple[SkippedFile, ...]
+    n_files: int
+
+    def study(self, study_uid: str) -> StudyEntry:
+        """The study of ``study_uid``; KeyError naming it if absent."""
+        for s in self.studies:
+            if s.study_uid == study_uid:
+                return s
+        raise KeyError(f"study {study_uid!r} is not in the scan of {self.root}")
+
+
+def _series_scan(headers: list[SliceHeader], min_slices: int) -> SeriesScan:
+    reason = series_reason(headers, min_slices)
+    first = headers[0]
+    slices, duplicates = order_series(headers) if reason is None else ([], [])
+    return SeriesScan(first.series_uid, first.series_number, first.description, first.modality, len(headers),
+                      reason, tuple(slices), tuple(duplicates))
+
+
+def scan_folder(path: Path, min_slices: int = MIN_SLICES) -> StudyScan:
+    """Read every header under ``path`` (recursively, any file name) into studies and series.
+
+    Series are selected or skipped (with the reason) by :func:`series_reason`, selected ones ordered by
+    :func:`order_series`. Files that are not DICOM, or whose header is unusable, are listed with the
+    reason; nothing is read past the header and nothing under ``path`` is written.
+    """
+    root = Path(path)
+    files = list_dicom_files(root)
+    skipped: list[SkippedFile] = []
+    groups: dict[str, dict[str, list[SliceHeader]]] = defaultdict(lambda: defaultdict(list))
+    for file in files:
+        rel = file.relative_to(root).as_posix()
+        try:
+            h = header_from_dataset(read_header(file), file)
+        except DicomError as err:
+            skipped.append(SkippedFile(rel, err.reason))
+            continue
+        if not h.study_uid or not h.series_uid:
+            skipped.append(SkippedFile(rel, "no Study/Series Instance UID: cannot be grouped into a series"))
+            continue
+        groups[h.study_uid][h.series_uid].append(h)
+    studies = []
+    for study_uid in sorted(groups):
+        series = [_series_scan(groups[study_uid][uid], min_slices) for uid in groups[study_uid]]
+        series.sort(key=lambda s: (s.series_number if s.series_number is not None else 1 << 31, s.series_uid))
+        first = next(iter(groups[study_uid].values()))[0]
+        studies.append(StudyEntry(study_uid, tuple(series), dict(first.phi)))
+    return StudyScan(root, tuple(studies), tuple(skipped), len(files))
+
+
+# --------------------------------------------------------------------------------------------- pixels
+
+
+class MemoryCache(PixelCache):
+    """A :class:`PixelCache` over an in-memory stack of stored slices (one study's selected series).
+
+    Same reading interface (``index`` with image_id/prev_id/next_id/LABELS, ``rows_of``, ``view_row``),
+    so :class:`ichdet.data.SliceDataset` windows, resizes and stacks neighbours exactly as in training.
+    """
+
+    def __init__(self, stack: np.ndarray, series: Sequence[int]) -> None:
+        """``stack``: int16 (N, size, size) from :func:`ichdet.cache.hu_to_store`; ``series``: per row, its
+        series number in this stack (rows of one series are consecutive, in slice order)."""
+        self.root = Path("<memory>")
+        self.settings = {"size": int(stack.shape[1])}
+        ids = [f"s{s}_{i}" for i, s in enumerate(series)]
+        same_prev = [i > 0 and series[i - 1] == series[i] for i in range(len(ids))]
+        same_next = [i + 1 < len(ids) and series[i + 1] == series[i] for i in range(len(ids))]
+        index = pd.DataFrame({"image_id": ids,
+                              "prev_id": [ids[i - 1] if p else None for i, p in enumerate(same_prev)],
+                              "next_id": [ids[i + 1] if n else None for i, n in enumerate(same_next)]})
+        for name in LABELS:
+            index[name] = np.nan
+        self.index = index
+        self._position = pd.Index(index["image_id"])
+        self._stack = stack
+        self._maps = {}
+
+    def view_row(self, row: int) -> np.ndarray:
+        """The stored int16 HU image of row ``row``."""
+        return self._stack[row]
+
+
+def stored_stack(hu_slices: Sequence[np.ndarray], size: int) -> np.ndarray:
+    """HU slices stored as the preprocessor stores them (:func:`ichdet.cache.hu_to_store`) at ``size``."""
+    from ichdet.cache import hu_to_store
+
+    out = np.empty((len(hu_slices), size, size), np.int16)
+    for hu, dst in zip(hu_slices, out, strict=True):
+        hu_to_store(hu, size, dst)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- predict
+
+
+@dataclass(frozen=True)
+class StudySlice:
+    """One analysed slice: study, series, place in the series order, file and SOP Instance UID."""
+
+    study_uid: str
+    series_uid: str
+    index: int
+    sop_uid: str
+    path: Path
+    position_mm: float
+    row: int  # row in the prediction's in-memory stack
+
+    def hu(self) -> np.ndarray:
+        """The slice's pixels in HU, float32 (H, W), as :func:`ichdet.dicom.read_hu` reads them."""
+        return read_hu(self.path)
+
+
+class StudyPrediction:
+    """The result of :func:`predict_study`: ``result`` (the JSON dict) and access to the analysed slices."""
+
+    def __init__(self, result: dict[str, Any], slices: list[StudySlice], hu: list[np.ndarray],
+                 series_of_row: list[int], ensemble: Ensemble) -> None:
+        self.result = result
+        self._slices = slices
+        self._hu = hu
+        self._series_of_row = series_of_row
+        self.ensemble = ensemble
+        self._caches: dict[int, MemoryCache] = {}
+
+    def slices(self, study_uid: str) -> list[StudySlice]:
+        """The analysed slices of one study: series by series, each in slice order."""
+        found = [s for s in self._slices if s.study_uid == study_uid]
+        if not found:
+            raise KeyError(f"study {study_uid!r} has no analysed slices")
+        return found
+
+    def cache(self, size: int) -> MemoryCache:
+        """Every analysed slice stored at ``size`` pixels, as the model input is built from it."""
+        if size not in self._caches:
+            self._caches[size] = MemoryCache(stored_stack(self._hu, size), self._series_of_row)
+        return self._caches[size]
+
+    def model_input(self, item: StudySlice, member: Member) -> torch.Tensor:
+        """The uint8 (C, H, W) input ``member`` sees for one slice (windows, size, neighbours), before
+        normalisation (:class:`ichdet.engine.Normalizer` on the device does that)."""
+        from ichdet.data import SliceDataset
+
+        ds = SliceDataset(self.cache(member.config.data.image_size), [item.row], member.config.data)
+        return ds[0][0]
+
+
+def _member_probs(member: Member, cache: MemoryCache, tta: bool, device: torch.device) -> np.ndarray:
+    """Fold-mean (N, 6) probabilities of one member over every row of ``cache``, as ``ichdet predict``."""
+    from ichdet.predict import member_probs
+
+    rows, probs = member_probs(member, cache, device, tta, num_workers=0)  # in memory: no loader workers
+    out = np.empty((len(cache), len(LABELS)), np.float64)
+    out[rows] = probs.astype(np.float64).mean(axis=0)
+    return out
+
+
+def _no_usable_series(scan: StudyScan) -> IchdetError:
+    reasons = sorted({s.reason or "" for st in scan.studies for s in st.series})
+    found = f"{len(scan.studies)} studies, {sum(len(st.series) for st in scan.studies)} series"
+    why = f"; skipped because: {'; '.join(reasons[:5])}" if reasons else ""
+    return IchdetError(f"{scan.root}: no usable axial CT series ({scan.n_files} files, {found}, "
+                       f"{len(scan.skipped_files)} unreadable{why}). Pass the folder of a head CT export")
+
+
+def predict_study(path: Path, ensemble: Ensemble, tta: bool = True, device: str = "auto",
+                  include_phi: bool = False, min_slices: int = MIN_SLICES) -> StudyPrediction:
+    """Scan ``path``, predict every selected series of every study with ``ensemble``, build the result.
+
+    Raises IchdetError (exit 2 on the command line) when no study has a usable axial CT series.
+    """
+    from ichdet.engine import init_runtime
+    from ichdet.study_result import build_result
+
+    start = time.perf_counter()
+    scan = scan_folder(path, min_slices)
+    scanned = time.perf_counter()
+    slices: list[StudySlice] = []
+    series_of_row: list[int] = []
+    selected = [(study, series) for study in scan.studies for series in study.selected]
+    for number, (study, series) in enumerate(selected):
+        for i, ref in enumerate(series.slices):
+            slices.append(StudySlice(study.study_uid, series.series_uid, i, ref.sop_uid, ref.path,
+                                     ref.position_mm, len(slices)))
+            series_of_row.append(number)
+    if not slices:
+        raise _no_usable_series(scan)
+    hu = [s.hu() for s in slices]
+    read = time.perf_counter()
+    rt = init_runtime(device)
+    prediction = StudyPrediction({}, slices, hu, series_of_row, ensemble)
+    member_probs = [_member_probs(m, prediction.cache(m.config.data.image_size), tta, rt.device)
+                    for m in ensemble.members]
+    probs = ensemble.combine(member_probs)
+    inferred = time.perf_counter()
+    timings = {"read_headers_and_order": scanned - start, "read_pixels": read - scanned,
+               "inference": inferred - read}
+    prediction.result.update(build_result(scan, slices, probs, ensemble, timings,
+                                          {"tta": tta, "device": str(rt.device), "min_slices": min_slices},
+                                          include_phi))
+    return prediction
