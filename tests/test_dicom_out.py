@@ -175,6 +175,18 @@ def test_reruns_replace(ready_files: list[Path], tmp_path: Path) -> None:
     assert not {p.name for p in changed} & {p.name for p in first}  # another result: new objects
 
 
+def test_a_study_that_gained_instances_gets_a_new_result_series(ready_files: list[Path], tmp_path: Path) -> None:
+    # the same summary (max 0.9 on the second slice) over two slices, then over the three the study now has
+    (tmp_path / "early").mkdir()
+    early_files = [Path(shutil.copy(f, tmp_path / "early")) for f in ready_files[:2]]
+    early, full = study_result(early_files, [0.1, 0.9]), study_result(ready_files, [0.1, 0.9, 0.3])
+    assert early["studies"][0]["summary"] == full["studies"][0]["summary"]
+    before = write_dicom_results(early["studies"][0], early["model"], early_files, overlays(1), tmp_path / "a")
+    after = write_dicom_results(full["studies"][0], full["model"], ready_files, overlays(1), tmp_path / "b")
+    assert not {p.name for p in after} & {p.name for p in before}
+    assert read(after[-1]).SeriesInstanceUID != read(before[-1]).SeriesInstanceUID
+
+
 def test_overlay_sources_must_match(ready_files: list[Path], tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="2 overlays but 1 sources"):
         result = study_result(ready_files, [0.1, 0.2, 0.3])

@@ -183,9 +183,11 @@ def sr_content(study: Mapping[str, Any], model: Mapping[str, Any]) -> hd.sr.Cont
 
 
 def _uid(study: Mapping[str, Any], model: Mapping[str, Any], *parts: object) -> str:
-    """A UID fixed by the study's result and ``parts`` (same result, same objects: reruns replace, not add)."""
-    basis = json.dumps({"study": study["study_instance_uid"], "summary": study["summary"],
-                        "model": [model.get("bundle_sha256"), model.get("members")]}, sort_keys=True, default=str)
+    """A UID fixed by the study's whole result and ``parts``: the same analysis of the same instances gives
+    the same objects (a rerun or a resent result replaces, never adds), while an analysis of a study that
+    has gained instances (other slices, other series) is a new result series."""
+    basis = json.dumps({"study": study, "model": [model.get("bundle_sha256"), model.get("members")]},
+                       sort_keys=True, default=str)
     return generate_uid(entropy_srcs=[basis, *map(str, parts)])
 
 
