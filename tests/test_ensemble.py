@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from prediction_tables import ROWS, preds
 
 from ichdet.ensemble import (
     OOF_FOLD,
@@ -19,27 +20,13 @@ from ichdet.errors import IchdetError
 from ichdet.labels import LABELS, read_submission, write_submission
 
 
-def _preds(rows: list[tuple[str, str, int, float]]) -> pd.DataFrame:
-    """(image, model, fold, p) -> the predict table with p for every label."""
-    df = pd.DataFrame(rows, columns=["image_id", "model", "fold", "p"])
-    for name in LABELS:
-        df[name] = df["p"]
-    return df.drop(columns="p")
-
-
-# model a: folds 0.2 and 0.4 -> 0.3; model b: one fold 0.9. Folds first, then models: 0.6
-# (a flat mean over the three rows would give 0.5).
-ROWS = [("ID_1", "a", 0, 0.2), ("ID_1", "a", 1, 0.4), ("ID_1", "b", 0, 0.9),
-        ("ID_2", "a", 0, 0.0), ("ID_2", "a", 1, 0.0), ("ID_2", "b", 0, 1.0)]
-
-
 @pytest.mark.parametrize(("weights", "id1", "id2"), [
     (None, 0.6, 0.5),
     ({"a": 3.0, "b": 1.0}, 0.45, 0.25),
     ({"a": 0.0, "b": 1.0}, 0.9, 1.0),
 ])
 def test_mean_over_folds_then_models(weights: dict[str, float] | None, id1: float, id2: float) -> None:
-    out = ensemble(_preds(ROWS), weights)
+    out = ensemble(preds(ROWS), weights)
     assert list(out.columns) == list(LABELS)
     np.testing.assert_allclose(out.loc["ID_1"].to_numpy(), id1)
     np.testing.assert_allclose(out.loc["ID_2"].to_numpy(), id2)
@@ -58,12 +45,12 @@ def test_mean_over_folds_then_models(weights: dict[str, float] | None, id1: floa
 def test_ensemble_errors(rows: list[tuple[str, str, int, float]], weights: dict[str, float] | None,
                          match: str) -> None:
     with pytest.raises(IchdetError, match=match):
-        ensemble(_preds(rows), weights)
+        ensemble(preds(rows), weights)
 
 
 def test_read_predictions_refuses_duplicates_and_foreign_files(tmp_path: Path) -> None:
     path = tmp_path / "p.parquet"
-    _preds(ROWS).to_parquet(path)
+    preds(ROWS).to_parquet(path)
     with pytest.raises(IchdetError, match="occurs twice"):
         read_predictions([path, path])
     pd.DataFrame({"x": [1]}).to_parquet(tmp_path / "other.parquet")
@@ -75,7 +62,7 @@ def test_read_predictions_refuses_duplicates_and_foreign_files(tmp_path: Path) -
     (float("nan"), "nan"), (float("inf"), "inf"), (-0.1, "-0.1"), (1.2, "1.2"), (float("-inf"), "-inf"),
 ])
 def test_read_predictions_refuses_bad_numbers_by_name(tmp_path: Path, value: float, shown: str) -> None:
-    table = _preds(ROWS)
+    table = preds(ROWS)
     table.loc[4, "subarachnoid"] = value
     table.to_parquet(tmp_path / "p.parquet")
     with pytest.raises(IchdetError, match=rf"p\.parquet: 1 values are not probabilities in \[0, 1\], first at row 5 "
@@ -84,8 +71,8 @@ def test_read_predictions_refuses_bad_numbers_by_name(tmp_path: Path, value: flo
 
 
 @pytest.mark.parametrize(("frame", "match"), [
-    (_preds([]), r"holds no predictions \(0 rows\)"),
-    (_preds(ROWS).astype({"any": str}), r"columns \['any'\] are not numeric"),
+    (preds([]), r"holds no predictions \(0 rows\)"),
+    (preds(ROWS).astype({"any": str}), r"columns \['any'\] are not numeric"),
 ])
 def test_read_predictions_refuses_empty_and_text(tmp_path: Path, frame: pd.DataFrame, match: str) -> None:
     frame.to_parquet(tmp_path / "p.parquet")
@@ -105,19 +92,19 @@ def test_read_predictions_refuses_a_file_that_is_not_parquet(tmp_path: Path) -> 
 
 def test_a_runs_oof_parquet_is_one_member_named_by_its_run(tmp_path: Path) -> None:
     # oof.parquet: image_id, fold, LABELS; each image once, from the fold that held it out
-    oof = _preds([("ID_1", "x", 0, 0.2), ("ID_2", "x", 1, 0.7)]).drop(columns="model")
+    oof = preds([("ID_1", "x", 0, 0.2), ("ID_2", "x", 1, 0.7)]).drop(columns="model")
     (tmp_path / "resnet34").mkdir()
     oof.to_parquet(tmp_path / "resnet34" / "oof.parquet")
-    preds = read_predictions([tmp_path / "resnet34" / "oof.parquet"])
-    assert preds["model"].unique().tolist() == ["resnet34"]
-    assert preds["fold"].unique().tolist() == [OOF_FOLD]
+    read = read_predictions([tmp_path / "resnet34" / "oof.parquet"])
+    assert read["model"].unique().tolist() == ["resnet34"]
+    assert read["fold"].unique().tolist() == [OOF_FOLD]
     wide = load_prediction_table(tmp_path / "resnet34" / "oof.parquet")
     np.testing.assert_allclose(wide.loc[["ID_1", "ID_2"], "any"].to_numpy(), [0.2, 0.7])
 
 
 def test_identical_members_equal_one_member() -> None:
-    one = ensemble(_preds([("ID_1", "a", 0, 0.3), ("ID_2", "a", 0, 0.8)]))
-    many = ensemble(_preds([(i, m, f, p) for i, p in (("ID_1", 0.3), ("ID_2", 0.8)) for m in "ab" for f in (0, 1)]))
+    one = ensemble(preds([("ID_1", "a", 0, 0.3), ("ID_2", "a", 0, 0.8)]))
+    many = ensemble(preds([(i, m, f, p) for i, p in (("ID_1", 0.3), ("ID_2", 0.8)) for m in "ab" for f in (0, 1)]))
     pd.testing.assert_frame_equal(one, many)
 
 

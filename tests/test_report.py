@@ -7,21 +7,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from prediction_tables import ROWS, preds
 
 from ichdet.errors import IchdetError
 from ichdet.labels import LABELS, write_labels, write_submission
 from ichdet.report import evaluate, plot_reliability, plot_roc, study_ids, write_plots
-
-
-def _preds(rows: list[tuple[str, str, int, float]]) -> pd.DataFrame:
-    df = pd.DataFrame(rows, columns=["image_id", "model", "fold", "p"])
-    for name in LABELS:
-        df[name] = df["p"]
-    return df.drop(columns="p")
-
-
-ROWS = [("ID_1", "a", 0, 0.2), ("ID_1", "a", 1, 0.4), ("ID_1", "b", 0, 0.9),
-        ("ID_2", "a", 0, 0.0), ("ID_2", "a", 1, 0.0), ("ID_2", "b", 0, 1.0)]
 
 
 def _labels(tmp_path: Path, positives: dict[str, int]) -> Path:
@@ -40,7 +30,7 @@ def _cache_index(tmp_path: Path, studies: dict[str, str]) -> Path:
 
 def test_evaluate_scores_a_prediction_parquet(tmp_path: Path) -> None:
     labels = _labels(tmp_path, {"ID_1": 0, "ID_2": 1})
-    _preds(ROWS).to_parquet(tmp_path / "p.parquet")
+    preds(ROWS).to_parquet(tmp_path / "p.parquet")
     result = evaluate(tmp_path / "p.parquet", labels, n_boot=20)
     # ID_1 (truth 0) gets 0.6, ID_2 (truth 1) gets 0.5, every label: BCE = (-ln 0.4 - ln 0.5) / 2
     expected = (-np.log(0.4) - np.log(0.5)) / 2
@@ -90,7 +80,7 @@ def test_evaluate_takes_a_runs_oof_parquet(tmp_path: Path) -> None:
     labels = _labels(tmp_path, {"ID_1": 0, "ID_2": 1})
     run = tmp_path / "run"
     run.mkdir()
-    _preds([("ID_1", "x", 0, 0.25), ("ID_2", "x", 1, 0.75)]).drop(columns="model").to_parquet(run / "oof.parquet")
+    preds([("ID_1", "x", 0, 0.25), ("ID_2", "x", 1, 0.75)]).drop(columns="model").to_parquet(run / "oof.parquet")
     result = evaluate(run / "oof.parquet", labels, n_boot=5)
     assert result.slices.loc["weighted", "log_loss"] == pytest.approx(-np.log(0.75))
 
@@ -102,14 +92,14 @@ def test_evaluate_takes_a_runs_oof_parquet(tmp_path: Path) -> None:
 ])
 def test_evaluate_refuses_bad_options(tmp_path: Path, kwargs: dict[str, float], match: str) -> None:
     labels = _labels(tmp_path, {"ID_1": 0, "ID_2": 1})
-    _preds(ROWS).to_parquet(tmp_path / "p.parquet")
+    preds(ROWS).to_parquet(tmp_path / "p.parquet")
     with pytest.raises(IchdetError, match=match):
         evaluate(tmp_path / "p.parquet", labels, **kwargs)  # type: ignore[arg-type]
 
 
 def test_evaluate_refuses_missing_predictions(tmp_path: Path) -> None:
     labels = _labels(tmp_path, {"ID_1": 0, "ID_3": 0})
-    _preds(ROWS).to_parquet(tmp_path / "p.parquet")
+    preds(ROWS).to_parquet(tmp_path / "p.parquet")
     with pytest.raises(IchdetError, match="no prediction for 1 labelled images"):
         evaluate(tmp_path / "p.parquet", labels)
 
@@ -136,7 +126,7 @@ def test_plots_write_a_png(tmp_path: Path, plot: object) -> None:
 
 def test_write_plots_reports_an_unwritable_folder(tmp_path: Path) -> None:
     labels = _labels(tmp_path, {"ID_1": 0, "ID_2": 1})
-    _preds(ROWS).to_parquet(tmp_path / "p.parquet")
+    preds(ROWS).to_parquet(tmp_path / "p.parquet")
     result = evaluate(tmp_path / "p.parquet", labels, n_boot=5)
     blocker = tmp_path / "file"
     blocker.write_text("")  # a file where a folder should be: unwritable for root too
