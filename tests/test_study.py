@@ -210,6 +210,18 @@ def test_folder_without_ct_is_a_clear_error(study: list[Path], runs: tuple[Path,
     assert not (tmp_path / "r.json").exists()
 
 
+@pytest.mark.parametrize("existing", [b"my notes, not a result\n", b""])
+def test_predict_study_never_overwrites_a_file_it_did_not_write(tmp_path: Path, existing: bytes) -> None:
+    (tmp_path / "notes.txt").write_bytes(existing)
+    res = CliRunner().invoke(app, ["predict-study", str(tmp_path), "--bundle", str(tmp_path / "absent.ichdet"),
+                                   "--out", str(tmp_path / "notes.txt")])
+    assert res.exit_code == 2 and "pass --force to replace it" in res.output  # refused before any work
+    assert (tmp_path / "notes.txt").read_bytes() == existing
+    res = CliRunner().invoke(app, ["predict-study", str(tmp_path), "--bundle", str(tmp_path / "absent.ichdet"),
+                                   "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "is a folder" in res.output
+
+
 PHI = {"PatientName": "Zyxwv^Quortle", "PatientID": "PID-9931-77", "PatientBirthDate": "19310517",
        "AccessionNumber": "ACC-55-KLM", "InstitutionName": "Sankt Quirinus Spital",
        "InstitutionAddress": "Quirinusgasse 17", "InstitutionalDepartmentName": "Neuro-Q Abteilung"}

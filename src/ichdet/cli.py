@@ -357,12 +357,13 @@ def predict_study(path: Annotated[Path, typer.Argument(help="folder of DICOM fil
                                             "result")] = False,
                   dicom_out: Annotated[Path | None, typer.Option(
                       help="also write a DICOM SR and Grad-CAM secondary captures into this folder")] = None,
-                  ) -> None:
+                  force: Annotated[bool, _FORCE] = False) -> None:
     """Analyse every axial CT series of every study under PATH; write one result JSON."""
     from ichdet.bundle import load_ensemble
     from ichdet.study import predict_study as run_study
     from ichdet.study_result import write_result
 
+    _output(out, force, (b"{",))  # a result JSON of ours starts with "{"; anything else needs --force
     _check_study_folder(path, dicom_out)
     ensemble = load_ensemble(bundle, list(run or []))
     prediction = run_study(path, ensemble, tta=tta, device=device, include_phi=include_phi)
