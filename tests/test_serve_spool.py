@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,9 @@ def _receive(spool: Spool, study: str, names: list[str]) -> None:
         ds.file_meta = FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         spool.store(study, name, lambda p, ds=ds: ds.save_as(p, enforce_file_format=True))
+    # the tests' quiet time is 1 ms: let it pass, so a scan right after this call finds the study settled
+    # (file times can be fine-grained: on a fast machine the next scan can come within the millisecond)
+    time.sleep(0.01)
 
 
 def test_generation_life_cycle(tmp_path: Path) -> None:

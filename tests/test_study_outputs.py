@@ -173,23 +173,27 @@ def test_predict_study_dicom_out_is_valid_dicom_in_the_source_study(ready_study:
     assert sorted(p.name for p in (tmp_path / "again").iterdir()) == [p.name for p, _ in objects]
 
 
-@pytest.mark.parametrize(("command", "out_name"), [("predict-study", "result.json"), ("report", "report.html")])
+# an earlier output of the command's own kind (which a rerun may replace)
+@pytest.mark.parametrize(("command", "out_name", "earlier"), [
+    ("predict-study", "result.json", '{"schema": "an earlier output"}'),
+    ("report", "report.html", "<!DOCTYPE html> an earlier output"),
+])
 @pytest.mark.parametrize(("prepare", "match"), [
     ("raw", r"no SOP Class UID \(0008,0016\).*run without --dicom-out"),
     ("ids", r"StudyInstanceUID 'ID_[0-9a-f]+' is not a valid DICOM UID.*run without --dicom-out"),
 ])
 def test_dicom_out_refuses_rsna_uids_before_writing(raw_export: Path, bundle: Path, tmp_path: Path, command: str,
-                                                    out_name: str, prepare: str, match: str) -> None:
+                                                    out_name: str, earlier: str, prepare: str, match: str) -> None:
     folder = raw_export
     if prepare == "ids":  # the SOP class given, the anonymised ID_ UIDs left
         folder = tmp_path / "in"
         make_dicom_ready(sorted(p for p in raw_export.rglob("*") if p.is_file())[:6], folder, uids=False)
     out = tmp_path / out_name
-    out.write_text("<!DOCTYPE html> an earlier output")
+    out.write_text(earlier)
     code, output = _invoke(command, str(folder), "--bundle", str(bundle), "--out", str(out),
                            "--dicom-out", str(tmp_path / "dicom"))
     assert code == 2 and re.search(match, output.replace("\n", " ")), output
-    assert out.read_text() == "<!DOCTYPE html> an earlier output" and not (tmp_path / "dicom").exists()
+    assert out.read_text() == earlier and not (tmp_path / "dicom").exists()
     code, output = _invoke(command, str(raw_export), "--bundle", str(bundle), "--out", str(out))
     assert code == 0, output  # without --dicom-out the same files are analysed as they are
 

@@ -363,8 +363,8 @@ def predict_study(path: Annotated[Path, typer.Argument(help="folder of DICOM fil
     from ichdet.study import predict_study as run_study
     from ichdet.study_result import write_result
 
-    _output(out, force, (b"{",))  # a result JSON of ours starts with "{"; anything else needs --force
     _check_study_folder(path, dicom_out)
+    _output(out, force, (b"{",))  # a result JSON of ours starts with "{"; anything else needs --force
     ensemble = load_ensemble(bundle, list(run or []))
     prediction = run_study(path, ensemble, tta=tta, device=device, include_phi=include_phi)
     write_result(prediction.result, out)
