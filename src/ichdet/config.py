@@ -10,7 +10,7 @@ import copy
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ichdet.errors import ConfigError
 from ichdet.names import did_you_mean
 from ichdet.windowing import resolve_windows
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class _Strict(BaseModel):
@@ -182,17 +184,22 @@ def parse_override(item: str) -> tuple[str, Any]:
                           "quote strings and close brackets, e.g. --set data.slice_offsets=[-1,0,1]") from None
 
 
-def build_config(tree: dict[str, Any], overrides: list[str] | tuple[str, ...] = (),
-                 source: str = "config") -> Config:
-    """Validate a config tree after applying ``key=value`` overrides."""
+def _validated(schema: type[M], tree: dict[str, Any], overrides: list[str] | tuple[str, ...], source: str) -> M:
+    """``schema`` validated from a config tree after applying ``key=value`` overrides (checked against it)."""
     tree = copy.deepcopy(tree)
     for item in overrides:
-        _set_path(tree, *parse_override(item))
+        _set_path(tree, *parse_override(item), schema)
     try:
-        return Config.model_validate(tree)
+        return schema.model_validate(tree)
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
         raise ConfigError(f"{source}: {problems}") from None
+
+
+def build_config(tree: dict[str, Any], overrides: list[str] | tuple[str, ...] = (),
+                 source: str = "config") -> Config:
+    """Validate a config tree after applying ``key=value`` overrides."""
+    return _validated(Config, tree, overrides, source)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -279,12 +286,4 @@ class SeqConfig(_Strict):
 
 def load_seq_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> SeqConfig:
     """Read a sequence config (``configs/seq_bigru.yaml``; the defaults for None) and apply overrides."""
-    tree = copy.deepcopy(_read_tree(path))
-    for item in overrides:
-        key, value = parse_override(item)
-        _set_path(tree, key, value, SeqConfig)
-    try:
-        return SeqConfig.model_validate(tree)
-    except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
-        raise ConfigError(f"{path or 'defaults'}: {problems}") from None
+    return _validated(SeqConfig, _read_tree(path), overrides, str(path or "defaults"))

@@ -360,14 +360,14 @@ def train_fold(cfg: Config | SeqConfig, cache: PixelCache, fold_dir: Path, fold:
     if writer is not None:
         writer.close()
     oof = _write_oof(t, fold_dir, fold)
-    summary = selection_record(cfg, history, best, oof)
+    summary = selection_record(cfg, history, best, oof, ema=t.ema is not None)
     if rt.is_main:
         write_text_atomic(fold_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in [*history, summary]))
     return {"fold": fold, **best.as_dict(), "epochs": epoch, "selected": cfg.train.select, "ema": t.ema is not None}
 
 
 def selection_record(cfg: Config | SeqConfig, history: list[dict[str, Any]], best: Best,
-                     oof: dict[str, float]) -> dict[str, Any]:
+                     oof: dict[str, float], ema: bool) -> dict[str, Any]:
     """The last line of a fold's metrics.jsonl: which weights ``best.safetensors`` holds, and why.
 
     ``selected_epoch`` names the history record whose ``val_loss`` those weights scored; ``oof_loss`` and
@@ -376,7 +376,7 @@ def selection_record(cfg: Config | SeqConfig, history: list[dict[str, Any]], bes
     rule = ("lowest validation loss" if cfg.train.select == "best" else "final epoch (train.select=last)")
     record = next(h for h in history if h["epoch"] == best.epoch)
     return {"selected_epoch": best.epoch, "epochs_run": len(history), "select": cfg.train.select,
-            "reason": rule, "weights": "ema" if cfg.train.ema_decay > 0 else "raw",
+            "reason": rule, "weights": "ema" if ema else "raw",
             "ema_decay": cfg.train.ema_decay, "val_loss": record["val_loss"], "val_ece": record.get("val_ece"),
             **oof}
 
