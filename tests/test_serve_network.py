@@ -158,8 +158,8 @@ def test_kill_while_receiving(node_factory, rsna_sample: Path, tmp_path: Path) -
     studies = make_studies(rsna_sample, tmp_path / "dicom", n=3, slices=40, size=None)
     files = [f for fs in studies.values() for f in fs]
 
-    def received() -> list[Path]:
-        return sorted(node.spool.glob("studies/*/received/*.dcm"))
+    def received() -> list[Path]:  # renamed into place: not a killed writer's hidden temporary (.name.hex.tmp.dcm)
+        return sorted(p for p in node.spool.glob("studies/*/received/*.dcm") if not p.name.startswith("."))
     sender = threading.Thread(target=storescu, args=(node.port, files), kwargs={"check": False})
     sender.start()
     wait_for(lambda: len(received()) >= 3, 60, "some instances")
