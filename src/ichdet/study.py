@@ -7,8 +7,9 @@ not DICOM), groups them into studies and series, selects the axial head-CT serie
 slice normal (:func:`ichdet.series.order_series`).
 :func:`predict_study` then reads the selected slices' pixels (HU through :func:`ichdet.dicom.read_hu`),
 stores them as the preprocessor does (:func:`ichdet.cache.hu_to_store`) in an in-memory
-:class:`~ichdet.store.PixelCache` and runs the ensemble through the same dataset, engine and ensemble
-rule as ``ichdet predict``; :mod:`ichdet.study_result` turns that into the result JSON
+:class:`~ichdet.store.PixelCache` and runs the ensemble through the same dataset, engine, member path
+(:func:`ichdet.predict.member_probs`: 2D and sequence members, each selected series one sequence) and
+ensemble rule as ``ichdet predict``; :mod:`ichdet.study_result` turns that into the result JSON
 (docs/study-result.md). Nothing under the folder is modified.
 """
 
@@ -142,8 +143,9 @@ def scan_folder(path: Path, min_slices: int = MIN_SLICES) -> StudyScan:
 class MemoryCache(PixelCache):
     """A :class:`PixelCache` over an in-memory stack of stored slices (one study's selected series).
 
-    Same reading interface (``index`` with image_id/prev_id/next_id/LABELS, ``rows_of``, ``view_row``),
-    so :class:`ichdet.data.SliceDataset` windows, resizes and stacks neighbours exactly as in training.
+    Same reading interface (``index`` with image_id/prev_id/next_id/series_uid/slice_index/LABELS,
+    ``rows_of``, ``view_row``), so :class:`ichdet.data.SliceDataset` windows, resizes and stacks
+    neighbours exactly as in training, and a sequence member reads each series in slice order.
     """
 
     def __init__(self, stack: np.ndarray, series: Sequence[int]) -> None:
