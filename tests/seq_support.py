@@ -41,7 +41,7 @@ def tiny_seq_runs(tmp_path_factory: pytest.TempPathFactory) -> SeqRuns:
     if (root / "done").exists():
         return runs
     shutil.rmtree(root, ignore_errors=True)
-    make_dataset(root / "data", SynthSpec(n_studies=8, n_test_studies=0, size=SIZE, slices_per_study=(6, 8), seed=4,
+    make_dataset(root / "data", SynthSpec(n_studies=8, n_test_studies=0, size=SIZE, slices_per_study=(8, 9), seed=4,
                                           context=True))
     preprocess(root / "data" / "stage_2_train_images", runs.cache, runs.labels,
                PreprocessOptions(size=SIZE, workers=1, n_folds=2, progress=False))
