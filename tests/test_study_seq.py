@@ -122,7 +122,7 @@ def test_report_with_a_seq_bundle_shows_base_run_overlays_and_says_so(seq_report
     assert cam and "base (base run of sequence member seq)" in cam.group(1)
     note = re.search(r'<p id="model-note">(.*?)</p>', page)
     assert note and "seq reads the per-slice embeddings of its base runs base" in note.group(1)
-    assert "Grad-CAM overlays come from its base runs&#x27; CNNs" in note.group(1)
+    assert "Grad-CAM overlays come from its base runs' CNNs" in note.group(1)
 
 
 @needs_chromium
