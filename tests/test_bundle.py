@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import shutil
 import warnings
 import zipfile
 from pathlib import Path
@@ -324,3 +325,13 @@ def test_inconsistent_seq_manifest_is_refused(seq_bundle: Path, tmp_path: Path, 
     bad = _rewrite(seq_bundle, tmp_path / "bad.ichdet", {"manifest.json": json.dumps(manifest | change).encode()})
     with pytest.raises(CheckpointError, match=match):
         load_ensemble(bad)
+
+
+def test_a_base_and_a_member_of_one_name_but_different_runs_are_refused(seq_runs: SeqRuns, tmp_path: Path) -> None:
+    other = tmp_path / "elsewhere" / "base"
+    shutil.copytree(seq_runs.base, other, ignore=shutil.ignore_patterns("features"))
+    with pytest.raises(IchdetError, match=r"different runs share a folder name.*'base'.*rename one of the folders"):
+        load_ensemble(runs=[seq_runs.seq, other])
+    with pytest.raises(IchdetError, match=r"different runs share a folder name"):
+        write_bundle([seq_runs.seq, other], tmp_path / "m.ichdet")
+    assert not (tmp_path / "m.ichdet").exists()
