@@ -335,3 +335,26 @@ def test_a_base_and_a_member_of_one_name_but_different_runs_are_refused(seq_runs
     with pytest.raises(IchdetError, match=r"different runs share a folder name"):
         write_bundle([seq_runs.seq, other], tmp_path / "m.ichdet")
     assert not (tmp_path / "m.ichdet").exists()
+
+
+def test_fold_k_cnns_feed_fold_k_sequence_model(seq_runs: SeqRuns, tmp_path: Path) -> None:
+    """Swapping folds 0 and 1 of both the base run and the sequence run swaps the folds' predictions,
+    which holds only when fold k's CNN feeds fold k's sequence model."""
+    base, seq = tmp_path / "base", tmp_path / "seq"
+    shutil.copytree(seq_runs.base, base, ignore=shutil.ignore_patterns("features"))
+    shutil.copytree(seq_runs.seq, seq)
+    for run in (base, seq):
+        first, second = (run / f"fold{k}" / "best.safetensors" for k in (0, 1))
+        data = first.read_bytes()
+        first.write_bytes(second.read_bytes())
+        second.write_bytes(data)
+    (seq / "seq.json").write_text(json.dumps({"bases": [str(base.resolve())]}))
+    original = predict_runs([seq_runs.seq], seq_runs.cache, device="cpu")
+    swapped = predict_runs([seq], seq_runs.cache, device="cpu")
+
+    def fold(table: pd.DataFrame, k: int) -> np.ndarray:
+        return table[table["fold"] == k].sort_values("image_id")[list(LABELS)].to_numpy()
+
+    for k in (0, 1):
+        np.testing.assert_array_equal(fold(swapped, k), fold(original, 1 - k))
+    assert np.abs(fold(original, 0) - fold(original, 1)).max() > 1e-4
