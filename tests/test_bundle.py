@@ -1,10 +1,12 @@
-"""Model bundles: pack, verify (tampering, path traversal, pickles refused), load, round-trip predictions;
-operating points (metrics.operating_points)."""
+"""Model bundles: pack, verify (tampering, path traversal, pickles refused), load, round-trip predictions
+(2D and sequence members, format versions 1 and 2); operating points (metrics.operating_points)."""
 
 from __future__ import annotations
 
 import json
 import pickle
+import re
+import shutil
 import warnings
 import zipfile
 from pathlib import Path
@@ -13,11 +15,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from seq_support import SeqRuns, tiny_seq_runs
 from study_support import copy_study, study_files, tiny_runs
 from typer.testing import CliRunner
 
 from ichdet.bundle import load_ensemble, sha256_bytes, write_bundle
 from ichdet.cli import app
+from ichdet.config import load_seq_config
 from ichdet.errors import CheckpointError, IchdetError
 from ichdet.labels import LABELS, read_labels
 from ichdet.metrics import operating_points
@@ -38,12 +42,12 @@ def bundle(runs: tuple[Path, Path, Path], tmp_path_factory: pytest.TempPathFacto
 
 
 def _rewrite(src: Path, dest: Path, replace: dict[str, bytes] | None = None, add: dict[str, bytes] | None = None,
-             manifest_hash: bool = False) -> Path:
-    """A copy of bundle ``src`` with entries replaced or added (and, with ``manifest_hash``, the manifest's
-    sha256 of each replaced entry updated to match)."""
+             manifest_hash: bool = False, drop: tuple[str, ...] = ()) -> Path:
+    """A copy of bundle ``src`` with entries replaced, added or dropped (and, with ``manifest_hash``, the
+    manifest's sha256 of each replaced entry updated to match)."""
     replace, add = replace or {}, add or {}
     with zipfile.ZipFile(src) as zin:
-        entries = {name: zin.read(name) for name in zin.namelist()}
+        entries = {name: zin.read(name) for name in zin.namelist() if name not in drop}
     entries.update(replace)
     if manifest_hash:
         manifest = json.loads(entries["manifest.json"])
@@ -70,6 +74,8 @@ def test_bundle_layout_and_manifest(bundle: Path, runs: tuple[Path, Path, Path])
     assert manifest["members"][0]["sha256"]["members/a/fold1.safetensors"] == sha256_bytes(
         (runs[0] / "fold1" / "best.safetensors").read_bytes())
     assert manifest["format"] == "ichdet-bundle" and manifest["ichdet_version"] == "0.1.0"
+    # 2D members only: the version-1 layout and manifest (no "bases"), as older ichdet wrote and reads it
+    assert manifest["format_version"] == 1 and "bases" not in manifest
     ens = load_ensemble(bundle)
     assert ens.manifest["bundle_sha256"] == sha256_bytes(bundle.read_bytes())
     assert ens.members[1].config.data.slice_offsets == [-1, 0, 1]
@@ -195,3 +201,160 @@ def test_operating_points(pos: list[float], neg: list[float], sensitivity: float
     assert list(table.index) == list(LABELS)
     assert tuple(table.loc["any"]) == pytest.approx(expected)
     assert np.isnan(table.loc["epidural", "threshold"]) and table.loc["epidural", "n_pos"] == 0
+
+
+# --------------------------------------------------------------------------------------------- sequence members
+
+
+@pytest.fixture(scope="module")
+def seq_runs(tmp_path_factory: pytest.TempPathFactory) -> SeqRuns:
+    return tiny_seq_runs(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def seq_bundle(seq_runs: SeqRuns, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_bundle([seq_runs.seq], tmp_path_factory.mktemp("seq_bundle") / "seq.ichdet")
+
+
+def _zip(bundle: Path) -> tuple[list[str], dict[str, object], str]:
+    with zipfile.ZipFile(bundle) as zf:
+        text = zf.read("manifest.json").decode()
+        return sorted(zf.namelist()), json.loads(text), text
+
+
+def test_seq_bundle_layout_names_base_runs_by_member_name(seq_bundle: Path, seq_runs: SeqRuns) -> None:
+    names, manifest, text = _zip(seq_bundle)
+    assert names == ["manifest.json", "members/base/config.yaml", "members/base/fold0.safetensors",
+                     "members/base/fold1.safetensors", "members/seq/config.yaml", "members/seq/fold0.safetensors",
+                     "members/seq/fold1.safetensors", "members/seq/seq.json"]
+    with zipfile.ZipFile(seq_bundle) as zf:
+        assert json.loads(zf.read("members/seq/seq.json")) == {"bases": ["base"]}
+    arch = load_seq_config(seq_runs.seq / "config.yaml").model.arch
+    assert manifest["format_version"] == 2
+    assert [(m["name"], m["kind"], m["folds"], m["bases"], m["sequence_model"]) for m in manifest["members"]] == [
+        ("seq", "seq", [0, 1], ["base"], arch)]
+    assert [(b["name"], b["kind"], b["folds"], b["backbone"]) for b in manifest["bases"]] == [
+        ("base", "2d", [0, 1], "resnet10t")]
+    assert manifest["bases"][0]["sha256"]["members/base/fold1.safetensors"] == sha256_bytes(
+        (seq_runs.base / "fold1" / "best.safetensors").read_bytes())
+    assert manifest["members"][0]["sha256"]["members/seq/fold0.safetensors"] == sha256_bytes(
+        (seq_runs.seq / "fold0" / "best.safetensors").read_bytes())
+    assert str(seq_runs.base.parent) not in text  # never an absolute path: base runs by member name
+    ens = load_ensemble(seq_bundle)
+    (member,) = ens.members
+    assert member.kind == "seq" and [b.name for b in member.bases] == ["base"] and member.bases[0].kind == "2d"
+    assert member.seq_config == load_seq_config(seq_runs.seq / "config.yaml")
+    assert [b["name"] for b in ens.manifest["bases"]] == ["base"]
+
+
+def test_seq_bundle_round_trips_to_the_seq_runs_predictions(seq_bundle: Path, seq_runs: SeqRuns) -> None:
+    from_run = predict_runs([seq_runs.seq], seq_runs.cache, device="cpu")
+    from_bundle = predict_runs([], seq_runs.cache, device="cpu", bundle=seq_bundle)
+    pd.testing.assert_frame_equal(from_run, from_bundle)  # the same code path: exactly equal
+    assert sorted(set(from_run["fold"])) == [0, 1] and set(from_run["model"]) == {"seq"}
+    folds = [from_run[from_run["fold"] == k][list(LABELS)].to_numpy() for k in (0, 1)]
+    assert np.abs(folds[0] - folds[1]).max() > 1e-4  # each fold its own CNN and sequence model
+
+
+def test_mixed_bundle_stores_each_run_once(seq_runs: SeqRuns, tmp_path: Path) -> None:
+    runs = [seq_runs.seq, seq_runs.base, seq_runs.seq2]
+    weights = {"seq": 3.0, "base": 1.0, "seq2": 2.0}
+    out = write_bundle(runs, tmp_path / "mixed.ichdet", weights, sensitivity=0.9, labels=seq_runs.labels)
+    names, manifest, _ = _zip(out)
+    assert [n for n in names if n.startswith("members/base/")] == [
+        "members/base/config.yaml", "members/base/fold0.safetensors", "members/base/fold1.safetensors"]
+    assert [(m["name"], m["kind"], m.get("bases")) for m in manifest["members"]] == [
+        ("seq", "seq", ["base"]), ("base", "2d", None), ("seq2", "seq", ["base"])]
+    assert manifest["bases"] == []  # the base is a member: stored once, under its member name
+    ens = load_ensemble(out)
+    assert ens.members[0].bases[0] is ens.members[1] and ens.members[2].bases[0] is ens.members[1]
+    pd.testing.assert_frame_equal(predict_runs(runs, seq_runs.cache, device="cpu"),
+                                  predict_runs([], seq_runs.cache, device="cpu", bundle=out))
+    # operating points from the ensembled out-of-fold predictions, the sequence runs' oof.parquet included
+    oof = sum(w * pd.read_parquet(r / "oof.parquet").set_index("image_id")[list(LABELS)]
+              for r, w in zip(runs, weights.values(), strict=True)) / 6
+    truth = read_labels(seq_runs.labels).loc[oof.index]
+    expected = operating_points(truth[list(LABELS)].to_numpy(), oof.to_numpy(), 0.9)
+    np.testing.assert_allclose([ens.thresholds[k] for k in LABELS], expected["threshold"].fillna(0.5).to_numpy(),
+                               rtol=1e-6)
+
+
+def test_two_seq_members_share_one_stored_base(seq_runs: SeqRuns, tmp_path: Path) -> None:
+    out = write_bundle([seq_runs.seq, seq_runs.seq2], tmp_path / "two.ichdet")
+    names, manifest, _ = _zip(out)
+    assert [n for n in names if n.startswith("members/base/")] == [
+        "members/base/config.yaml", "members/base/fold0.safetensors", "members/base/fold1.safetensors"]
+    assert [b["name"] for b in manifest["bases"]] == ["base"]
+    ens = load_ensemble(out)
+    assert ens.members[0].bases[0] is ens.members[1].bases[0]
+
+
+@pytest.mark.parametrize("entry", ["members/seq/fold1.safetensors", "members/base/fold0.safetensors",
+                                   "members/seq/seq.json", "members/seq/config.yaml", "members/base/config.yaml"])
+def test_tampered_seq_bundle_file_is_refused_by_name(seq_bundle: Path, seq_runs: SeqRuns, tmp_path: Path,
+                                                     entry: str) -> None:
+    with zipfile.ZipFile(seq_bundle) as zf:
+        data = bytearray(zf.read(entry))
+    data[len(data) // 2] ^= 0x01
+    bad = _rewrite(seq_bundle, tmp_path / "bad.ichdet", {entry: bytes(data)})
+    with pytest.raises(CheckpointError, match=rf"bad.ichdet: member {re.escape(entry)} was modified"):
+        load_ensemble(bad)
+    out = tmp_path / "p.parquet"
+    res = CliRunner().invoke(app, ["predict", "--data", str(seq_runs.cache), "--out", str(out), "--bundle", str(bad)])
+    assert res.exit_code == 2 and f"{entry} was modified" in res.output and not out.exists()
+
+
+def test_missing_or_unlisted_seq_bundle_files_are_refused(seq_bundle: Path, tmp_path: Path) -> None:
+    missing = _rewrite(seq_bundle, tmp_path / "missing.ichdet", drop=("members/base/fold1.safetensors",))
+    with pytest.raises(CheckpointError, match=r"member members/base/fold1.safetensors is listed in the manifest "
+                                              r"but missing"):
+        load_ensemble(missing)
+    extra = _rewrite(seq_bundle, tmp_path / "extra.ichdet", add={"members/seq/fold7.safetensors": b"x"})
+    with pytest.raises(CheckpointError, match=r"files \['members/seq/fold7.safetensors'\] are not in the manifest"):
+        load_ensemble(extra)
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    ({"format_version": 3}, r"bundle format version 3; this ichdet .* reads versions \[1, 2\]"),
+    ({"bases": []}, r"member 'seq' needs base runs \['base'\], which the bundle does not hold"),
+])
+def test_inconsistent_seq_manifest_is_refused(seq_bundle: Path, tmp_path: Path, change: dict[str, object],
+                                              match: str) -> None:
+    with zipfile.ZipFile(seq_bundle) as zf:
+        manifest = json.loads(zf.read("manifest.json"))
+    bad = _rewrite(seq_bundle, tmp_path / "bad.ichdet", {"manifest.json": json.dumps(manifest | change).encode()})
+    with pytest.raises(CheckpointError, match=match):
+        load_ensemble(bad)
+
+
+def test_a_base_and_a_member_of_one_name_but_different_runs_are_refused(seq_runs: SeqRuns, tmp_path: Path) -> None:
+    other = tmp_path / "elsewhere" / "base"
+    shutil.copytree(seq_runs.base, other, ignore=shutil.ignore_patterns("features"))
+    with pytest.raises(IchdetError, match=r"different runs share a folder name.*'base'.*rename one of the folders"):
+        load_ensemble(runs=[seq_runs.seq, other])
+    with pytest.raises(IchdetError, match=r"different runs share a folder name"):
+        write_bundle([seq_runs.seq, other], tmp_path / "m.ichdet")
+    assert not (tmp_path / "m.ichdet").exists()
+
+
+def test_fold_k_cnns_feed_fold_k_sequence_model(seq_runs: SeqRuns, tmp_path: Path) -> None:
+    """Swapping folds 0 and 1 of both the base run and the sequence run swaps the folds' predictions,
+    which holds only when fold k's CNN feeds fold k's sequence model."""
+    base, seq = tmp_path / "base", tmp_path / "seq"
+    shutil.copytree(seq_runs.base, base, ignore=shutil.ignore_patterns("features"))
+    shutil.copytree(seq_runs.seq, seq)
+    for run in (base, seq):
+        first, second = (run / f"fold{k}" / "best.safetensors" for k in (0, 1))
+        data = first.read_bytes()
+        first.write_bytes(second.read_bytes())
+        second.write_bytes(data)
+    (seq / "seq.json").write_text(json.dumps({"bases": [str(base.resolve())]}))
+    original = predict_runs([seq_runs.seq], seq_runs.cache, device="cpu")
+    swapped = predict_runs([seq], seq_runs.cache, device="cpu")
+
+    def fold(table: pd.DataFrame, k: int) -> np.ndarray:
+        return table[table["fold"] == k].sort_values("image_id")[list(LABELS)].to_numpy()
+
+    for k in (0, 1):
+        np.testing.assert_array_equal(fold(swapped, k), fold(original, 1 - k))
+    assert np.abs(fold(original, 0) - fold(original, 1)).max() > 1e-4

@@ -2,14 +2,22 @@
 
 A bundle is a zip archive (stored, not compressed: weights do not compress) holding::
 
-    manifest.json                         format, ichdet version, members, thresholds, sha256 per file
-    members/<name>/config.yaml            the run's resolved config (safe YAML)
+    manifest.json                         format, ichdet version, members, bases, thresholds, sha256 per file
+    members/<name>/config.yaml            the run's resolved config (safe YAML): a Config, or a SeqConfig
+    members/<name>/seq.json               sequence members only: {"bases": [member names]}, feature order
     members/<name>/fold<k>.safetensors    one fold's weights
 
+``members`` in the manifest are the ensemble (2D and sequence runs, with their weights); ``bases`` are
+the sequence members' base runs that are not members themselves. Every run is stored once, under its
+name: a base that is also a 2D member, or that two sequence members share, is one folder of the archive.
+Format version 1 (2D members only) is still written for bundles without a sequence member, so older
+ichdet reads them; version 2 adds sequence members and ``bases``; both are read.
+
 Loading reads ``manifest.json`` (JSON), checks every member name (no absolute paths, no ``..``, only
-the layout above), refuses any file whose sha256 differs from the manifest, naming it, and loads
-weights with safetensors only: nothing is ever unpickled. The same :class:`Ensemble` comes from run
-folders (``--run``), so ``predict``, ``predict-study`` and ``report`` treat both alike.
+the layout above), refuses any file whose sha256 differs from the manifest and any file the manifest
+does not list, naming it, and loads weights with safetensors only: nothing is ever unpickled. The same
+:class:`Ensemble` comes from run folders (``--run``), so ``predict``, ``predict-study`` and ``report``
+treat both alike.
 
 Ensemble rule (the seed's, as :func:`ichdet.ensemble.ensemble`): mean over a member's folds, then the
 weighted mean over members.
@@ -17,186 +25,49 @@ weighted mean over members.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
 import re
 import zipfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 import yaml
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
-from torch import nn
+from pydantic import ValidationError
 
 from ichdet import __version__
-from ichdet.config import Config, build_config, config_to_yaml
+from ichdet.config import SeqConfig, build_config, config_to_yaml
 from ichdet.errors import CheckpointError, IchdetError
 from ichdet.io import atomic_path
 from ichdet.labels import LABELS, read_labels
-from ichdet.models import build_model
+from ichdet.members import (
+    DEFAULT_THRESHOLD,
+    NAME,
+    Ensemble,
+    Member,
+    distinct_bases,
+    member_manifest,
+    resolve_weights,
+    run_names,
+    runs_ensemble,
+    sha256_bytes,
+    sha256_file,
+    verified,
+)
 
-__all__ = ["BUNDLE_FORMAT", "DEFAULT_THRESHOLD", "Ensemble", "Member", "load_ensemble", "write_bundle"]
+__all__ = ["BUNDLE_FORMAT", "BUNDLE_VERSION", "DEFAULT_THRESHOLD", "Ensemble", "Member", "load_ensemble",
+           "run_names", "sha256_bytes", "sha256_file", "write_bundle"]
 
 BUNDLE_FORMAT = "ichdet-bundle"
-BUNDLE_VERSION = 1
-#: The decision threshold of a label without an operating point (runs, or no positive case in the OOF).
-DEFAULT_THRESHOLD = 0.5
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-_MEMBER_FILE = re.compile(r"^members/([A-Za-z0-9][A-Za-z0-9._-]{0,99})/(config\.yaml|fold(\d{1,3})\.safetensors)$")
-
-
-def sha256_bytes(data: bytes) -> str:
-    """Hex sha256 of ``data``."""
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-# --------------------------------------------------------------------------------------------- members
-
-
-@dataclass(frozen=True)
-class Member:
-    """One trained run of an ensemble: its config, folds and weight; loads its fold networks on demand.
-
-    ``source`` is where the weights live: a run folder, or a bundle file (whose member files are checked
-    against ``sha256`` again at every load, so a file changed after :func:`load_ensemble` is refused too).
-    """
-
-    name: str
-    weight: float
-    kind: str
-    config: Config
-    folds: tuple[int, ...]
-    source: Path = field(repr=False)
-    sha256: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
-
-    def weight_bytes(self, fold: int) -> bytes:
-        """The safetensors bytes of one fold, verified against the manifest when from a bundle."""
-        if self.source.is_dir():
-            return (self.source / f"fold{fold}" / "best.safetensors").read_bytes()
-        entry = f"members/{self.name}/fold{fold}.safetensors"
-        with zipfile.ZipFile(self.source) as zf:
-            return _verified(zf, entry, self.sha256[entry], self.source)
-
-    def load_models(self, device: torch.device) -> list[nn.Module]:
-        """One network per fold, weights loaded, on ``device``, in eval mode (channels-last if configured)."""
-        models = []
-        for fold in self.folds:
-            model = build_model(self.config.model, self.config.data.in_chans)
-            _load_state(model, self.weight_bytes(fold), f"{self.source} member {self.name} fold {fold}")
-            model = model.to(device).eval()
-            if self.config.train.channels_last:
-                model = model.to(memory_format=torch.channels_last)
-            models.append(model)
-        return models
-
-
-def _load_state(model: nn.Module, data: bytes, what: str) -> None:
-    """Load safetensors bytes into ``model``; CheckpointError naming ``what`` if unreadable or unfit."""
-    try:
-        tensors = load_safetensors(data)
-    except (SafetensorError, ValueError) as err:
-        raise CheckpointError(f"{what}: not a readable safetensors file ({err})") from None
-    try:
-        model.load_state_dict(tensors)
-    except RuntimeError as err:
-        raise CheckpointError(f"{what}: weights do not fit the configured architecture: "
-                              f"{str(err).splitlines()[0]}") from None
-
-
-@dataclass(frozen=True)
-class Ensemble:
-    """Members, the per-label decision thresholds (operating points) and the manifest that identifies them.
-
-    ``manifest`` holds ``bundle_sha256`` (None for run folders), ``ichdet_version`` (of the bundle's
-    writer, or this one for runs), ``members`` (name, kind, weight, folds, backbone, image size and a
-    sha256 per file) and ``operating_points`` (per label, or None where none were computed).
-    """
-
-    members: tuple[Member, ...]
-    thresholds: dict[str, float]
-    manifest: dict[str, Any]
-
-    @property
-    def weights(self) -> np.ndarray:
-        """The members' weights, normalised to sum to 1."""
-        w = np.array([m.weight for m in self.members], dtype=np.float64)
-        return w / w.sum()
-
-    def combine(self, member_probs: Sequence[np.ndarray]) -> np.ndarray:
-        """The ensemble's (N, 6) probabilities from each member's fold-mean (N, 6) probabilities."""
-        stacked = np.stack([np.asarray(p, dtype=np.float64) for p in member_probs])
-        return np.clip(np.tensordot(self.weights, stacked, axes=1), 0.0, 1.0)
-
-
-# --------------------------------------------------------------------------------------------- runs
-
-
-def _run_member(run: Path, weight: float) -> Member:
-    from ichdet.predict import fold_weights, run_config
-
-    if not (run / "config.yaml").is_file():
-        raise CheckpointError(f"{run}: no config.yaml; pass a run folder written by `ichdet train`")
-    name = run.resolve().name
-    if not _NAME.match(name):
-        raise IchdetError(f"run folder name {name!r} is not a safe member name: use letters, digits, '.', '_', '-'")
-    folds = fold_weights(run)
-    files = {"config.yaml": sha256_file(run / "config.yaml")}
-    files.update({f"fold{k}/best.safetensors": sha256_file(p) for k, p in folds})
-    return Member(name, weight, "2d", run_config(run), tuple(k for k, _ in folds), run.resolve(), files)
-
-
-def _resolve_weights(names: Sequence[str], weights: Mapping[str, float] | None) -> dict[str, float]:
-    """Member name -> weight (default 1 each); IchdetError when the names differ or a weight is not > 0."""
-    if weights is None:
-        return dict.fromkeys(names, 1.0)
-    if set(weights) != set(names):
-        raise IchdetError(f"--weight names {sorted(weights)}, but the members are {sorted(names)}; "
-                          "give one weight per member (or none for equal weights)")
-    bad = {k: v for k, v in weights.items() if not (math.isfinite(v) and v > 0)}
-    if bad:
-        raise IchdetError(f"ensemble weights must be finite and > 0, got {bad}")
-    return {n: float(weights[n]) for n in names}
-
-
-def run_names(runs: Sequence[str | Path]) -> list[str]:
-    """The member name of each run folder (its folder name); IchdetError if two runs share one."""
-    names = [Path(r).resolve().name for r in runs]
-    if len(set(names)) != len(names):
-        raise IchdetError(f"runs must have distinct folder names to be told apart: {names}")
-    return names
-
-
-def _runs_ensemble(runs: Sequence[Path], weights: Mapping[str, float] | None) -> Ensemble:
-    names = run_names(runs)
-    w = _resolve_weights(names, weights)
-    members = tuple(_run_member(Path(r), w[n]) for r, n in zip(runs, names, strict=True))
-    manifest = {"bundle_sha256": None, "ichdet_version": __version__, "runs": [str(m.source) for m in members],
-                "members": [_member_manifest(m) for m in members], "operating_points": None,
-                "thresholds_source": f"default {DEFAULT_THRESHOLD} (run folders carry no operating points)"}
-    return Ensemble(members, dict.fromkeys(LABELS, DEFAULT_THRESHOLD), manifest)
-
-
-def _member_manifest(m: Member, files: Mapping[str, str] | None = None) -> dict[str, Any]:
-    return {"name": m.name, "kind": m.kind, "weight": m.weight, "folds": list(m.folds),
-            "backbone": m.config.model.backbone, "image_size": m.config.data.image_size,
-            "sha256": dict(files if files is not None else m.sha256)}
+#: The newest format written: 2 (sequence members and ``bases``). 2D-only bundles are written as 1.
+BUNDLE_VERSION = 2
+_READS = (1, 2)
+_MEMBER_FILE = re.compile(
+    r"^members/([A-Za-z0-9][A-Za-z0-9._-]{0,99})/(config\.yaml|seq\.json|fold(\d{1,3})\.safetensors)$")
 
 
 # --------------------------------------------------------------------------------------------- operating points
@@ -251,34 +122,50 @@ def _points_json(points: pd.DataFrame) -> dict[str, dict[str, float | int | None
 # --------------------------------------------------------------------------------------------- writing
 
 
+def _member_files(m: Member) -> dict[str, bytes]:
+    """The archive entries of one run: config, the sequence layout (base names) and every fold's weights."""
+    prefix = f"members/{m.name}/"
+    files = {prefix + "config.yaml": config_to_yaml(m.config).encode()}
+    if m.kind == "seq":
+        files[prefix + "seq.json"] = (json.dumps({"bases": [b.name for b in m.bases]}, indent=1) + "\n").encode()
+    files.update({f"{prefix}fold{k}.safetensors": m.weight_bytes(k) for k in m.folds})
+    return files
+
+
 def write_bundle(runs: Sequence[Path], out: Path, weights: dict[str, float] | None = None,
                  sensitivity: float = 0.95, labels: Path | None = None) -> Path:
-    """Pack ``runs`` into one bundle file at ``out`` (atomically); return ``out``.
+    """Pack ``runs`` (2D or sequence runs) into one bundle file at ``out`` (atomically); return ``out``.
 
-    With ``labels`` (the Kaggle label CSV of the cache the runs were trained on), each label's decision
-    threshold is the operating point reaching ``sensitivity`` on the ensembled out-of-fold predictions;
-    without it, every threshold is :data:`DEFAULT_THRESHOLD` and the manifest says so.
+    A sequence run brings its base runs (config and every fold), stored once each. With ``labels``
+    (the Kaggle label CSV of the cache the runs were trained on), each label's decision threshold is
+    the operating point reaching ``sensitivity`` on the ensembled out-of-fold predictions; without it,
+    every threshold is :data:`DEFAULT_THRESHOLD` and the manifest says so.
     """
     if not runs:
         raise IchdetError("no runs to bundle; pass --run RUN at least once")
     if not 0.0 < sensitivity <= 1.0:
         raise IchdetError(f"sensitivity {sensitivity} must be in (0, 1], e.g. 0.95")
-    ens = _runs_ensemble([Path(r) for r in runs], weights)
+    ens = runs_ensemble([Path(r) for r in runs], weights)
     points = None if labels is None else oof_operating_points(ens.members, Path(labels), sensitivity)
     entries: dict[str, bytes] = {}
-    members_json = []
-    for m in ens.members:
-        files = {f"members/{m.name}/config.yaml": config_to_yaml(m.config).encode()}
-        files.update({f"members/{m.name}/fold{k}.safetensors": m.weight_bytes(k) for k in m.folds})
+
+    def packed(m: Member) -> dict[str, Any]:
+        files = _member_files(m)
         entries.update(files)
-        members_json.append(_member_manifest(m, {name: sha256_bytes(data) for name, data in files.items()}))
-    manifest = {
-        "format": BUNDLE_FORMAT, "format_version": BUNDLE_VERSION, "ichdet_version": __version__,
+        return member_manifest(m, {name: sha256_bytes(data) for name, data in files.items()})
+
+    members_json = [packed(m) for m in ens.members]
+    bases_json = [packed(b) for b in distinct_bases(ens.members)]
+    has_seq = any(m.kind == "seq" for m in ens.members)
+    manifest: dict[str, Any] = {
+        "format": BUNDLE_FORMAT, "format_version": 2 if has_seq else 1, "ichdet_version": __version__,
         "labels": list(LABELS), "members": members_json, "thresholds": _thresholds(points),
         "operating_points": None if points is None else _points_json(points),
         "thresholds_source": (f"default {DEFAULT_THRESHOLD} (bundled without --labels)" if points is None else
                               f"out-of-fold operating points at sensitivity {sensitivity}"),
     }
+    if has_seq:
+        manifest["bases"] = bases_json
     with atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
         zf.writestr("manifest.json", json.dumps(manifest, indent=2, allow_nan=False))
         for name, data in entries.items():
@@ -287,21 +174,6 @@ def write_bundle(runs: Sequence[Path], out: Path, weights: dict[str, float] | No
 
 
 # --------------------------------------------------------------------------------------------- loading
-
-
-def _verified(zf: zipfile.ZipFile, entry: str, expected: str, bundle: Path) -> bytes:
-    """The bytes of ``entry``; CheckpointError naming it when missing or when its sha256 differs."""
-    try:
-        data = zf.read(entry)
-    except KeyError:
-        raise CheckpointError(f"{bundle}: member {entry} is listed in the manifest but missing; "
-                              "the bundle is incomplete, write it again with `ichdet bundle`") from None
-    except (zipfile.BadZipFile, OSError) as err:
-        raise CheckpointError(f"{bundle}: member {entry} cannot be read ({err})") from None
-    if sha256_bytes(data) != expected:
-        raise CheckpointError(f"{bundle}: member {entry} was modified (its sha256 differs from the "
-                              "manifest); refusing to load it. Use an untampered copy of the bundle")
-    return data
 
 
 def _check_entry_names(zf: zipfile.ZipFile, bundle: Path) -> None:
@@ -328,27 +200,92 @@ def _read_manifest(zf: zipfile.ZipFile, bundle: Path) -> dict[str, Any]:
         raise CheckpointError(f"{bundle}: manifest.json is not valid JSON ({err})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
         raise CheckpointError(f"{bundle}: manifest.json is not an {BUNDLE_FORMAT} manifest")
-    if manifest.get("format_version") != BUNDLE_VERSION:
+    if manifest.get("format_version") not in _READS:
         raise CheckpointError(f"{bundle}: bundle format version {manifest.get('format_version')!r}; this ichdet "
-                              f"{__version__} reads version {BUNDLE_VERSION}. Upgrade ichdet or rebuild the bundle")
+                              f"{__version__} reads versions {list(_READS)}. Upgrade ichdet or rebuild the bundle")
     return manifest
 
 
-def _bundle_member(zf: zipfile.ZipFile, bundle: Path, entry: dict[str, Any], weight: float) -> Member:
+def _entry_files(zf: zipfile.ZipFile, bundle: Path, entry: Mapping[str, Any], kind: str
+                 ) -> tuple[str, tuple[int, ...], dict[str, str], dict[str, bytes]]:
+    """Name, folds, hashes and the verified small files (config, layout) of one manifest entry of ``kind``.
+
+    Every fold's weights are verified here too (and again when loaded), so a tampered file is refused
+    before any work, by name."""
     name = str(entry.get("name", ""))
-    if not _NAME.match(name) or entry.get("kind") != "2d":
-        raise CheckpointError(f"{bundle}: member {name!r} of kind {entry.get('kind')!r} is not supported "
-                              "(this ichdet loads 2d members)")
+    if not NAME.match(name) or entry.get("kind") != kind:
+        raise CheckpointError(f"{bundle}: member {name!r} of kind {entry.get('kind')!r} is not supported here "
+                              f"(expected kind {kind!r}; this ichdet loads 2d and seq members)")
     hashes = {str(k): str(v) for k, v in dict(entry.get("sha256", {})).items()}
     folds = tuple(int(f) for f in entry.get("folds", []))
-    wanted = [f"members/{name}/config.yaml", *(f"members/{name}/fold{k}.safetensors" for k in folds)]
+    small = [f"members/{name}/config.yaml", *([f"members/{name}/seq.json"] if kind == "seq" else [])]
+    wanted = [*small, *(f"members/{name}/fold{k}.safetensors" for k in folds)]
     if not folds or sorted(hashes) != sorted(wanted):
         raise CheckpointError(f"{bundle}: member {name!r} lists files {sorted(hashes)}, expected {wanted}")
-    for path in wanted[1:]:
-        _verified(zf, path, hashes[path], bundle)
-    text = _verified(zf, wanted[0], hashes[wanted[0]], bundle).decode()
-    cfg = build_config(yaml.safe_load(text) or {}, ["model.pretrained=false"], source=f"{bundle}:{wanted[0]}")
+    for path in wanted[len(small):]:
+        verified(zf, path, hashes[path], bundle)
+    return name, folds, hashes, {path: verified(zf, path, hashes[path], bundle) for path in small}
+
+
+def _yaml_tree(data: bytes, where: str) -> dict[str, Any]:
+    try:
+        tree = yaml.safe_load(data.decode()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{where}: not a readable YAML config ({err})") from None
+    if not isinstance(tree, dict):
+        raise CheckpointError(f"{where}: a config is a mapping of sections")
+    return tree
+
+
+def _bundle_member(zf: zipfile.ZipFile, bundle: Path, entry: Mapping[str, Any], weight: float) -> Member:
+    name, folds, hashes, small = _entry_files(zf, bundle, entry, "2d")
+    where = f"{bundle}:members/{name}/config.yaml"
+    cfg = build_config(_yaml_tree(small[f"members/{name}/config.yaml"], where), ["model.pretrained=false"],
+                       source=where)
     return Member(name, weight, "2d", cfg, folds, bundle, hashes)
+
+
+def _bundle_seq_member(zf: zipfile.ZipFile, bundle: Path, entry: Mapping[str, Any], weight: float,
+                       runs: Mapping[str, Member]) -> Member:
+    name, folds, hashes, small = _entry_files(zf, bundle, entry, "seq")
+    where = f"{bundle}:members/{name}/config.yaml"
+    try:  # the stored SeqConfig, validated as load_seq_config validates a file (unknown keys are errors)
+        cfg = SeqConfig.model_validate(_yaml_tree(small[f"members/{name}/config.yaml"], where))
+    except ValidationError as err:
+        raise CheckpointError(f"{where}: not a sequence config this ichdet reads ({err.errors()[0]['msg']})") from None
+    try:
+        base_names = [str(b) for b in json.loads(small[f"members/{name}/seq.json"])["bases"]]
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{bundle}: members/{name}/seq.json is not a sequence layout ({err})") from None
+    if base_names != list(entry.get("bases", [])) or not base_names:
+        raise CheckpointError(f"{bundle}: member {name!r}: seq.json names base runs {base_names}, the manifest "
+                              f"{entry.get('bases')}; the bundle is inconsistent, write it again")
+    unknown = [b for b in base_names if b not in runs]
+    if unknown:
+        raise CheckpointError(f"{bundle}: member {name!r} needs base runs {unknown}, which the bundle does not hold")
+    short = {b: sorted(set(folds) - set(runs[b].folds)) for b in base_names if set(folds) - set(runs[b].folds)}
+    if short:
+        raise CheckpointError(f"{bundle}: member {name!r}: base runs lack the folds of its sequence model: {short}")
+    return Member(name, weight, "seq", cfg, folds, bundle, hashes, tuple(runs[b] for b in base_names))
+
+
+def _bundle_members(zf: zipfile.ZipFile, bundle: Path, manifest: Mapping[str, Any],
+                    weights: Mapping[str, float] | None) -> tuple[tuple[Member, ...], list[Member]]:
+    """The ensemble's members (in manifest order) and the base runs that are not members."""
+    entries, base_entries = list(manifest.get("members", [])), list(manifest.get("bases", []))
+    names = [str(e.get("name")) for e in entries]
+    every = names + [str(e.get("name")) for e in base_entries]
+    if len(set(every)) != len(every):
+        raise CheckpointError(f"{bundle}: member names {every} are not distinct; the bundle is inconsistent")
+    w = resolve_weights(names, weights) if weights is not None else {
+        str(e.get("name")): float(e.get("weight", 1.0)) for e in entries}
+    runs = {str(e.get("name")): _bundle_member(zf, bundle, e, w[str(e.get("name"))])
+            for e in entries if e.get("kind") != "seq"}
+    bases = {str(e.get("name")): _bundle_member(zf, bundle, e, 0.0) for e in base_entries}
+    runs.update(bases)
+    members = tuple(runs[n] if e.get("kind") != "seq" else _bundle_seq_member(zf, bundle, e, w[n], runs)
+                    for e, n in zip(entries, names, strict=True))
+    return members, list(bases.values())
 
 
 def _bundle_ensemble(bundle: Path, weights: Mapping[str, float] | None) -> Ensemble:
@@ -362,12 +299,8 @@ def _bundle_ensemble(bundle: Path, weights: Mapping[str, float] | None) -> Ensem
     with zf:
         _check_entry_names(zf, bundle)
         manifest = _read_manifest(zf, bundle)
-        entries = list(manifest.get("members", []))
-        names = [str(e.get("name")) for e in entries]
-        w = _resolve_weights(names, weights) if weights is not None else {
-            str(e.get("name")): float(e.get("weight", 1.0)) for e in entries}
-        members = tuple(_bundle_member(zf, bundle, e, w[n]) for e, n in zip(entries, names, strict=True))
-        listed = {f for m in members for f in m.sha256} | {"manifest.json"}
+        members, bases = _bundle_members(zf, bundle, manifest, weights)
+        listed = {f for m in (*members, *bases) for f in m.sha256} | {"manifest.json"}
         extra = sorted(set(zf.namelist()) - listed)
         if extra:
             raise CheckpointError(f"{bundle}: files {extra} are not in the manifest; refusing a modified bundle")
@@ -375,7 +308,7 @@ def _bundle_ensemble(bundle: Path, weights: Mapping[str, float] | None) -> Ensem
         raise CheckpointError(f"{bundle}: the manifest lists no members")
     thresholds = {label: float(manifest.get("thresholds", {}).get(label, DEFAULT_THRESHOLD)) for label in LABELS}
     info = {"bundle_sha256": sha256_bytes(data), "ichdet_version": manifest.get("ichdet_version"), "runs": None,
-            "members": [_member_manifest(m) for m in members],
+            "members": [member_manifest(m) for m in members], "bases": [member_manifest(b) for b in bases],
             "operating_points": manifest.get("operating_points"),
             "thresholds_source": manifest.get("thresholds_source")}
     return Ensemble(members, thresholds, info)
@@ -383,13 +316,13 @@ def _bundle_ensemble(bundle: Path, weights: Mapping[str, float] | None) -> Ensem
 
 def load_ensemble(bundle: Path | None = None, runs: Sequence[Path] = (),
                   weights: dict[str, float] | None = None) -> Ensemble:
-    """The ensemble of a bundle file, or of run folders (exactly one of the two).
+    """The ensemble of a bundle file, or of run folders (exactly one of the two), 2D and sequence runs.
 
     ``weights`` (member name -> weight) overrides the bundle's weights, or sets the runs' (default 1
-    each). Every bundle member is verified against its sha256 before anything is loaded.
+    each). Every bundle file is verified against its sha256 before anything is loaded.
     """
     if (bundle is None) == (not runs):
         raise IchdetError("give either --bundle or at least one --run (not both, not neither)")
     if bundle is not None:
         return _bundle_ensemble(Path(bundle), weights)
-    return _runs_ensemble([Path(r) for r in runs], weights)
+    return runs_ensemble([Path(r) for r in runs], weights)

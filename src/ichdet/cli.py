@@ -301,7 +301,7 @@ def seq_train(run: Annotated[list[Path], typer.Option(help="trained 2D run folde
 
 
 @command
-def bundle(run: Annotated[list[Path], typer.Option(help="run folder (repeat for several models)")],
+def bundle(run: Annotated[list[Path], typer.Option(help="run folder, 2D or sequence (repeat for several models)")],
            out: Annotated[Path, typer.Option(help="bundle file to write, e.g. model.ichdet")],
            weight: Annotated[list[str] | None, typer.Option(help="member=weight (default: equal)")] = None,
            labels: Annotated[Path | None, typer.Option(help="label CSV of the runs' training cache: thresholds "
@@ -314,7 +314,8 @@ def bundle(run: Annotated[list[Path], typer.Option(help="run folder (repeat for 
     weights = dict(_model_weight(w) for w in weight) if weight else None
     path = write_bundle(list(run), out, weights, sensitivity, labels)
     ens = load_ensemble(path)
-    typer.echo(f"{path}: {len(ens.members)} members, {sum(len(m.folds) for m in ens.members)} folds, "
+    typer.echo(f"{path}: {len(ens.members)} members, {len(ens.manifest['bases'])} other base runs, "
+               f"{sum(len(m.folds) for m in ens.members)} folds, "
                f"sha256 {ens.manifest['bundle_sha256']}")
     typer.echo("thresholds: " + ", ".join(f"{k} {v:.4g}" for k, v in ens.thresholds.items())
                + f" ({ens.manifest['thresholds_source']})")

@@ -6,8 +6,9 @@ per fold of each run, which :mod:`ichdet.ensemble` averages (folds first, then m
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeAlias
 
 import numpy as np
 import pandas as pd
@@ -98,14 +99,32 @@ def load_run_model(run: str | Path, weights: Path, device: torch.device,
     return model, cfg
 
 
-def member_probs(member: Member, cache: PixelCache, device: torch.device, tta: bool = True,
+#: What a member predicts from: a cache, or a function giving the images stored at a size (a study in
+#: memory, :meth:`ichdet.study.StudyPrediction.cache`, stored at each network's own image size).
+Images: TypeAlias = PixelCache | Callable[[int], PixelCache]
+
+
+def images_at(images: Images, size: int) -> PixelCache:
+    """The cache ``images`` is, or the one it gives at ``size`` pixels."""
+    return images if isinstance(images, PixelCache) else images(size)
+
+
+def member_probs(member: Member, images: Images, device: torch.device, tta: bool = True,
                  batch_size: int | None = None, num_workers: int | None = None,
                  progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Every fold of one ensemble member over every image of ``cache``: rows (N,), probs (folds, N, 6).
+    """Every fold of one ensemble member over every image: rows (N,), probs (folds, N, 6).
 
-    The folds share the member's config, so each image is read, windowed and batched once for all of them.
+    The one place a member (2D or sequence, from a run folder or a bundle) meets images: ``predict``,
+    ``predict-study`` and ``report`` all call it. A 2D member's folds share its config, so each image is
+    read, windowed and batched once for all of them; a sequence member goes through
+    :func:`ichdet.seq_predict.seq_member_probs` (fold k's base CNNs feed fold k's sequence model).
     """
-    cfg = member.config
+    if member.kind == "seq":
+        from ichdet.seq_predict import seq_member_probs  # it imports this module
+
+        return seq_member_probs(member, images, device, tta, num_workers, progress)
+    cfg = member.run_config
+    cache = images_at(images, cfg.data.image_size)
     models = member.load_models(device)
     ds = SliceDataset(cache, np.arange(len(cache)), cfg.data)
     loader = make_loader(ds, batch_size or cfg.train.batch_size * 2,
@@ -132,10 +151,6 @@ def predict_run(run: str | Path, cache: PixelCache, tta: bool = True, batch_size
 
     A sequence run (:mod:`ichdet.seq`) predicts the same table through its base runs' folds.
     """
-    from ichdet.seq import is_seq_run, predict_seq  # seq imports this module
-
-    if is_seq_run(run):
-        return predict_seq(run, cache, tta, device, progress)
     member = load_ensemble(runs=[Path(run)]).members[0]
     return predict_member(member, cache, tta, batch_size, device, num_workers, progress)
 

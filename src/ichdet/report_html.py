@@ -58,9 +58,11 @@ class SliceFigure:
 
 @dataclass(frozen=True)
 class ReportFigures:
-    """The images of one study's report: its top slices, highest probability first."""
+    """The images of one study's report: its top slices, highest probability first, and the runs whose
+    CNNs made the Grad-CAM (``cam_models``: e.g. ``"base (base run of sequence member seq)"``)."""
 
     slices: list[SliceFigure] = field(default_factory=list)
+    cam_models: tuple[str, ...] = ()
 
     def overlays(self) -> list[np.ndarray]:
         """Every overlay image, slice by slice, window by window (the secondary-capture series' frames)."""
@@ -203,7 +205,10 @@ def _figures(figures: ReportFigures) -> str:
                         "</figcaption></figure>" for name, img in fig.overlays.items())
         blocks.append(f"<h3>Slice {fig.position} <span class=\"muted\">{_esc(fig.sop_uid)} &middot; "
                       f"{_esc(probs)}</span></h3><div class=\"slice\">{cells}</div>")
-    return "".join(blocks)
+    names = _esc(", ".join(figures.cam_models))
+    source = (f'<p class="muted" id="cam-source">Grad-CAM of the CNNs (every fold) of {names}; the probabilities, '
+              "chart and decision are the whole ensemble's.</p>" if figures.cam_models else "")
+    return source + "".join(blocks)
 
 
 def _skipped(study: Mapping[str, Any]) -> str:
@@ -215,6 +220,18 @@ def _skipped(study: Mapping[str, Any]) -> str:
                    f"<td>{_esc(s['reason'])}</td></tr>" for s in skipped)
     head = "<tr><th>number</th><th>description</th><th>series</th><th>files</th><th>reason</th></tr>"
     return f"<table>{head}{rows}</table>"
+
+
+def _model_note(model: Mapping[str, Any]) -> str:
+    """How the ensemble's sequence members are explained (none: no note)."""
+    seq = [m for m in model.get("members") or [] if m.get("kind") == "seq"]
+    if not seq:
+        return ""
+    each = "; ".join(f"{m['name']} reads the per-slice embeddings of its base runs {', '.join(m['bases'])}"
+                     for m in seq)
+    return (f'<p id="model-note">Sequence members: {_esc(each)}. A sequence model sees embeddings, not pixels, '
+            "so the Grad-CAM overlays come from its base runs' CNNs; the probabilities and the decision are "
+            "the whole ensemble's, sequence members included.</p>")
 
 
 def render_report(result: Mapping[str, Any], study: Mapping[str, Any], figures: ReportFigures) -> str:
@@ -239,7 +256,8 @@ def render_report(result: Mapping[str, Any], study: Mapping[str, Any], figures: 
         f"<h2>Summary</h2>{_summary(study)}{chart}"
         f"<h2>Top slices with Grad-CAM</h2>{_figures(figures)}"
         f"<h2>Skipped series</h2>{_skipped(study)}"
-        f"<h2>Model</h2><pre>{_esc(json.dumps(result['model'], indent=2, sort_keys=True, default=str))}</pre>"
+        f"<h2>Model</h2>{_model_note(result['model'])}"
+        f"<pre>{_esc(json.dumps(result['model'], indent=2, sort_keys=True, default=str))}</pre>"
         f"{timing_html}</main></body></html>\n"
     )
 

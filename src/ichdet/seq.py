@@ -9,11 +9,14 @@ Run layout (as a 2D run, plus ``seq.json``)::
 
 Features. A base run's fold ``k`` network embeds an image into its pooled penultimate features and
 its six logits (flip-TTA averaged). For training, each labelled image is embedded by the fold model
-that never trained on it (its own fold's): nothing leaks into the sequence model's inputs. For
-prediction, fold ``k``'s CNNs feed fold ``k``'s sequence model. Features are cached as float16 in
-``BASE_RUN/features/fold{k}-{oof|all}-{key}.npy`` (``key``: the cache's ids and folds, the weights'
-size and time, TTA), written atomically one fold at a time, so an interrupted extraction resumes and a
-second sequence config reuses them.
+that never trained on it (its own fold's): nothing leaks into the sequence model's inputs. Training
+features are cached as float16 in ``BASE_RUN/features/fold{k}-{oof|all}-{key}.npy`` (``key``: the
+cache's ids and folds, the weights' size and time, TTA), written atomically one fold at a time, so an
+interrupted extraction resumes and a second sequence config reuses them.
+
+Prediction (:func:`predict_seq`, and a sequence member of a bundle alike) goes through
+:func:`ichdet.predict.member_probs` and :mod:`ichdet.seq_predict`: fold ``k``'s CNNs feed fold ``k``'s
+sequence model, features in memory, nothing written.
 """
 
 from __future__ import annotations
@@ -31,13 +34,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ichdet.checkpoint import load_weights
 from ichdet.config import Config, SeqConfig, SeqFeatureConfig, config_to_yaml, load_seq_config
-from ichdet.engine import Normalizer, Runtime, embed_batches, init_runtime, make_loader, precision, prediction_table
+from ichdet.engine import Normalizer, Runtime, embed_batches, init_runtime, make_loader, precision
 from ichdet.errors import ConfigError, IchdetError
 from ichdet.io import atomic_path, folder_lock, write_parquet_atomic, write_text_atomic
 from ichdet.labels import LABELS
-from ichdet.models import SequenceModel, build_seq_model, input_stats
+from ichdet.models import build_seq_model, input_stats
 from ichdet.predict import fold_weights, load_run_model, run_config
 from ichdet.rundir import folds_to_train
 from ichdet.store import PixelCache
@@ -301,22 +303,9 @@ def is_seq_run(run: str | Path) -> bool:
 def predict_seq(run: str | Path, cache: PixelCache, tta: bool = True, device: str = "auto",
                 progress: bool = False) -> pd.DataFrame:
     """Every image of ``cache`` through every fold of a sequence run: fold ``k``'s CNNs (each base run's)
-    feed fold ``k``'s sequence model. The long table of :func:`ichdet.predict.predict_run`."""
-    rt = init_runtime(device)
-    run = Path(run)
-    cfg = load_seq_config(run / "config.yaml")
-    bases = [load_base(p) for p in json.loads((run / SEQ_FILE).read_text())["bases"]]
-    series = series_rows(cache.index)
-    labels = np.zeros((len(cache), len(LABELS)), np.float32)
-    name, tables = run.resolve().name, []
-    for k, weights in fold_weights(run):
-        parts = [fold_features(b, k, cache, "all", cfg.features, rt, tta and cfg.features.tta, progress)
-                 for b in bases]
-        starts = list(np.cumsum([p.shape[1] for p in parts]) - len(LABELS))
-        model: SequenceModel = build_seq_model(cfg.model, sum(p.shape[1] for p in parts), starts)
-        load_weights(model, weights)
-        loader = series_loader(SeriesDataset(np.concatenate(parts, axis=1), labels, series), cfg.train.batch_size * 2)
-        rows, probs = series_probs(model.to(rt.device), loader, rt.device)
-        order = np.argsort(rows, kind="stable")
-        tables.append(prediction_table(cache, rows[order], probs[order], model=name, fold=k))
-    return pd.concat(tables, ignore_index=True)
+    feed fold ``k``'s sequence model. The long table of :func:`ichdet.predict.predict_run`, through the
+    same member path as a bundle's (:func:`ichdet.seq_predict.seq_member_probs`)."""
+    from ichdet.bundle import load_ensemble
+    from ichdet.predict import predict_member
+
+    return predict_member(load_ensemble(runs=[Path(run)]).members[0], cache, tta, device=device, progress=progress)

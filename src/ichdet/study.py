@@ -7,8 +7,9 @@ not DICOM), groups them into studies and series, selects the axial head-CT serie
 slice normal (:func:`ichdet.series.order_series`).
 :func:`predict_study` then reads the selected slices' pixels (HU through :func:`ichdet.dicom.read_hu`),
 stores them as the preprocessor does (:func:`ichdet.cache.hu_to_store`) in an in-memory
-:class:`~ichdet.store.PixelCache` and runs the ensemble through the same dataset, engine and ensemble
-rule as ``ichdet predict``; :mod:`ichdet.study_result` turns that into the result JSON
+:class:`~ichdet.store.PixelCache` and runs the ensemble through the same dataset, engine, member path
+(:func:`ichdet.predict.member_probs`: 2D and sequence members, each selected series one sequence) and
+ensemble rule as ``ichdet predict``; :mod:`ichdet.study_result` turns that into the result JSON
 (docs/study-result.md). Nothing under the folder is modified.
 """
 
@@ -142,8 +143,9 @@ def scan_folder(path: Path, min_slices: int = MIN_SLICES) -> StudyScan:
 class MemoryCache(PixelCache):
     """A :class:`PixelCache` over an in-memory stack of stored slices (one study's selected series).
 
-    Same reading interface (``index`` with image_id/prev_id/next_id/LABELS, ``rows_of``, ``view_row``),
-    so :class:`ichdet.data.SliceDataset` windows, resizes and stacks neighbours exactly as in training.
+    Same reading interface (``index`` with image_id/prev_id/next_id/series_uid/slice_index/LABELS,
+    ``rows_of``, ``view_row``), so :class:`ichdet.data.SliceDataset` windows, resizes and stacks
+    neighbours exactly as in training, and a sequence member reads each series in slice order.
     """
 
     def __init__(self, stack: np.ndarray, series: Sequence[int]) -> None:
@@ -154,9 +156,15 @@ class MemoryCache(PixelCache):
         ids = [f"s{s}_{i}" for i, s in enumerate(series)]
         same_prev = [i > 0 and series[i - 1] == series[i] for i in range(len(ids))]
         same_next = [i + 1 < len(ids) and series[i + 1] == series[i] for i in range(len(ids))]
+        # series_uid and slice_index: the series and slice order a sequence member reads (ichdet.seq.series_rows)
+        slice_index = [0] * len(ids)
+        for i in range(1, len(ids)):
+            slice_index[i] = slice_index[i - 1] + 1 if same_prev[i] else 0
         index = pd.DataFrame({"image_id": ids,
                               "prev_id": [ids[i - 1] if p else None for i, p in enumerate(same_prev)],
-                              "next_id": [ids[i + 1] if n else None for i, n in enumerate(same_next)]})
+                              "next_id": [ids[i + 1] if n else None for i, n in enumerate(same_next)],
+                              "series_uid": [f"s{s}" for s in series],
+                              "slice_index": np.array(slice_index, np.int32)})
         for name in LABELS:
             index[name] = np.nan
         self.index = index
@@ -207,7 +215,7 @@ class StudyPrediction:
         self.result = result
         self._slices = slices
         self._hu = hu
-        self._series_of_row = series_of_row
+        self.series_of_row = series_of_row
         self.ensemble = ensemble
         self._caches: dict[int, MemoryCache] = {}
 
@@ -221,24 +229,28 @@ class StudyPrediction:
     def cache(self, size: int) -> MemoryCache:
         """Every analysed slice stored at ``size`` pixels, as the model input is built from it."""
         if size not in self._caches:
-            self._caches[size] = MemoryCache(stored_stack(self._hu, size), self._series_of_row)
+            self._caches[size] = MemoryCache(stored_stack(self._hu, size), self.series_of_row)
         return self._caches[size]
 
     def model_input(self, item: StudySlice, member: Member) -> torch.Tensor:
-        """The uint8 (C, H, W) input ``member`` sees for one slice (windows, size, neighbours), before
-        normalisation (:class:`ichdet.engine.Normalizer` on the device does that)."""
+        """The uint8 (C, H, W) input a 2D ``member`` sees for one slice (windows, size, neighbours), before
+        normalisation (:class:`ichdet.engine.Normalizer` on the device does that). A sequence member's
+        images go through its bases: pass one of ``member.bases``."""
         from ichdet.data import SliceDataset
 
-        ds = SliceDataset(self.cache(member.config.data.image_size), [item.row], member.config.data)
+        data = member.run_config.data
+        ds = SliceDataset(self.cache(data.image_size), [item.row], data)
         return ds[0][0]
 
 
-def _member_probs(member: Member, cache: MemoryCache, tta: bool, device: torch.device) -> np.ndarray:
-    """Fold-mean (N, 6) probabilities of one member over every row of ``cache``, as ``ichdet predict``."""
+def _member_probs(member: Member, prediction: StudyPrediction, tta: bool, device: torch.device) -> np.ndarray:
+    """Fold-mean (N, 6) probabilities of one member (2D or sequence) over every analysed slice, through
+    the one path ``ichdet predict`` takes (each network sees the slices stored at its own image size;
+    a sequence member reads each selected series, in slice order, as one sequence)."""
     from ichdet.predict import member_probs
 
-    rows, probs = member_probs(member, cache, device, tta, num_workers=0)  # in memory: no loader workers
-    out = np.empty((len(cache), len(LABELS)), np.float64)
+    rows, probs = member_probs(member, prediction.cache, device, tta, num_workers=0)  # in memory: no workers
+    out = np.empty((len(prediction.series_of_row), len(LABELS)), np.float64)
     out[rows] = probs.astype(np.float64).mean(axis=0)
     return out
 
@@ -277,8 +289,7 @@ def predict_study(path: Path, ensemble: Ensemble, tta: bool = True, device: str 
     read = time.perf_counter()
     rt = init_runtime(device)
     prediction = StudyPrediction({}, slices, hu, series_of_row, ensemble)
-    member_probs = [_member_probs(m, prediction.cache(m.config.data.image_size), tta, rt.device)
-                    for m in ensemble.members]
+    member_probs = [_member_probs(m, prediction, tta, rt.device) for m in ensemble.members]
     probs = ensemble.combine(member_probs)
     inferred = time.perf_counter()
     timings = {"read_headers_and_order": scanned - start, "read_pixels": read - scanned,

@@ -5,8 +5,9 @@ One place for the steps that ``ichdet report``, ``ichdet predict-study --dicom-o
 from a :class:`ichdet.study.StudyPrediction`:
 
 - :func:`prediction_figures`: per analysed study, its top slices in the report's windows with the
-  Grad-CAM of the ensemble's 2D members (every fold of every member that shares the first 2D member's
-  input settings; sequence members see embeddings, not pixels);
+  Grad-CAM of the ensemble's CNNs: every fold of every 2D member and of every sequence member's base
+  runs (a sequence model reads embeddings, not pixels: its base runs' CNNs explain it), those sharing
+  the first one's input settings;
 - :func:`check_dicom_out`: before any work, refuse a folder whose analysed slices cannot be referred to
   (RSNA-style ``ID_...`` UIDs, no SOP Class UID);
 - :func:`write_prediction_dicom`: per analysed study, an SR and one secondary capture per top slice
@@ -16,6 +17,7 @@ from a :class:`ichdet.study.StudyPrediction`:
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ from ichdet.bundle import Ensemble, Member
 from ichdet.report_html import ReportFigures
 from ichdet.study import StudyPrediction, StudySlice, scan_folder
 
-__all__ = ["SC_WINDOW", "cam_members", "check_dicom_out", "prediction_figures", "write_prediction_dicom"]
+__all__ = ["SC_WINDOW", "cam_members", "cam_sources", "check_dicom_out", "prediction_figures", "write_prediction_dicom"]
 
 #: The window of the overlay each secondary capture shows (one capture per top slice).
 SC_WINDOW = "brain"
@@ -52,13 +54,29 @@ class _LazyHU(Mapping[str, np.ndarray]):
 
 
 def cam_members(ensemble: Ensemble) -> list[Member]:
-    """The members whose Grad-CAM is averaged: the 2D members with the first 2D member's input settings.
+    """The 2D runs whose Grad-CAM is averaged: the 2D members and the sequence members' base runs (each
+    run once, in member order), those with the first one's input settings.
 
-    Members that window, size or stack slices differently see another input, so their maps cannot be
-    averaged pixel for pixel with the first one's; an ensemble without a 2D member gives none.
+    Runs that window, size or stack slices differently see another input, so their maps cannot be
+    averaged pixel for pixel with the first one's.
     """
-    two_d = [m for m in ensemble.members if m.kind == "2d"]
-    return [m for m in two_d if m.config.data == two_d[0].config.data] if two_d else []
+    runs: dict[str, Member] = {}
+    for member in ensemble.members:
+        for run in member.image_members():
+            runs.setdefault(run.name, run)
+    first = next(iter(runs.values()), None)
+    return [m for m in runs.values() if first is not None and m.run_config.data == first.run_config.data]
+
+
+def cam_sources(ensemble: Ensemble, runs: list[Member]) -> tuple[str, ...]:
+    """What each of ``runs`` is to the ensemble, for the report: "a (2D member)", "b (base run of seq)"."""
+    out = []
+    for run in runs:
+        roles = ["2D member" for m in ensemble.members if m.kind == "2d" and m.name == run.name]
+        roles += [f"base run of sequence member {m.name}" for m in ensemble.members
+                  if m.kind == "seq" and run.name in {b.name for b in m.bases}]
+        out.append(f"{run.name} ({', '.join(roles)})")
+    return tuple(out)
 
 
 def _analysed(prediction: StudyPrediction) -> list[dict[str, Any]]:
@@ -68,8 +86,8 @@ def _analysed(prediction: StudyPrediction) -> list[dict[str, Any]]:
 def prediction_figures(prediction: StudyPrediction, top_k: int = 3) -> dict[str, ReportFigures]:
     """Study Instance UID -> the report figures of each analysed study (:func:`ichdet.gradcam.study_figures`).
 
-    The networks are loaded once, on the device the prediction ran on. Empty figures when the ensemble
-    has no 2D member.
+    The networks (:func:`cam_members`) are loaded once, on the device the prediction ran on; the figures
+    name them (``cam_models``).
     """
     from ichdet.gradcam import study_figures
 
@@ -78,9 +96,11 @@ def prediction_figures(prediction: StudyPrediction, top_k: int = 3) -> dict[str,
         return {s["study_instance_uid"]: ReportFigures() for s in _analysed(prediction)}
     device = torch.device(prediction.result["settings"]["device"])
     models = [model for m in members for model in m.load_models(device)]
-    data_cfg = members[0].config.data
-    return {s["study_instance_uid"]: study_figures(s, _LazyHU(prediction.slices(s["study_instance_uid"])), models,
-                                                   data_cfg, top_k=top_k, device=device)
+    data_cfg = members[0].run_config.data
+    sources = cam_sources(prediction.ensemble, members)
+    return {s["study_instance_uid"]: replace(study_figures(s, _LazyHU(prediction.slices(s["study_instance_uid"])),
+                                                           models, data_cfg, top_k=top_k, device=device),
+                                             cam_models=sources)
             for s in _analysed(prediction)}
 
 

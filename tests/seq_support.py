@@ -1,0 +1,52 @@
+"""Shared by the sequence-bundle tests: a tiny 2D base run and two sequence runs on it, made once per session."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ichdet.cache import PreprocessOptions, preprocess
+from ichdet.config import build_config, load_seq_config
+from ichdet.seq import train_seq
+from ichdet.synth import SynthSpec, make_dataset
+from ichdet.train import train
+
+SIZE = 32
+BASE = ["model.backbone=resnet10t", f"data.image_size={SIZE}", "train.batch_size=16", "train.num_workers=0",
+        "train.device=cpu", "train.amp=off", "train.channels_last=false", "train.epochs=1", "train.warmup_epochs=0.0"]
+SEQ = ["model.hidden=16", "features.batch_size=32", "features.num_workers=0", "train.device=cpu", "train.amp=off",
+       "train.batch_size=4", "train.epochs=1"]
+
+
+@dataclass(frozen=True)
+class SeqRuns:
+    """``base`` (2D, resnet10t at 32 px, 2 folds), ``seq`` and ``seq2`` (sequence runs on it, different
+    sizes), their training ``cache`` and its ``labels`` CSV."""
+
+    base: Path
+    seq: Path
+    seq2: Path
+    cache: Path
+    labels: Path
+
+
+def tiny_seq_runs(tmp_path_factory: pytest.TempPathFactory) -> SeqRuns:
+    """Built under the session's base temp folder once; later calls (from any test module) reuse them."""
+    root = tmp_path_factory.getbasetemp() / "tiny_seq_runs"
+    runs = SeqRuns(root / "runs" / "base", root / "runs" / "seq", root / "runs" / "seq2", root / "cache",
+                   root / "data" / "stage_2_train.csv")
+    if (root / "done").exists():
+        return runs
+    shutil.rmtree(root, ignore_errors=True)
+    make_dataset(root / "data", SynthSpec(n_studies=8, n_test_studies=0, size=SIZE, slices_per_study=(8, 9), seed=4,
+                                          context=True))
+    preprocess(root / "data" / "stage_2_train_images", runs.cache, runs.labels,
+               PreprocessOptions(size=SIZE, workers=1, n_folds=2, progress=False))
+    train(build_config({}, BASE), runs.cache, runs.base, fold="all", progress=False)
+    train_seq(load_seq_config(None, SEQ), [runs.base], runs.cache, runs.seq, progress=False)
+    train_seq(load_seq_config(None, [*SEQ, "model.hidden=8"]), [runs.base], runs.cache, runs.seq2, progress=False)
+    (root / "done").touch()
+    return runs
