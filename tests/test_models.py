@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -61,15 +62,56 @@ def test_pretrained_offline_without_file_names_the_setting(monkeypatch: pytest.M
         build_model(ModelConfig(backbone="resnet18", pretrained=True), 3)
 
 
-def test_pretrained_from_local_file(tmp_path: Path) -> None:
+def _saved(arch: str, classes: int, path: Path) -> dict[str, torch.Tensor]:
+    """A model of ``arch`` with ``classes`` outputs saved as safetensors at ``path``; its state."""
     from safetensors.torch import save_file
 
-    source = build_model(ModelConfig(backbone="resnet18"), 3, num_classes=1000)
-    path = tmp_path / "resnet18.safetensors"
-    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
-    model = build_model(ModelConfig(backbone="resnet18", pretrained=True, weights=path), 3)
-    assert torch.equal(model.conv1.weight, source.conv1.weight)  # backbone loaded
-    assert model.fc.out_features == 6  # head replaced
+    state = {k: v.contiguous() for k, v in build_model(ModelConfig(backbone=arch), 3, num_classes=classes)
+             .state_dict().items()}
+    save_file(state, str(path))
+    return state
+
+
+def _conv1(in_chans: int, weight: torch.Tensor) -> torch.Tensor:
+    from timm.models import adapt_input_conv
+
+    return adapt_input_conv(in_chans, weight)
+
+
+@pytest.mark.parametrize(("source", "classes", "in_chans", "expected"), [
+    ("resnet18", 6, 3, "exact"),  # same architecture and head: every tensor as saved
+    ("resnet18", 1000, 3, "new head"),  # an ImageNet head: the body loaded, the head new, and the log says so
+    ("resnet18", 1000, 9, "new head"),  # ... the first convolution adapted to 9 input channels
+    ("resnet34", 6, 3, r"does not fit model.backbone resnet18: 80 tensors resnet18 does not have "
+                       r"\(layer1\.2\.bn1\.bias, layer1\.2\.bn1\.running_mean, "
+                       r"layer1\.2\.bn1\.running_var and 77 more\)\. Give weights of resnet18 \(or set model.backbone"),
+    ("convnext_atto", 1000, 3, r"does not fit model.backbone resnet18: 100 tensors of resnet18 missing "
+                               r"\(conv1\.weight, bn1\.weight, bn1\.bias and 97 more\); 128 tensors resnet18 does "
+                               r"not have \(head\.fc\.bias, head\.fc\.weight, head\.norm\.bias and 125 more\)\."),
+])
+def test_model_weights_across_architectures(tmp_path: Path, caplog: pytest.LogCaptureFixture, source: str,
+                                            classes: int, in_chans: int, expected: str) -> None:
+    path = tmp_path / f"{source}.safetensors"
+    saved = _saved(source, classes, path)
+    cfg = ModelConfig(backbone="resnet18", pretrained=True, weights=path)
+    if expected not in {"exact", "new head"}:
+        with caplog.at_level(logging.INFO, logger="ichdet.models"), \
+                pytest.raises(ConfigError, match=rf"model.weights: {path} {expected}"):
+            build_model(cfg, in_chans)
+        assert caplog.text == ""  # nothing said to be loaded
+        return
+    with caplog.at_level(logging.INFO, logger="ichdet.models"):
+        model = build_model(cfg, in_chans)
+    state = model.state_dict()
+    body = [k for k in saved if not k.startswith("fc.")]
+    assert all(torch.equal(state[k], saved[k]) for k in body if k != "conv1.weight")
+    assert torch.equal(state["conv1.weight"], _conv1(in_chans, saved["conv1.weight"]))
+    assert model.fc.out_features == 6
+    if expected == "exact":
+        assert torch.equal(state["fc.weight"], saved["fc.weight"]) and caplog.text == ""
+    else:
+        assert f"model.weights {path}: its classifier head has 1000 outputs, not 6; the head is newly initialised, " \
+               "the rest of resnet18 is loaded" in caplog.text
 
 
 def test_missing_weights_file() -> None:
@@ -118,3 +160,16 @@ def test_unwrap_compiled_and_ddp_like() -> None:
 
     assert unwrap(Compiled(Wrapper())) is inner
     assert unwrap(inner) is inner
+
+
+def test_model_weights_with_a_body_tensor_of_another_shape_are_refused(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "w.safetensors"
+    state = {k: v.contiguous() for k, v in build_model(ModelConfig(backbone="resnet18"), 3).state_dict().items()}
+    state["layer1.0.conv1.weight"] = torch.zeros(32, 64, 3, 3)  # a narrower layer: not this architecture
+    save_file(state, str(path))
+    with pytest.raises(ConfigError, match=rf"model.weights: {path} does not fit model.backbone resnet18: 1 of "
+                                          r"other shapes \(layer1\.0\.conv1\.weight \(32, 64, 3, 3\) vs "
+                                          r"\(64, 64, 3, 3\)\)\."):
+        build_model(ModelConfig(backbone="resnet18", pretrained=True, weights=path), 3)

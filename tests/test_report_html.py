@@ -29,6 +29,7 @@ from ichdet.report_html import (
     ReportFigures,
     probability_chart,
     render_report,
+    study_pages,
     top_slices,
     write_report,
 )
@@ -195,3 +196,12 @@ def test_ranges_of_several_series_name_the_series(case: tuple[dict, ReportFigure
            "summary": {**study["summary"], "slice_ranges": {**study["summary"]["slice_ranges"], "any": ranges}}}
     assert first["series_number"] == 2  # tests/dicom_ready.py gives the series number 2
     assert f"<td>{expected}</td></tr>" in render_report(result, two, figures)
+
+
+def test_study_pages_are_the_names_write_report_gives(tmp_path: Path) -> None:
+    for name in ["report.html", "report-1.html", "report-2.html", "report-10.html", "report-01.html", "report-x.html",
+                 "report-3.htm", "other-1.html", "report-1-2.html"]:
+        (tmp_path / name).write_text("x")
+    assert [p.name for p in study_pages(tmp_path / "report.html")] == ["report-1.html", "report-2.html",
+                                                                       "report-10.html"]
+    assert study_pages(tmp_path / "missing" / "report.html") == []

@@ -206,3 +206,26 @@ def test_dicom_out_that_is_a_file_is_refused(ready_study: Path, bundle: Path, tm
                            "--dicom-out", str(tmp_path / "dicom"))
     assert code == 2 and f"--dicom-out {tmp_path / 'dicom'} is a file; give a folder" in output, output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dicom"] and (tmp_path / "dicom").read_text() == "a file"
+
+
+# `report` of two studies writes report-1.html and report-2.html next to --out: each page is checked as
+# --out is, before any work
+@pytest.mark.parametrize(("existing", "force", "refused"), [
+    ("<p>my notes</p>", False, True),  # a file ichdet did not write: refused, named, left as it was
+    ("<!DOCTYPE html> an earlier page", False, False),  # a page ichdet wrote earlier: replaced
+    ("<p>my notes</p>", True, False),  # --force replaces it
+])
+def test_report_study_pages_are_checked_like_out(raw_export: Path, bundle: Path, tmp_path: Path, existing: str,
+                                                 force: bool, refused: bool) -> None:
+    page = tmp_path / "report-2.html"
+    page.write_text(existing)
+    code, output = _invoke("report", str(raw_export), "--bundle", str(bundle), "--out", str(tmp_path / "report.html"),
+                           *(["--force"] if force else []))
+    if refused:
+        assert code == 2, output
+        assert f"{page} (where a study page of --out report.html goes" in output and "pass --force" in output
+        assert [p.name for p in tmp_path.iterdir()] == ["report-2.html"] and page.read_text() == existing
+        return
+    assert code == 0, output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report-1.html", "report-2.html", "report.html"]
+    assert page.read_text().startswith("<!DOCTYPE html><html") and NOT_FOR_DIAGNOSIS in page.read_text()

@@ -129,22 +129,25 @@ def train(config: Annotated[Path | None, typer.Option(help="YAML config (configs
 
 
 _PNG = (b"\x89PNG",)
+_HTML = (b"<!DOCTYPE html>",)
 _PREDICTION_CSV = (b"ID,Label", b"image_id,")
 
 
-def _output(path: Path, force: bool, signatures: tuple[bytes, ...]) -> Path:
+def _output(path: Path, force: bool, signatures: tuple[bytes, ...], role: str = "") -> Path:
     """``path`` if a command may write it: not a folder, and new or a file of the kind it writes.
 
     A file that does not start like the command's own output (``signatures``) was not written by
     ichdet and is replaced only with ``--force``, so a mistyped ``--out`` cannot destroy a user's file.
+    ``role`` (e.g. "a study page of --out") says in the refusal why the command would write there.
     """
+    name = f"{path} ({role})" if role else str(path)
     if path.is_dir():
-        raise IchdetError(f"{path} is a folder; give a file name for the output, e.g. {path / 'out'}{path.suffix}")
+        raise IchdetError(f"{name} is a folder; give a file name for the output, e.g. {path / 'out'}{path.suffix}")
     if path.exists() and not force:
         with open(path, "rb") as f:
             head = f.read(max(map(len, signatures)))
         if not any(head.startswith(s) for s in signatures):
-            raise IchdetError(f"{path} exists and is not an ichdet output of this kind; "
+            raise IchdetError(f"{name} exists and is not an ichdet output of this kind; "
                               "pass --force to replace it, or choose another name")
     return path
 
@@ -399,11 +402,14 @@ def report(path: Annotated[Path, typer.Argument(help="folder of DICOM files (any
            force: Annotated[bool, _FORCE] = False) -> None:
     """Analyse PATH as predict-study does and write a self-contained HTML report per study (Grad-CAM)."""
     from ichdet.bundle import load_ensemble
-    from ichdet.report_html import write_report
+    from ichdet.report_html import study_pages, write_report
     from ichdet.study import predict_study as run_study
     from ichdet.study_outputs import prediction_figures
 
-    _output(out, force, (b"<!DOCTYPE html>",))
+    _output(out, force, _HTML)
+    for page in study_pages(out):  # several studies: a page per study next to --out, checked like it
+        _output(page, force, _HTML, role=f"where a study page of --out {out.name} goes when PATH holds "
+                                         "several studies")
     _check_study_folder(path, dicom_out)
     ensemble = load_ensemble(bundle, list(run or []))
     prediction = run_study(path, ensemble, tta=tta, device=device, include_phi=include_phi)

@@ -10,8 +10,8 @@ mixed precision is off.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from ichdet.errors import ConfigError
+from ichdet.errors import ConfigError, IchdetError, RunFailed
 from ichdet.labels import LABELS
 from ichdet.store import PixelCache
 
@@ -85,6 +85,39 @@ def init_runtime(device: str = "auto") -> Runtime:
     if dev.type == "cpu" and world > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     return Runtime(dev, rank, world)
+
+
+@contextmanager
+def all_ranks_or_none(rt: Runtime) -> Iterator[None]:
+    """Run the block on every rank; if it fails on one rank, it fails on every rank, at its end.
+
+    Under torchrun, a failure that only one rank can have (a check or a write that only rank 0 makes,
+    a non-finite loss on one rank's shard) would otherwise leave the other ranks waiting in their next
+    collective for a rank that has gone. The block's end is a collective (every rank must enter the
+    block at the same point, as for a barrier, and the block itself must make no collective call):
+    each rank says whether its block raised; the rank that raised re-raises its error, every other
+    rank raises :class:`~ichdet.errors.RunFailed` naming the first failed rank and its message.
+    Alone (one process), the block runs as is.
+    """
+    if rt.world_size == 1:
+        yield
+        return
+    try:
+        yield
+    except Exception as err:
+        _share_failure(rt, err if isinstance(err, IchdetError) else f"{type(err).__name__}: {err}")
+        raise
+    _share_failure(rt, None)
+
+
+def _share_failure(rt: Runtime, failure: object) -> None:
+    """Every rank's failure message (None: none); RunFailed on a rank that did not fail if another did."""
+    messages: list[Any] = [None] * rt.world_size
+    dist.all_gather_object(messages, None if failure is None else str(failure))
+    failed = [(rank, message) for rank, message in enumerate(messages) if message is not None]
+    if failure is None and failed:
+        rank, message = failed[0]
+        raise RunFailed(f"rank {rank} failed: {message}")
 
 
 def precision(device: torch.device, amp: str) -> tuple[Callable[[], AbstractContextManager[Any]],

@@ -8,11 +8,14 @@ goes through :func:`atomic_path`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
 import re
+import resource
 import secrets
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,10 +23,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ichdet.errors import LockError
+from ichdet.errors import IchdetError, LockError, RunFailed
 
-__all__ = ["atomic_path", "folder_lock", "is_temp_name", "remove_stale_temps", "write_json_atomic",
-           "write_parquet_atomic", "write_text_atomic"]
+__all__ = ["atomic_path", "folder_lock", "full_disk_reason", "is_temp_name", "naming_full_disk", "remove_stale_temps",
+           "write_json_atomic", "write_parquet_atomic", "write_text_atomic"]
 
 
 #: The names :func:`_temp_sibling` makes: ``.<name>.<12 hex digits>.tmp<suffix>``.
@@ -63,6 +66,70 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+#: The errors of a file system without room, as ichdet words them, and what frees room.
+_FULL: dict[int, tuple[str, str]] = {
+    errno.ENOSPC: ("no space left on device", "free space on that file system"),
+    errno.EFBIG: ("file too large", "raise the file size limit (ulimit -f) or write elsewhere"),
+    errno.EDQUOT: ("disk quota exceeded", "free space within your quota"),
+}
+#: Under this much free space a failed write is taken for a full disk (writers that do not say why).
+_NEARLY_FULL = 1 << 20
+
+
+def full_disk_reason(err: BaseException, path: str | os.PathLike[str]) -> tuple[str, str] | None:
+    """(reason, fix) if writing ``path`` failed with ``err`` because the file system had no room, else None.
+
+    Python's writes say so with an errno; native writers (pyarrow, safetensors, torch) put it in their
+    message, or, like torch's zip writer ("file write failed"), say nothing: then the file system is
+    asked (``path`` at the file size limit, or under 1 MiB free where it lies).
+    """
+    chain: list[BaseException] = []
+    while err is not None and err not in chain:
+        chain.append(err)
+        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+    for e in chain:
+        if isinstance(e, OSError) and e.errno in _FULL:
+            return _FULL[e.errno]
+    text = " ".join(str(e) for e in chain).lower()
+    for code, found in _FULL.items():
+        if os.strerror(code).lower() in text or f"os error {code})" in text or f"errno {code}]" in text:
+            return found
+    target = Path(path)
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    try:
+        if limit != resource.RLIM_INFINITY and target.is_file() and target.stat().st_size >= limit:
+            return _FULL[errno.EFBIG]
+        if shutil.disk_usage(target.parent).free < _NEARLY_FULL:
+            return _FULL[errno.ENOSPC]
+    except OSError:
+        pass
+    return None
+
+
+def _full_disk_error(err: BaseException, path: Path, final: Path | None = None) -> RunFailed | None:
+    if isinstance(err, IchdetError):  # already says what went wrong (a nested write names its own file)
+        return None
+    found = full_disk_reason(err, path)
+    if found is None:
+        return None
+    reason, fix = found
+    return RunFailed(f"could not write {final or path}: {reason}; {fix} and run the command again "
+                     "(files written before are as they were)")
+
+
+@contextlib.contextmanager
+def naming_full_disk(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Turn a write failure for lack of room (:func:`full_disk_reason`) in the block into a
+    :class:`~ichdet.errors.RunFailed` naming ``path``, the reason and the fix; other errors pass."""
+    try:
+        yield
+    except Exception as err:
+        failure = _full_disk_error(err, Path(path))
+        if failure is None:
+            raise
+        raise failure from err
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str], *, fsync: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` when the block succeeds.
@@ -80,9 +147,11 @@ def atomic_path(path: str | os.PathLike[str], *, fsync: bool = True) -> Iterator
 
     Raises:
         FileNotFoundError: the body finished without creating the file at the yielded path.
+        RunFailed: the file system had no room for it (:func:`full_disk_reason`), naming ``path``.
     """
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    with naming_full_disk(final):
+        final.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_sibling(final)
     try:
         yield tmp
@@ -91,6 +160,12 @@ def atomic_path(path: str | os.PathLike[str], *, fsync: bool = True) -> Iterator
         if fsync:
             _fsync_file(tmp)
         os.replace(tmp, final)
+    except Exception as err:
+        failure = _full_disk_error(err, tmp, final)  # asked before the partial file goes
+        tmp.unlink(missing_ok=True)
+        if failure is None:
+            raise
+        raise failure from err
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -156,8 +231,9 @@ def folder_lock(folder: str | os.PathLike[str], command: str = "ichdet") -> Iter
             holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
             raise LockError(f"{folder} is being written by {holder}; wait for it to finish or choose "
                             "another output folder") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} ({command})\n".encode(), 0)
+        with naming_full_disk(path):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} ({command})\n".encode(), 0)
         yield path
     finally:
         os.close(fd)  # releases the flock

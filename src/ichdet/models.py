@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 from collections.abc import Sequence
@@ -17,12 +18,15 @@ import timm
 import torch
 from safetensors import SafetensorError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import adapt_input_conv
 from torch import nn
 
 from ichdet.config import ModelConfig, SeqModelConfig
 from ichdet.errors import ConfigError
 from ichdet.labels import LABELS
 from ichdet.names import did_you_mean
+
+logger = logging.getLogger(__name__)
 
 #: The seed's backbones under the names its configs used, mapped to timm's names.
 SEED_BACKBONES: dict[str, str] = {
@@ -70,14 +74,9 @@ def build_model(cfg: ModelConfig, in_chans: int, num_classes: int = len(LABELS))
         if not path.is_file():
             raise ConfigError(f"model.weights: {path} does not exist; give the path of the ImageNet "
                               f"weights of {arch} (.safetensors, .pth or .bin)")
-        try:
-            return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
-        except (LookupError, ValueError, TypeError, AttributeError, RuntimeError, EOFError, OSError,
-                SafetensorError, pickle.UnpicklingError) as err:  # a text, truncated or foreign file fails
-            # deep inside torch's or safetensors' reader, each in its own way
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise ConfigError(f"model.weights: {path} is not usable weights of {arch} ({reason}); give the "
-                              "ImageNet weights file of that backbone (.safetensors, .pth or .bin)") from None
+        model = timm.create_model(arch, pretrained=False, **kwargs)
+        load_initial_weights(model, path, arch, in_chans)
+        return model
     if _offline():
         raise ConfigError(f"model.pretrained is true for {arch} but the hub is offline (HF_HUB_OFFLINE=1); "
                           "set model.weights to a local weights file, or model.pretrained=false")
@@ -86,6 +85,71 @@ def build_model(cfg: ModelConfig, in_chans: int, num_classes: int = len(LABELS))
     except (OSError, RuntimeError) as err:  # no network, no cached file
         raise ConfigError(f"could not download ImageNet weights for {arch} ({err}); set model.weights "
                           "to a local weights file, or model.pretrained=false") from err
+
+
+def _read_weights(path: Path, arch: str) -> dict[str, torch.Tensor]:
+    """The named tensors of a weights file (safetensors, or a torch file read ``weights_only``; a training
+    checkpoint's ``model``/``state_dict`` entry); ConfigError naming the file if it holds none."""
+    try:
+        state = timm.models.load_state_dict(str(path))
+        if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise TypeError("not a mapping of names to tensors")
+    except (LookupError, ValueError, TypeError, AttributeError, RuntimeError, EOFError, OSError,
+            SafetensorError, pickle.UnpicklingError) as err:  # a text, truncated or foreign file fails
+        # deep inside torch's or safetensors' reader, each in its own way
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"model.weights: {path} is not usable weights of {arch} ({reason}); give the "
+                          "ImageNet weights file of that backbone (.safetensors, .pth or .bin)") from None
+    return dict(state)
+
+
+def _names(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value or ())
+
+
+def _listed(keys: Sequence[str]) -> str:
+    return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
+def load_initial_weights(model: nn.Module, path: Path, arch: str, in_chans: int) -> None:
+    """Load ``model.weights`` (``path``) into a fresh timm ``model`` of ``arch``: every tensor must fit.
+
+    Two differences are expected and handled as timm's own loader does: a classifier head of another
+    class count (ImageNet's 1000) is dropped and stays newly initialised (logged), and a first
+    convolution for another number of input channels is adapted (``timm.models.adapt_input_conv``).
+    Anything else (a tensor the backbone has and the file lacks, one the file has and the backbone
+    lacks, another shape) is weights of another architecture: ConfigError naming the file and the
+    mismatch, where a non-strict load would have kept the random initialisation without a word.
+    """
+    state, expected = _read_weights(path, arch), model.state_dict()
+    pcfg = getattr(model, "pretrained_cfg", None) or {}
+    head = [f"{c}.{p}" for c in _names(pcfg.get("classifier")) for p in ("weight", "bias") if f"{c}.{p}" in expected]
+    new_head = ""
+    if any(k not in state or state[k].shape != expected[k].shape for k in head):
+        found = [tuple(state[k].shape) for k in head if k in state]
+        new_head = f"its classifier head has {found[0][0]} outputs, not {expected[head[0]].shape[0]}" \
+            if found and found[0] else "it has no classifier head"
+        state = {k: v for k, v in state.items() if k not in head}
+        expected = {k: v for k, v in expected.items() if k not in head}
+    for conv in (f"{c}.weight" for c in _names(pcfg.get("first_conv"))):
+        if conv in state and conv in expected and state[conv].ndim == 4 \
+                and state[conv].shape[1] != expected[conv].shape[1]:
+            state[conv] = adapt_input_conv(in_chans, state[conv], base_chans=state[conv].shape[1])
+    # BatchNorm's step counters are not weights (and some weight files leave them out)
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected and not k.endswith("num_batches_tracked")]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+              for k in state if k in expected and state[k].shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        problems = ([f"{len(missing)} tensors of {arch} missing ({_listed(missing)})"] if missing else []) \
+            + ([f"{len(unexpected)} tensors {arch} does not have ({_listed(unexpected)})"] if unexpected else []) \
+            + ([f"{len(shapes)} of other shapes ({_listed(shapes)})"] if shapes else [])
+        raise ConfigError(f"model.weights: {path} does not fit model.backbone {arch}: " + "; ".join(problems)
+                          + f". Give weights of {arch} (or set model.backbone to the architecture they are for)")
+    model.load_state_dict(state, strict=False)  # only the head dropped above and BN step counters may be absent
+    if new_head:
+        logger.warning("model.weights %s: %s; the head is newly initialised, the rest of %s is loaded",
+                       path, new_head, arch)
 
 
 def input_stats(model: nn.Module, in_chans: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +32,8 @@ import numpy as np
 from ichdet.io import write_text_atomic
 from ichdet.labels import LABELS
 
-__all__ = ["NOT_FOR_DIAGNOSIS", "REPORT_WINDOWS", "ReportFigures", "SliceFigure", "png_data_uri",
-           "probability_chart", "render_report", "study_slices", "top_slices", "write_report"]
+__all__ = ["NOT_FOR_DIAGNOSIS", "REPORT_WINDOWS", "ReportFigures", "SliceFigure", "page_path", "png_data_uri",
+           "probability_chart", "render_report", "study_pages", "study_slices", "top_slices", "write_report"]
 
 #: The windows each top slice is shown in (presets of :mod:`ichdet.windowing`).
 REPORT_WINDOWS: tuple[str, ...] = ("brain", "subdural", "bone")
@@ -269,6 +270,23 @@ def _index(pages: Sequence[Path]) -> str:
             f"</div><h1>Study reports</h1><ul>{items}</ul></main></body></html>\n")
 
 
+def page_path(out: Path, k: int) -> Path:
+    """Where :func:`write_report` puts the page of the ``k``-th study (from 1) when it has several."""
+    return out.with_name(f"{out.stem}-{k}.html")
+
+
+def study_pages(out: Path) -> list[Path]:
+    """The entries next to ``out`` named like a study page of it (:func:`page_path`, any ``k``), by ``k``.
+
+    How many pages a report writes is known only once its folder is scanned; a command that must not
+    replace a file it did not write checks these before any work.
+    """
+    pattern = re.compile(re.escape(out.stem) + r"-([1-9][0-9]*)\.html")
+    found = [(int(m.group(1)), p) for p in out.parent.iterdir()
+             if (m := pattern.fullmatch(p.name))] if out.parent.is_dir() else []
+    return [p for _, p in sorted(found)]
+
+
 def write_report(result: Mapping[str, Any], figures: Mapping[str, ReportFigures], out: Path) -> Path:
     """Write the report of every study of ``result`` atomically and return ``out``.
 
@@ -283,7 +301,7 @@ def write_report(result: Mapping[str, Any], figures: Mapping[str, ReportFigures]
     pages = [render_report(result, st, figures.get(st["study_instance_uid"], ReportFigures())) for st in studies]
     if len(pages) == 1:
         return write_text_atomic(out, pages[0])
-    paths = [out.with_name(f"{out.stem}-{k}.html") for k in range(1, len(pages) + 1)]
+    paths = [page_path(out, k) for k in range(1, len(pages) + 1)]
     for path, page in zip(paths, pages, strict=True):
         write_text_atomic(path, page)
     return write_text_atomic(out, _index(paths))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,11 +32,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ichdet.config import Config, SeqConfig, SeqFeatureConfig, config_to_yaml, load_seq_config
-from ichdet.engine import Normalizer, Runtime, embed_batches, init_runtime, make_loader, precision
+from ichdet.engine import (
+    Normalizer,
+    Runtime,
+    all_ranks_or_none,
+    embed_batches,
+    init_runtime,
+    make_loader,
+    precision,
+)
 from ichdet.errors import ConfigError, IchdetError
 from ichdet.io import atomic_path, folder_lock, write_parquet_atomic, write_text_atomic
 from ichdet.labels import LABELS
@@ -275,20 +285,30 @@ def train_seq(cfg: SeqConfig, runs: Sequence[str | Path], data: str | Path, out:
               resume: bool = False, progress: bool = True) -> list[dict[str, Any]]:
     """Train the sequence model of ``cfg`` over the base ``runs``' features on cache ``data`` into ``out``."""
     rt = init_runtime(cfg.train.device)
-    cache, run = PixelCache(data), Path(out)
-    bases = [load_base(r) for r in runs]
-    if len({b.path for b in bases}) != len(bases):
-        raise IchdetError(f"a base run is given twice: {[str(r) for r in runs]}")
-    all_folds, folds = folds_to_train(cache, "all"), folds_to_train(cache, fold)
-    check_folds(bases, cache, all_folds)
-    with folder_lock(run, "ichdet seq train"):
-        _claim_run(run, cfg, bases, resume)
-        features, logit_columns = oof_features(bases, cache, all_folds, cfg.features, rt, progress)
-        results = [train_fold(cfg, cache, run / f"fold{k}", k, rt, resume, progress,
-                              trainer=build_seq_trainer(cfg, cache, features, logit_columns, k, rt))
-                   for k in folds]
-        parts = sorted(run.glob("fold*/oof.parquet"))
-        write_parquet_atomic(pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True), run / "oof.parquet")
+    try:
+        cache, run = PixelCache(data), Path(out)
+        bases = [load_base(r) for r in runs]
+        if len({b.path for b in bases}) != len(bases):
+            raise IchdetError(f"a base run is given twice: {[str(r) for r in runs]}")
+        all_folds, folds = folds_to_train(cache, "all"), folds_to_train(cache, fold)
+        check_folds(bases, cache, all_folds)
+        with ExitStack() as held:
+            with all_ranks_or_none(rt):  # under torchrun only rank 0 locks and writes: its failure stops them all
+                if rt.is_main:
+                    held.enter_context(folder_lock(run, "ichdet seq train"))
+                    _claim_run(run, cfg, bases, resume)
+            features, logit_columns = oof_features(bases, cache, all_folds, cfg.features, rt, progress)
+            results = [train_fold(cfg, cache, run / f"fold{k}", k, rt, resume, progress,
+                                  trainer=build_seq_trainer(cfg, cache, features, logit_columns, k, rt))
+                       for k in folds]
+            with all_ranks_or_none(rt):
+                if rt.is_main:
+                    parts = sorted(run.glob("fold*/oof.parquet"))
+                    write_parquet_atomic(pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True),
+                                         run / "oof.parquet")
+    finally:
+        if rt.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
     return results
 
 

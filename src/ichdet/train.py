@@ -20,7 +20,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
@@ -40,6 +40,7 @@ from ichdet.data import SliceDataset
 from ichdet.engine import (
     Normalizer,
     Runtime,
+    all_ranks_or_none,
     gather,
     init_runtime,
     make_loader,
@@ -48,7 +49,7 @@ from ichdet.engine import (
     prediction_table,
 )
 from ichdet.errors import IchdetError, RunFailed
-from ichdet.io import folder_lock, write_parquet_atomic, write_text_atomic
+from ichdet.io import folder_lock, naming_full_disk, write_parquet_atomic, write_text_atomic
 from ichdet.labels import LABELS
 from ichdet.metrics import LABEL_WEIGHTS, expected_calibration_error, per_label_auc, weighted_log_loss
 from ichdet.models import build_model, input_stats, resolve_backbone, unwrap
@@ -311,10 +312,11 @@ def should_stop(cfg: Config | SeqConfig, epoch: int, best: Best) -> bool:
 def _log_epoch(fold_dir: Path, writer: Any, history: list[dict[str, Any]]) -> None:
     write_text_atomic(fold_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     if writer is not None:
-        for key, value in history[-1].items():
-            if key != "epoch" and isinstance(value, float) and math.isfinite(value):
-                writer.add_scalar(key, value, history[-1]["epoch"])
-        writer.flush()
+        with naming_full_disk(fold_dir / "tb"):  # its writer thread's failure to write surfaces here
+            for key, value in history[-1].items():
+                if key != "epoch" and isinstance(value, float) and math.isfinite(value):
+                    writer.add_scalar(key, value, history[-1]["epoch"])
+            writer.flush()
 
 
 def train_fold(cfg: Config | SeqConfig, cache: PixelCache, fold_dir: Path, fold: int, rt: Runtime,
@@ -342,27 +344,31 @@ def train_fold(cfg: Config | SeqConfig, cache: PixelCache, fold_dir: Path, fold:
         torch.manual_seed(cfg.train.seed * 1000 + epoch)  # repeatable epoch: dropout, sampling
         start = time.perf_counter()
         record: dict[str, Any] = {"epoch": epoch + 1, **train_one_epoch(t, epoch, progress), "pid": os.getpid()}
-        check_finite_loss(record, fold, cfg.train.lr)  # before any file is written: the last good epoch's stay
+        with all_ranks_or_none(rt):  # each rank's own loss: one rank's failure stops them all
+            check_finite_loss(record, fold, cfg.train.lr)  # before any file is written: the last good epoch's stay
         metrics, _, _ = validate(t)
         record.update(metrics, seconds=time.perf_counter() - start)
         epoch += 1
         best, improved = update_best(best, metrics["val_loss"], epoch, cfg.train.select)
-        if improved and rt.is_main:
-            save_weights(t.eval_model(), fold_dir / "best.safetensors")
         history.append(record)
-        if rt.is_main:
-            save_state(_state(t, epoch, history, best), last)
-            _log_epoch(fold_dir, writer, history)
-            tqdm.write(f"fold {fold} epoch {epoch}/{cfg.train.epochs}: train {record['train_loss']:.4f} "
-                       f"val {metrics['val_loss']:.4f} ({record['images_per_s']:.0f} img/s)")
-        if rt.world_size > 1:
-            dist.barrier()  # nobody starts the next epoch before the checkpoint is on disk
+        # also a barrier: nobody starts the next epoch before the checkpoint is on disk, and if rank 0
+        # cannot write it (a full disk), every rank stops here
+        with all_ranks_or_none(rt):
+            if improved and rt.is_main:
+                save_weights(t.eval_model(), fold_dir / "best.safetensors")
+            if rt.is_main:
+                save_state(_state(t, epoch, history, best), last)
+                _log_epoch(fold_dir, writer, history)
+                tqdm.write(f"fold {fold} epoch {epoch}/{cfg.train.epochs}: train {record['train_loss']:.4f} "
+                           f"val {metrics['val_loss']:.4f} ({record['images_per_s']:.0f} img/s)")
     if writer is not None:
-        writer.close()
+        with naming_full_disk(fold_dir / "tb"):
+            writer.close()
     oof = _write_oof(t, fold_dir, fold)
     summary = selection_record(cfg, history, best, oof, ema=t.ema is not None)
-    if rt.is_main:
-        write_text_atomic(fold_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in [*history, summary]))
+    with all_ranks_or_none(rt):
+        if rt.is_main:
+            write_text_atomic(fold_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in [*history, summary]))
     return {"fold": fold, **best.as_dict(), "epochs": epoch, "selected": cfg.train.select, "ema": t.ema is not None}
 
 
@@ -385,8 +391,9 @@ def _write_oof(t: Trainer, fold_dir: Path, fold: int) -> dict[str, float]:
     """Out-of-fold predictions of the kept weights (with TTA) to ``fold_dir/oof.parquet``; their scores."""
     load_weights(t.eval_model(), fold_dir / "best.safetensors")
     metrics, rows, probs = validate(t, tta=t.cfg.train.tta)
-    if t.rt.is_main:
-        write_parquet_atomic(prediction_table(t.cache, rows, probs, fold=fold), fold_dir / "oof.parquet")
+    with all_ranks_or_none(t.rt):
+        if t.rt.is_main:
+            write_parquet_atomic(prediction_table(t.cache, rows, probs, fold=fold), fold_dir / "oof.parquet")
     return {"oof_loss": metrics["val_loss"], "oof_ece": metrics["val_ece"]}
 
 
@@ -437,14 +444,18 @@ def train(cfg: Config, data: str | Path, out: str | Path, fold: str = "all", res
     try:
         plan_run(cfg, cache, run, fold, resume)
         build_model(cfg.model, cfg.data.in_chans)  # an unknown backbone or unreadable weights fail here
-        with folder_lock(run, "ichdet train") if rt.is_main else nullcontext():
-            folds = plan_run(cfg, cache, run, fold, resume)  # again: another writer may have finished meanwhile
-            if rt.is_main:
-                write_text_atomic(run / "config.yaml", config_to_yaml(cfg))
+        with ExitStack() as held:
+            with all_ranks_or_none(rt):  # only rank 0 takes the lock and writes: its failure stops every rank
+                if rt.is_main:
+                    held.enter_context(folder_lock(run, "ichdet train"))
+                folds = plan_run(cfg, cache, run, fold, resume)  # again: another writer may have finished meanwhile
+                if rt.is_main:
+                    write_text_atomic(run / "config.yaml", config_to_yaml(cfg))
             for k in folds:
                 results.append(train_fold(cfg, cache, run / f"fold{k}", k, rt, resume, progress))
-            if rt.is_main:
-                write_parquet_atomic(merge_oof(run, cache), run / "oof.parquet")
+            with all_ranks_or_none(rt):
+                if rt.is_main:
+                    write_parquet_atomic(merge_oof(run, cache), run / "oof.parquet")
     finally:
         if rt.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
