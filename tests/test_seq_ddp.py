@@ -54,8 +54,9 @@ def test_two_processes_train_the_model_one_process_trains(equal_series: tuple[Pa
     train_seq(load_seq_config(Path("configs/seq_bigru.yaml"), [*SEQ, "train.batch_size=4"]), [base_dir],
               cache_dir, one, fold="0", progress=False)
     two = tmp_path / "two"
+    # --base, not --run: torchrun's parser would take --run for an abbreviation of its --run-path
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ichdet",
-           "seq", "train", "--run", str(base_dir), "--data", str(cache_dir), "--out", str(two), "--fold", "0",
+           "seq", "train", "--base", str(base_dir), "--data", str(cache_dir), "--out", str(two), "--fold", "0",
            "--config", "configs/seq_bigru.yaml", *[f"--set={s}" for s in [*SEQ, "train.batch_size=2"]]]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
