@@ -1,16 +1,19 @@
 """The sequence stage (issue 10): its gain on the context-matters synthetic set, and its cost at RSNA scale.
 
 ``gain``: for each number of labelled training studies, the real pipeline end to end: ``synth --context``
--> preprocess (2 patient-grouped folds) -> a 2D base run (both folds) -> ``seq train`` over its out-of-fold
-features -> ``predict`` of the base run and of the sequence run on held-out labelled studies (another
-seed) -> weighted log loss of each (fold mean), and the relative gain ``1 - seq / base``.
+-> preprocess (2 patient-grouped folds) -> a 2D base run (both folds) -> ``seq train`` of each sequence
+variant over its out-of-fold features -> ``predict`` of the base run and of the sequence runs on
+held-out labelled studies (another seed) -> weighted log loss of each (fold mean), the relative gain
+``1 - seq / base``, and the binary cross-entropy split by z context (lesion edge slices, lesion cores,
+negatives next to a lesion, other negatives).
 
 ``cost``: one training epoch of the sequence model through ichdet's own loop (``train_one_epoch``)
 over random float16 features of the RSNA shapes (752,803 slices in 21,700 series of 20-60 slices,
 2048 + 6 wide), with the default config (configs/seq_bigru.yaml); wall time, slices/s and peak
 resident memory, and the features' size on disk (the .npy of that array).
 
-    nice -n 5 .venv/bin/python bench/bench_seq.py gain --studies 24 96 240
+    nice -n 5 .venv/bin/python bench/bench_seq.py gain --studies 24 96 300 --work /tmp/seqgain \\
+        --variant logits:model.inputs=logits --variant both:model.inputs=both
     nice -n 5 .venv/bin/python bench/bench_seq.py cost [--device cuda] [--series 21700]
 """
 
@@ -32,62 +35,121 @@ RSNA_SLICES, RSNA_SERIES, WIDTH = 752_803, 21_700, 2048 + 6
 BASE = ["model.backbone=resnet10t", "data.image_size=48", "train.batch_size=32", "train.num_workers=0",
         "train.lr=0.003", "train.warmup_epochs=0.2", "train.channels_last=false", "train.amp=off",
         "train.patience=10"]
-SEQ = ["features.num_workers=0", "features.batch_size=128", "train.amp=off", "train.patience=6"]
+SEQ = ["features.num_workers=0", "features.batch_size=128", "train.amp=off"]
+CATEGORIES = ("edge", "core", "near", "far")
 
 
-def _score(preds: Any, labels_csv: Path) -> float:
-    from ichdet.ensemble import ensemble
+def context_categories(index: Any) -> Any:
+    """(N, 6) category codes of every image and label by z context, in ``index``'s row order: 0 ``edge`` a
+    positive slice next to a negative one of its series (the thin, faint end of a lesion), 1 ``core`` a
+    positive slice between positives (or at a series end), 2 ``near`` a negative slice next to a positive
+    one, 3 ``far`` any other negative."""
+    import numpy as np
+
+    from ichdet.labels import LABELS
+    from ichdet.seq import series_rows
+
+    y = np.nan_to_num(index[list(LABELS)].to_numpy(float)) > 0.5
+    out = np.zeros(y.shape, np.int8)
+    for rows in series_rows(index):
+        s = y[rows]
+        prev = np.vstack([s[:1], s[:-1]])  # the slice itself past an end: an end is no edge
+        nxt = np.vstack([s[1:], s[-1:]])
+        edge = s & (~prev | ~nxt)
+        near = ~s & (prev | nxt)
+        out[rows] = np.select([edge, s, near], [0, 1, 2], 3)
+    return out
+
+
+def _breakdown(wide: Any, index: Any, cats: Any) -> dict[str, float]:
+    """Mean binary cross-entropy of ``wide``'s probabilities per context category (all six labels)."""
+    import numpy as np
+
+    from ichdet.labels import LABELS
+
+    order = index.set_index("image_id").index.get_indexer(wide.index)
+    p = np.clip(wide[list(LABELS)].to_numpy(float), 1e-7, 1 - 1e-7)
+    y = np.nan_to_num(index[list(LABELS)].to_numpy(float))[order]
+    bce = -(y * np.log(p) + (1 - y) * np.log(1 - p))
+    c = cats[order]
+    return {name: round(float(bce[c == i].mean()), 4) if (c == i).any() else float("nan")
+            for i, name in enumerate(CATEGORIES)}
+
+
+def _score(wide: Any, labels_csv: Path) -> float:
     from ichdet.labels import LABELS, read_labels
     from ichdet.metrics import weighted_log_loss
 
-    wide = ensemble(preds)
     truth = read_labels(labels_csv).loc[wide.index]
     return float(weighted_log_loss(truth[list(LABELS)].to_numpy(float), wide[list(LABELS)].to_numpy(float)))
 
 
-def gain(studies: list[int], base_epochs: int, seq_epochs: int, heldout: int, device: str, size: int) -> dict[str, Any]:
-    """Weighted log loss of the base run and the sequence run on held-out studies, per training-set size."""
+def _prepare(root: Path, name: str, n: int, seed: int, size: int) -> Path:
+    """``synth --context`` of ``n`` labelled studies and its 2-fold cache (kept if already there)."""
+    from ichdet.cache import PreprocessOptions, preprocess
+    from ichdet.synth import SynthSpec, make_dataset
+
+    d = root / name
+    if not (d / "cache" / "index.parquet").is_file():
+        make_dataset(d / "data", SynthSpec(n_studies=n, seed=seed, n_test_studies=0, size=size,
+                                           slices_per_study=(16, 24), context=True))
+        preprocess(d / "data" / "stage_2_train_images", d / "cache", d / "data" / "stage_2_train.csv",
+                   PreprocessOptions(size=size, workers=1, n_folds=2, progress=False))
+    return d
+
+
+def gain(studies: list[int], base_epochs: int, variants: dict[str, list[str]], heldout: int, device: str,
+         size: int, root: Path, out: Path | None) -> dict[str, Any]:
+    """Weighted log loss of the base run and of each sequence variant on held-out studies, per training-set
+    size, with the loss split by z context (see :func:`context_categories`). Everything under ``root``
+    is kept and reused (a rerun adds variants without retraining the base runs)."""
     import pandas as pd
 
-    from ichdet.cache import PreprocessOptions, preprocess
     from ichdet.config import build_config, load_seq_config
+    from ichdet.ensemble import ensemble
     from ichdet.predict import predict_runs
     from ichdet.seq import train_seq
-    from ichdet.synth import SynthSpec, make_dataset
+    from ichdet.store import PixelCache
     from ichdet.train import train
 
-    root = Path(tempfile.mkdtemp(prefix="bench_seq_"))
-    spec = dict(n_test_studies=0, size=size, slices_per_study=(16, 24), context=True)
-    make_dataset(root / "heldout", SynthSpec(n_studies=heldout, seed=1000, **spec))  # type: ignore[arg-type]
-    heldout_dir = root / "heldout"
-    preprocess(heldout_dir / "stage_2_train_images", root / "heldout_cache", heldout_dir / "stage_2_train.csv",
-               PreprocessOptions(size=size, workers=2, n_folds=2, progress=False))
-    rows = []
+    held = _prepare(root, "heldout", heldout, 1000, size)
+    held_index = PixelCache(held / "cache").index
+    cats = context_categories(held_index)
+    labels = held / "data" / "stage_2_train.csv"
+    result: dict[str, Any] = {"heldout_studies": heldout, "heldout_images": len(held_index), "size": size,
+                              "base_epochs": base_epochs, "base": BASE, "seq": SEQ, "variants": variants,
+                              "heldout_pairs": {c: int((cats == i).sum()) for i, c in enumerate(CATEGORIES)},
+                              "rows": []}
     for n in studies:
-        d = root / f"n{n}"
-        make_dataset(d / "data", SynthSpec(n_studies=n, seed=n, **spec))  # type: ignore[arg-type]
-        preprocess(d / "data" / "stage_2_train_images", d / "cache", d / "data" / "stage_2_train.csv",
-                   PreprocessOptions(size=size, workers=2, n_folds=2, progress=False))
-        start = time.perf_counter()
-        train(build_config({}, [*BASE, f"data.image_size={size}", f"train.epochs={base_epochs}",
-                                f"train.device={device}"]), d / "cache", d / "base", progress=False)
-        base_s = time.perf_counter() - start
-        start = time.perf_counter()
-        train_seq(load_seq_config(Path("configs/seq_bigru.yaml"), [*SEQ, f"train.epochs={seq_epochs}",
-                                                                     f"train.device={device}"]),
-                  [d / "base"], d / "cache", d / "seq", progress=False)
-        seq_s = time.perf_counter() - start
-        preds = predict_runs([d / "base", d / "seq"], root / "heldout_cache", device=device)
-        labels = root / "heldout" / "stage_2_train.csv"
-        base_loss = _score(preds[preds["model"] == "base"], labels)
-        seq_loss = _score(preds[preds["model"] == "seq"], labels)
+        d = _prepare(root, f"n{n}", n, n, size)
+        start, base_s = time.perf_counter(), None
+        if not (d / "base" / "oof.parquet").is_file():
+            train(build_config({}, [*BASE, f"data.image_size={size}", f"train.epochs={base_epochs}",
+                                    f"train.device={device}"]), d / "cache", d / "base", progress=False)
+            base_s = round(time.perf_counter() - start, 1)
+        base_wide = ensemble(predict_runs([d / "base"], held / "cache", device=device))
+        base_loss = _score(base_wide, labels)
         n_series = len(set(pd.read_parquet(d / "cache" / "index.parquet")["series_uid"]))
-        rows.append({"studies": n, "series": n_series, "base_wll": round(base_loss, 4), "seq_wll": round(seq_loss, 4),
-                     "gain": round(1 - seq_loss / base_loss, 3), "base_train_s": round(base_s, 1),
-                     "seq_train_s": round(seq_s, 1)})
-        print(json.dumps(rows[-1]), flush=True)
-    return {"heldout_studies": heldout, "size": size, "base_epochs": base_epochs, "seq_epochs": seq_epochs,
-            "base": BASE, "seq": SEQ, "rows": rows}
+        for name, overrides in variants.items():
+            run, start, seq_s = d / f"seq_{name}", time.perf_counter(), None
+            if not (run / "oof.parquet").is_file():
+                cfg = load_seq_config(Path("configs/seq_bigru.yaml"), [*SEQ, *overrides, f"train.device={device}"])
+                train_seq(cfg, [d / "base"], d / "cache", run, progress=False)
+                seq_s = round(time.perf_counter() - start, 1)
+            wide = ensemble(predict_runs([run], held / "cache", device=device))
+            seq_loss = _score(wide, labels)
+            epochs = [json.loads(f.read_text().splitlines()[-1]).get("epochs_run") for f in
+                      sorted(run.glob("fold*/metrics.jsonl"))]
+            row = {"studies": n, "series": n_series, "variant": name, "base_wll": round(base_loss, 4),
+                   "seq_wll": round(seq_loss, 4), "gain": round(1 - seq_loss / base_loss, 3),
+                   "base_train_s": base_s, "seq_train_s": seq_s, "seq_epochs_run": epochs,
+                   "base_by_context": _breakdown(base_wide, held_index, cats),
+                   "seq_by_context": _breakdown(wide, held_index, cats)}
+            result["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            if out:
+                write_json(out, result)
+    return result
 
 
 def cost(series: int, slices: int, device: str, max_batches: int | None) -> dict[str, Any]:
@@ -143,15 +205,23 @@ def cost(series: int, slices: int, device: str, max_batches: int | None) -> dict
             "gpu_peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if rt.device.type == "cuda" else None}
 
 
+def _variant(text: str) -> tuple[str, list[str]]:
+    """``NAME`` or ``NAME:key=value,key=value`` (overrides of configs/seq_bigru.yaml)."""
+    name, _, rest = text.partition(":")
+    return name, [item for item in rest.split(",") if item]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
     g = sub.add_parser("gain")
-    g.add_argument("--studies", type=int, nargs="+", default=[24, 96, 240])
+    g.add_argument("--studies", type=int, nargs="+", default=[24, 96, 300])
     g.add_argument("--heldout", type=int, default=40)
     g.add_argument("--size", type=int, default=48)
     g.add_argument("--base-epochs", type=int, default=6)
-    g.add_argument("--seq-epochs", type=int, default=30)
+    g.add_argument("--variant", action="append", type=_variant, default=None,
+                   help="NAME[:key=value,...] a sequence config to train (repeat); default: the shipped one")
+    g.add_argument("--work", type=Path, default=None, help="folder for data and runs, reused when given again")
     c = sub.add_parser("cost")
     c.add_argument("--series", type=int, default=RSNA_SERIES)
     c.add_argument("--slices", type=int, default=RSNA_SLICES)
@@ -161,7 +231,9 @@ def main() -> None:
         p.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.what == "gain":
-        result = gain(args.studies, args.base_epochs, args.seq_epochs, args.heldout, args.device, args.size)
+        work = args.work or Path(tempfile.mkdtemp(prefix="bench_seq_"))
+        result = gain(args.studies, args.base_epochs, dict(args.variant or [("shipped", [])]), args.heldout,
+                      args.device, args.size, work, args.out)
     else:
         result = cost(args.series, args.slices, args.device, args.max_batches)
     result["machine"] = machine_info()

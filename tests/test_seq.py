@@ -107,9 +107,11 @@ def test_base_runs_on_other_folds_are_refused(setup: tuple[Path, Path], tmp_path
 
 @pytest.mark.parametrize("length", [1, 2, 7])
 @pytest.mark.parametrize("residual", [True, False])
-def test_padding_does_not_change_a_series(length: int, residual: bool) -> None:
+@pytest.mark.parametrize("kind", ["bigru", "transformer"])
+def test_padding_does_not_change_a_series(length: int, residual: bool, kind: str) -> None:
     torch.manual_seed(0)
-    model = build_seq_model(SeqModelConfig(hidden=8, residual=residual, dropout=0.0), 10, [4]).eval()
+    cfg = SeqModelConfig(hidden=8, residual=residual, dropout=0.0, kind=kind, inputs="both")
+    model = build_seq_model(cfg, 10, [4]).eval()
     if residual:  # a trained head, not the zero-initialised one
         torch.nn.init.normal_(model.head.weight)
     series = [torch.randn(n, 10) for n in (length, 12, 3)]

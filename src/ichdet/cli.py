@@ -282,7 +282,9 @@ app.add_typer(seq_app, name="seq")
 
 
 @functools.partial(command, on=seq_app, name="train")
-def seq_train(run: Annotated[list[Path], typer.Option(help="trained 2D run folder (repeat for several)")],
+def seq_train(run: Annotated[list[Path], typer.Option(
+                  "--run", "--base", help="trained 2D run folder (repeat for several); under torchrun write "
+                  "--base (torchrun's own parser reads --run as its ambiguous --run-path)")],
               data: Annotated[Path, typer.Option(help="the cache the 2D runs were trained on")],
               out: Annotated[Path, typer.Option(help="sequence run folder")],
               config: Annotated[Path | None, typer.Option(help="YAML (configs/seq_bigru.yaml)")] = None,

@@ -241,12 +241,19 @@ def config_to_yaml(cfg: BaseModel) -> str:
 
 
 class SeqModelConfig(_Strict):
-    """The sequence model over each series (1st place 2019): projection, 1D conv, BiGRU, six logits."""
+    """The sequence model over each series (1st place 2019): projection, 1D conv, BiGRU or transformer
+    encoder, six logits per slice."""
 
-    kind: Literal["bigru"] = "bigru"
+    kind: Literal["bigru", "transformer"] = "bigru"
+    # What of each base run's per-slice features the model reads: its six out-of-fold logits, its pooled
+    # CNN embedding, or both. The embeddings of different fold models live in different spaces (the
+    # sequence model trains on fold j's and predicts with fold k's); the logits mean the same in every fold.
+    inputs: Literal["logits", "embedding", "both"] = "logits"
     hidden: int = Field(128, ge=4, le=4096)
     conv_kernel: int = Field(3, ge=1, le=15)
     gru_layers: int = Field(1, ge=1, le=4)
+    layers: int = Field(2, ge=1, le=12)  # transformer encoder layers (kind: transformer)
+    heads: int = Field(4, ge=1, le=64)  # attention heads (kind: transformer); must divide hidden
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
     residual: bool = True  # add the base runs' mean logits: the model learns a correction to them
 
@@ -256,6 +263,12 @@ class SeqModelConfig(_Strict):
         if value % 2 == 0:
             raise ValueError(f"must be odd (centred on the slice), got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> SeqModelConfig:
+        if self.kind == "transformer" and self.hidden % self.heads:
+            raise ValueError(f"heads={self.heads} must divide hidden={self.hidden} (kind: transformer)")
+        return self
 
     @property
     def arch(self) -> str:

@@ -176,49 +176,90 @@ def unwrap(model: nn.Module) -> nn.Module:
 class SequenceModel(nn.Module):
     """Six logits per slice from a series of per-slice features (the 1st-place 2019 second stage).
 
-    Each slice sees its (layer-normed, linearly projected) features, their differences to the previous
-    and next slice of its series (itself at an end) and its relative position; a mixing layer, a 1D
-    convolution over neighbouring slices and a bidirectional GRU mix the series; a linear head gives six
-    logits per slice. The differences are taken after the projection (the projection of the differences,
-    as it is linear): the wide features go through one matrix product, not three. With ``residual``
-    the head's output is added to the base runs' mean logits (zero-initialised
-    head: training starts from the 2D predictions). Padding never leaks into a series: hidden states
-    are zeroed past its end before the convolution, and the GRU runs on packed sequences.
+    Each slice sees its features projected to ``hidden`` (``cfg.inputs``: the base runs' logits through
+    a linear layer, their pooled embeddings layer-normed then linear, or the sum of both), the
+    differences of that projection to the previous and next slice of its series (itself at an end) and
+    its relative position; a mixing layer and a 1D convolution over neighbouring slices feed the series
+    mixer (``cfg.kind``: a bidirectional GRU, or a transformer encoder), and a linear head gives six
+    logits per slice. The differences are taken after the projection (the projection of the
+    differences, as it is linear): the wide features go through one matrix product, not three. The
+    logits are not layer-normed: their level (how sure the base run is) is the information. With
+    ``residual`` the head's output is added to the base runs' mean logits (zero-initialised head:
+    training starts from the 2D predictions). Padding never leaks into a series: hidden states are
+    zeroed past its end before the convolution, the GRU runs on packed sequences and the encoder's
+    attention masks the padding.
     """
 
     def __init__(self, cfg: SeqModelConfig, n_features: int, logit_columns: Sequence[int]) -> None:
         super().__init__()
-        self.residual = cfg.residual
+        self.residual, self.kind = cfg.residual, cfg.kind
+        logit_index = torch.tensor([[c + i for i in range(len(LABELS))] for c in logit_columns], dtype=torch.long)
+        is_logit = torch.zeros(n_features, dtype=torch.bool)
+        is_logit[logit_index.flatten()] = True
         self.logit_index: torch.Tensor
-        self.register_buffer("logit_index", torch.tensor([[c + i for i in range(len(LABELS))]
-                                                          for c in logit_columns], dtype=torch.long))
-        self.norm = nn.LayerNorm(n_features, elementwise_affine=False)  # proj scales: no gradient into x
-        self.proj = nn.Linear(n_features, cfg.hidden)
+        self.embedding_index: torch.Tensor
+        self.register_buffer("logit_index", logit_index)
+        self.register_buffer("embedding_index", torch.nonzero(~is_logit).flatten(), persistent=False)
+        self.norm: nn.Module | None = None
+        self.proj: nn.Linear | None = None
+        self.proj_logits: nn.Linear | None = None
+        if cfg.inputs in ("embedding", "both"):
+            if not len(self.embedding_index):
+                raise ConfigError(f"model.inputs={cfg.inputs} but the features hold logits only; "
+                                  "use model.inputs=logits")
+            self.norm = nn.LayerNorm(len(self.embedding_index), elementwise_affine=False)  # proj scales
+            self.proj = nn.Linear(len(self.embedding_index), cfg.hidden)
+        if cfg.inputs in ("logits", "both"):
+            self.proj_logits = nn.Linear(logit_index.numel(), cfg.hidden)
         self.mix = nn.Linear(3 * cfg.hidden + 1, cfg.hidden)
         self.conv = nn.Conv1d(cfg.hidden, cfg.hidden, cfg.conv_kernel, padding=cfg.conv_kernel // 2)
-        self.gru = nn.GRU(cfg.hidden, cfg.hidden, num_layers=cfg.gru_layers, batch_first=True, bidirectional=True,
-                          dropout=cfg.dropout if cfg.gru_layers > 1 else 0.0)
+        self.gru: nn.GRU | None = None
+        self.encoder: nn.TransformerEncoder | None = None
+        if cfg.kind == "bigru":
+            self.gru = nn.GRU(cfg.hidden, cfg.hidden, num_layers=cfg.gru_layers, batch_first=True,
+                              bidirectional=True, dropout=cfg.dropout if cfg.gru_layers > 1 else 0.0)
+        else:
+            layer = nn.TransformerEncoderLayer(cfg.hidden, cfg.heads, 2 * cfg.hidden, cfg.dropout,
+                                               batch_first=True, norm_first=True)
+            # no nested-tensor fast path: it drops padded positions, and the masked output is kept whole
+            self.encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
         self.drop = nn.Dropout(cfg.dropout)
-        self.head = nn.Linear(2 * cfg.hidden, len(LABELS))
+        self.head = nn.Linear(2 * cfg.hidden if cfg.kind == "bigru" else cfg.hidden, len(LABELS))
         if cfg.residual:
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, F) features -> (B, L, hidden): the selected inputs' projections, summed."""
+        x = x.float()
+        z: torch.Tensor | None = None
+        if self.proj is not None and self.norm is not None:
+            z = self.proj(self.norm(x.index_select(-1, self.embedding_index)))
+        if self.proj_logits is not None:
+            part = self.proj_logits(x[..., self.logit_index.flatten()])
+            z = part if z is None else z + part
+        assert z is not None  # the config allows no empty choice
+        return z
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``x`` (B, L, F) features, ``mask`` (B, L) true on real slices -> logits (B, L, 6)."""
         lengths = mask.sum(1)
         pos = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
         last = (lengths - 1).clamp(min=0)[:, None]
-        z = self.proj(self.norm(x.float()))
+        z = self.project(x)
         prev = z.gather(1, (pos - 1).clamp(min=0)[..., None].expand_as(z))
         nxt = z.gather(1, torch.minimum(pos + 1, last)[..., None].expand_as(z))
         rel = (pos / last.clamp(min=1)).to(z.dtype)[..., None]
         keep = mask[..., None].to(z.dtype)
         h = torch.relu(self.mix(torch.cat([z, z - prev, z - nxt, rel], dim=-1))) * keep
         h = torch.relu(self.conv(h.transpose(1, 2))).transpose(1, 2) * keep
-        packed = nn.utils.rnn.pack_padded_sequence(h, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        out, _ = self.gru(packed)
-        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        if self.gru is not None:
+            packed = nn.utils.rnn.pack_padded_sequence(h, lengths.cpu(), batch_first=True, enforce_sorted=False)
+            out, _ = self.gru(packed)
+            out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        else:
+            assert self.encoder is not None
+            out = self.encoder(h, src_key_padding_mask=~mask) * keep
         logits = self.head(self.drop(out))
         if self.residual:
             logits = logits + x[..., self.logit_index].float().mean(dim=-2)
@@ -227,5 +268,6 @@ class SequenceModel(nn.Module):
 
 def build_seq_model(cfg: SeqModelConfig, n_features: int, logit_columns: Sequence[int]) -> SequenceModel:
     """The sequence model of ``cfg`` over ``n_features`` per slice; ``logit_columns``: where each base
-    run's six logits start in a feature row (their mean is the residual's base)."""
+    run's six logits start in a feature row (their mean is the residual's base, and ``model.inputs``
+    chooses between them and the other columns, the embeddings)."""
     return SequenceModel(cfg, n_features, logit_columns)

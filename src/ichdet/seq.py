@@ -34,6 +34,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ichdet.config import Config, SeqConfig, SeqFeatureConfig, config_to_yaml, load_seq_config
@@ -230,7 +231,7 @@ def series_probs(model: nn.Module, loader: DataLoader[Any], device: torch.device
 
 
 def _infer(t: Trainer, tta: bool) -> tuple[np.ndarray, np.ndarray]:
-    return series_probs(t.model, t.val_loader, t.rt.device)  # features are flip-averaged already
+    return series_probs(t.eval_model(), t.val_loader, t.rt.device)  # features are flip-averaged already
 
 
 # -------------------------------------------------------------------------------------- training
@@ -246,7 +247,9 @@ def build_seq_trainer(cfg: SeqConfig, cache: PixelCache, features: np.ndarray, l
     if not train_s or not val_s:
         raise IchdetError(f"fold {fold} leaves no training or no validation series in {cache.root}")
     torch.manual_seed(cfg.train.seed)
-    model = build_seq_model(cfg.model, features.shape[1], logit_columns).to(rt.device)
+    model: nn.Module = build_seq_model(cfg.model, features.shape[1], logit_columns).to(rt.device)
+    if rt.world_size > 1:  # gradients averaged over the processes: one model, as the 2D trainer's
+        model = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     labels = np.nan_to_num(cache.index[list(LABELS)].to_numpy(dtype=np.float32), nan=0.0)
     train_ds = SeriesDataset(features, labels, train_s)
     sampler: DistributedSampler[int] = DistributedSampler(train_ds, num_replicas=rt.world_size, rank=rt.rank,
@@ -259,9 +262,9 @@ def build_seq_trainer(cfg: SeqConfig, cache: PixelCache, features: np.ndarray, l
                    autocast, train_loader, val_loader, cache, to_batch=series_batch, infer=_infer)
 
 
-def _claim_run(run: Path, cfg: SeqConfig, bases: Sequence[BaseRun], resume: bool) -> None:
+def _check_claim(run: Path, cfg: SeqConfig, bases: Sequence[BaseRun], resume: bool) -> dict[str, Any]:
     """Refuse before anything is written: an existing run without ``--resume``, other base runs, or on
-    resume another model or feature config; then record config.yaml and seq.json."""
+    resume another model or feature config. Returns what seq.json records (read-only: every rank runs it)."""
     started = sorted(run.glob("fold*/checkpoints/last.pt"))
     if started and not resume:
         raise IchdetError(f"{run} already holds a sequence run ({started[0].parent.parent.name}); pass --resume "
@@ -277,13 +280,28 @@ def _claim_run(run: Path, cfg: SeqConfig, bases: Sequence[BaseRun], resume: bool
         changed = [key for key in ("model", "features") if getattr(old_cfg, key) != getattr(cfg, key)]
         if changed:
             raise ConfigError(f"{run}/config.yaml differs in {', '.join(changed)}; resume with the run's own config")
-    write_text_atomic(run / "config.yaml", config_to_yaml(cfg))
-    write_text_atomic(run / SEQ_FILE, json.dumps(meta, indent=1) + "\n")
+    return meta
+
+
+def _features_once(bases: Sequence[BaseRun], cache: PixelCache, folds: Sequence[int], cfg: SeqConfig, rt: Runtime,
+                   progress: bool) -> tuple[np.ndarray, list[int]]:
+    """:func:`oof_features`, computed by rank 0 alone under torchrun (the others then read its files; a
+    failure of rank 0's extraction ends every rank instead of leaving them waiting)."""
+    found: tuple[np.ndarray, list[int]] | None = None
+    with all_ranks_or_none(rt):
+        if rt.is_main:
+            found = oof_features(bases, cache, folds, cfg.features, rt, progress)
+    return found or oof_features(bases, cache, folds, cfg.features, rt, False)
 
 
 def train_seq(cfg: SeqConfig, runs: Sequence[str | Path], data: str | Path, out: str | Path, fold: str = "all",
               resume: bool = False, progress: bool = True) -> list[dict[str, Any]]:
-    """Train the sequence model of ``cfg`` over the base ``runs``' features on cache ``data`` into ``out``."""
+    """Train the sequence model of ``cfg`` over the base ``runs``' features on cache ``data`` into ``out``.
+
+    Under torchrun (``torchrun --nproc-per-node N -m ichdet seq train ...``) every process checks the
+    request, rank 0 alone takes the folder's lock, writes the run's files and extracts the features, and
+    the processes train one model on their shares of the series (``train.batch_size`` series each).
+    """
     rt = init_runtime(cfg.train.device)
     try:
         cache, run = PixelCache(data), Path(out)
@@ -292,12 +310,14 @@ def train_seq(cfg: SeqConfig, runs: Sequence[str | Path], data: str | Path, out:
             raise IchdetError(f"a base run is given twice: {[str(r) for r in runs]}")
         all_folds, folds = folds_to_train(cache, "all"), folds_to_train(cache, fold)
         check_folds(bases, cache, all_folds)
+        meta = _check_claim(run, cfg, bases, resume)
         with ExitStack() as held:
             with all_ranks_or_none(rt):  # under torchrun only rank 0 locks and writes: its failure stops them all
                 if rt.is_main:
                     held.enter_context(folder_lock(run, "ichdet seq train"))
-                    _claim_run(run, cfg, bases, resume)
-            features, logit_columns = oof_features(bases, cache, all_folds, cfg.features, rt, progress)
+                    write_text_atomic(run / "config.yaml", config_to_yaml(cfg))
+                    write_text_atomic(run / SEQ_FILE, json.dumps(meta, indent=1) + "\n")
+            features, logit_columns = _features_once(bases, cache, all_folds, cfg, rt, progress)
             results = [train_fold(cfg, cache, run / f"fold{k}", k, rt, resume, progress,
                                   trainer=build_seq_trainer(cfg, cache, features, logit_columns, k, rt))
                        for k in folds]

@@ -1,0 +1,70 @@
+"""Sequence runs under torchrun: two CPU processes (gloo) train the same model as one process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ichdet.cache import PreprocessOptions, preprocess
+from ichdet.config import build_config, load_seq_config
+from ichdet.labels import LABELS
+from ichdet.seq import series_rows, train_seq
+from ichdet.store import PixelCache
+from ichdet.synth import SynthSpec, make_dataset
+from ichdet.train import train
+
+BASE = ["model.backbone=resnet18", "data.image_size=32", "train.batch_size=16", "train.num_workers=0",
+        "train.device=cpu", "train.lr=0.003", "train.warmup_epochs=0.0", "train.channels_last=false",
+        "train.epochs=1", "train.amp=off"]
+# no dropout (its masks depend on the batch's shape), every epoch kept: the two runs must be the same model
+SEQ = ["model.hidden=16", "model.dropout=0.0", "features.batch_size=32", "features.num_workers=0",
+       "train.device=cpu", "train.amp=off", "train.epochs=3", "train.select=last"]
+
+
+@pytest.fixture(scope="module")
+def equal_series(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A 2-fold cache of series of one length (8 slices) and a base run trained on both folds."""
+    root = tmp_path_factory.mktemp("seq_ddp")
+    make_dataset(root / "data", SynthSpec(n_studies=8, n_test_studies=0, size=32, slices_per_study=(8, 8),
+                                          seed=5, context=True))
+    preprocess(root / "data" / "stage_2_train_images", root / "cache", root / "data" / "stage_2_train.csv",
+               PreprocessOptions(size=32, workers=1, n_folds=2, progress=False))
+    train(build_config({}, BASE), root / "cache", root / "base", fold="all", progress=False)
+    return root / "cache", root / "base"
+
+
+def _probs(run: Path) -> np.ndarray:
+    return pd.read_parquet(run / "fold0" / "oof.parquet").sort_values("image_id")[list(LABELS)].to_numpy()
+
+
+def test_two_processes_train_the_model_one_process_trains(equal_series: tuple[Path, Path], tmp_path: Path) -> None:
+    cache_dir, base_dir = equal_series
+    index = PixelCache(cache_dir).index
+    train_series = [s for s in series_rows(index) if index["fold"].iloc[s[0]] == 1]  # fold 0's training set
+    # an even count of equal series: two shares of 2 series per step are exactly one batch of 4 (the mean
+    # loss over 2 x 16 slices, averaged over the processes, is the mean over 32), no sampler padding
+    assert len(train_series) % 2 == 0 and {len(s) for s in series_rows(index)} == {8}
+    one = tmp_path / "one"
+    train_seq(load_seq_config(Path("configs/seq_bigru.yaml"), [*SEQ, "train.batch_size=4"]), [base_dir],
+              cache_dir, one, fold="0", progress=False)
+    two = tmp_path / "two"
+    # --base, not --run: torchrun's parser would take --run for an abbreviation of its --run-path
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ichdet",
+           "seq", "train", "--base", str(base_dir), "--data", str(cache_dir), "--out", str(two), "--fold", "0",
+           "--config", "configs/seq_bigru.yaml", *[f"--set={s}" for s in [*SEQ, "train.batch_size=2"]]]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [p.relative_to(two).as_posix() for p in two.rglob("*.pt")] == ["fold0/checkpoints/last.pt"]
+    oof = pd.read_parquet(two / "fold0" / "oof.parquet")
+    val = index.loc[index["fold"] == 0, "image_id"]
+    assert len(oof) == len(val) and set(oof["image_id"]) == set(val)  # both processes' shares, gathered once
+    # the same model: without gradient averaging each process would train its own, and the share
+    # validated by process 1 would not be the weights process 0 saved
+    np.testing.assert_allclose(_probs(two), _probs(one), atol=1e-5)
