@@ -92,13 +92,14 @@ def inference_baseline(bundle: Path, n: int) -> float:
     total = 0.0
     for m in ens.members:
         models = m.load_models(torch.device("cpu"))
-        size = m.config.data.image_size
-        x = torch.rand(n, m.config.data.in_chans, size, size)
+        data = m.run_config.data  # the bench bundles hold 2D runs only
+        size = data.image_size
+        x = torch.rand(n, data.in_chans, size, size)
         x = torch.cat([x, torch.flip(x, dims=[3])])
         start = time.perf_counter()
         with torch.inference_mode():
             for model in models:
-                for part in x.split(m.config.train.batch_size * 2):
+                for part in x.split(m.run_config.train.batch_size * 2):
                     torch.sigmoid(model(part))
         total += time.perf_counter() - start
     return total
