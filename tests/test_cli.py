@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import typer
 from typer.testing import CliRunner
 
-from ichdet.cli import app, handle_errors
+from ichdet.cli import app, handle_errors, one_line
 from ichdet.errors import IchdetError, RunFailed
 from ichdet.labels import LABELS, write_labels
 
@@ -228,3 +229,32 @@ def test_a_failed_command_releases_what_its_frames_held(error: type[Exception], 
     assert info.value.exit_code == code
     assert info.value.__context__ is None
     assert held[0]() is None
+
+
+class _Failing(torch.utils.data.Dataset[int]):
+    def __init__(self, error: type[Exception]) -> None:
+        self.error = error
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> int:
+        raise self.error("/cache: shard shard_00001.npy changed")
+
+
+@pytest.mark.parametrize(("error", "code"), [(IchdetError, 2), (RunFailed, 1), (FileNotFoundError, 1)])
+def test_an_error_in_a_data_loader_worker_is_one_line(error: type[Exception], code: int,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    def failing() -> None:
+        for _ in torch.utils.data.DataLoader(_Failing(error), num_workers=1):  # torch adds the worker's traceback
+            pass
+
+    with pytest.raises(typer.Exit) as info:
+        handle_errors(failing)()
+    assert info.value.exit_code == code
+    assert capsys.readouterr().err == "error: /cache: shard shard_00001.npy changed (in data-loader worker 0)\n"
+
+
+@pytest.mark.parametrize("message", ["plain", "Caught IchdetError in DataLoader worker process 0.\nno traceback"])
+def test_one_line_keeps_other_messages(message: str) -> None:
+    assert one_line(message) == message

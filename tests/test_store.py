@@ -110,3 +110,18 @@ def test_the_reader_side_does_not_import_pydicom(module: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert result.stdout == "[]\n"
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    (lambda p: p.write_bytes(p.read_bytes()[:1000]), r"mmap length is greater than file size"),  # cut short
+    (lambda p: p.unlink(), r"No such file or directory"),  # removed
+])
+def test_a_shard_that_changes_after_opening_is_an_error_naming_it(cache: Path, change: Callable[[Path], None],
+                                                                  match: str) -> None:
+    store = PixelCache(cache)  # checked and opened; the shards are mapped on first read (in each worker)
+    change(generation_dir(cache, 1) / "shard_00001.npy")
+    row, other = (int(np.flatnonzero(store.index["shard"].to_numpy() == k)[0]) for k in (1, 0))
+    with pytest.raises(IchdetError, match=rf"{cache}: the cache's parts disagree \(shard shard_00001.npy changed "
+                                          rf"since the cache was opened: .*{match}.*\): an interrupted or mixed"):
+        store.read_row(row)
+    assert store.read_row(other).shape == (32, 32)  # the other shards still read

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +31,26 @@ def _fail(message: object, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
+#: How torch re-raises a data-loader worker's exception: its type, with the worker's traceback as message.
+_WORKER_ERROR = re.compile(r"Caught (?P<kind>\w+) in DataLoader worker process (?P<worker>\d+)\.\nOriginal Traceback")
+
+
+def one_line(message: str) -> str:
+    """``message`` as the CLI prints it: a data-loader worker's error reduced to its own message.
+
+    An ichdet error raised in a DataLoader worker reaches the command as an error of the same type
+    whose message is "Caught <type> in DataLoader worker process N" and the worker's whole traceback.
+    """
+    found = _WORKER_ERROR.match(message)
+    if found is None:
+        return message
+    for line in reversed(message.splitlines()):
+        head, sep, own = line.partition(f"{found['kind']}: ")
+        if sep and (not head or head.endswith(".")):  # "ichdet.errors.IchdetError: ..." or "OSError: ..."
+            return f"{own} (in data-loader worker {found['worker']})"
+    return message
+
+
 def handle_errors(fn: Callable[P, R]) -> Callable[P, R]:
     """``fn`` with its expected failures turned into one line on stderr and an exit code.
 
@@ -53,7 +74,7 @@ def handle_errors(fn: Callable[P, R]) -> Callable[P, R]:
         # still in native code is ended by a forced unwind, and the process aborts with "terminate called
         # without an active exception" (exit 134) after the error was printed.
         gc.collect()
-        raise _fail(message, code)
+        raise _fail(one_line(message), code)
     return wrapper
 
 

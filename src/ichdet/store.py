@@ -205,7 +205,11 @@ class PixelCache:
         shard = int(self._shard[row])
         store = self._maps.get(shard)
         if store is None:
-            store = self._maps[shard] = np.load(shard_file(self._shard_dir, shard, ".npy"), mmap_mode="r")
+            path = shard_file(self._shard_dir, shard, ".npy")
+            try:
+                store = self._maps[shard] = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as err:  # replaced, cut short or removed since the cache was opened
+                raise self._disagree(f"shard {path.name} changed since the cache was opened: {err}") from None
         return store[self._offset[row]]
 
     def read_row(self, row: int) -> np.ndarray:
