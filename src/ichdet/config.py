@@ -293,8 +293,8 @@ class SeqConfig(_Strict):
     name: str = "seq"
     model: SeqModelConfig = Field(default_factory=lambda: SeqModelConfig())
     features: SeqFeatureConfig = Field(default_factory=lambda: SeqFeatureConfig())
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=20, batch_size=16, lr=1e-3,
-                                                                   warmup_epochs=0.0, patience=4))
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=40, batch_size=4, lr=2e-3,
+                                                                   warmup_epochs=0.0, patience=8))
 
 
 def load_seq_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> SeqConfig:
