@@ -25,6 +25,7 @@ import resource
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +153,7 @@ def gain(studies: list[int], base_epochs: int, variants: dict[str, list[str]], h
     return result
 
 
-def cost(series: int, slices: int, device: str, max_batches: int | None) -> dict[str, Any]:
+def cost(series: int, slices: int, device: str, max_batches: int | None, sets: Sequence[str] = ()) -> dict[str, Any]:
     """One sequence epoch over random RSNA-shaped features through ichdet's training loop."""
     import numpy as np
     import torch
@@ -177,7 +178,7 @@ def cost(series: int, slices: int, device: str, max_batches: int | None) -> dict
     labels = (rng.random((slices, 6)) < 0.1).astype(np.float32)
     series_list = [np.arange(e - n, e) for e, n in zip(ends, lengths, strict=True)]
     make_s = time.perf_counter() - start
-    overrides = [f"train.device={device}", "train.epochs=1"]
+    overrides = [f"train.device={device}", "train.epochs=1", *sets]
     if max_batches:
         overrides.append(f"train.limit_train_batches={max_batches}")
     cfg = load_seq_config(Path("configs/seq_bigru.yaml"), overrides)
@@ -195,6 +196,7 @@ def cost(series: int, slices: int, device: str, max_batches: int | None) -> dict
     epoch_s, epoch_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
     done_slices = int(lengths[: steps * cfg.train.batch_size].sum()) if max_batches else slices
     return {"series": series, "slices": slices, "width": WIDTH, "device": str(rt.device),
+            "overrides": list(sets), "inputs": cfg.model.inputs, "kind": cfg.model.kind,
             "batches": steps, "batch_series": cfg.train.batch_size, "epoch_s": round(epoch_s, 1),
             "epoch_s_full": round(epoch_s * slices / done_slices, 1),
             "epoch_cpu_s_full": round(epoch_cpu_s * slices / done_slices, 1),  # all threads: load-independent
@@ -226,6 +228,8 @@ def main() -> None:
     c.add_argument("--series", type=int, default=RSNA_SERIES)
     c.add_argument("--slices", type=int, default=RSNA_SLICES)
     c.add_argument("--max-batches", type=int, default=None, help="stop the epoch early (extrapolated)")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override of configs/seq_bigru.yaml (repeat), e.g. model.inputs=both")
     for p in (g, c):
         p.add_argument("--device", default="cpu")
         p.add_argument("--out", type=Path, default=None)
@@ -235,7 +239,7 @@ def main() -> None:
         result = gain(args.studies, args.base_epochs, dict(args.variant or [("shipped", [])]), args.heldout,
                       args.device, args.size, work, args.out)
     else:
-        result = cost(args.series, args.slices, args.device, args.max_batches)
+        result = cost(args.series, args.slices, args.device, args.max_batches, args.set)
     result["machine"] = machine_info()
     print(json.dumps(result, indent=1))
     if args.out:
