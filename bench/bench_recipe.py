@@ -159,11 +159,13 @@ def variant_row(train_cache: PixelCache, test_cache: PixelCache, run: Path, seed
     members = out["members"]
     member_ratios = [ratio(y, m, prior) for m in members]
     mean = members.mean(0)
-    row.update(fold0=member_ratios[0], ensemble=ratio(y, mean, prior), members=member_ratios,
-               median_member=statistics.median(member_ratios), logit_ensemble=ratio(y, logit_mean(members), prior),
-               member_ece=[expected_calibration_error(y, m) for m in members],
-               ensemble_ece=expected_calibration_error(y, mean), selected=out["selected"],
+    row.update(fold0=member_ratios[0], members=member_ratios,
+               member_ece=[expected_calibration_error(y, m) for m in members], selected=out["selected"],
                ichdet_s=time.perf_counter() - start)
+    if len(members) > 1:  # with --members 1 there is no ensemble: its columns stay empty ("-")
+        row.update(ensemble=ratio(y, mean, prior), median_member=statistics.median(member_ratios),
+                   logit_ensemble=ratio(y, logit_mean(members), prior),
+                   ensemble_ece=expected_calibration_error(y, mean))
     return row
 
 
