@@ -15,8 +15,15 @@ fold member, the mean of the members' logits instead of probabilities, the expec
     nice -n 5 env PYTHONPATH=src HF_HUB_OFFLINE=1 python bench/bench_recipe.py --out /tmp/recipe_before
     ... --set train.ema_decay=0 ...        (an ablation: any --set of ichdet's config)
 
-Results: ``OUT/results.json`` and ``OUT/results.md``. Data and runs stay under ``OUT/work`` (reused
-by a rerun with the same data arguments; pass ``--fresh`` to retrain).
+Results: ``OUT/results.json`` and ``OUT/results.md``. Runs stay under ``OUT/work`` (reused by a rerun
+with the same arguments; pass ``--fresh`` to retrain); the data sets and the bare loop's test
+predictions under ``--data`` (default ``OUT/work``), which several processes may share, so seeds can
+run side by side in two processes (``--seeds 0`` and ``--seeds 1``) and be merged afterwards:
+
+    python bench/bench_recipe.py --merge /tmp/r_s0 /tmp/r_s1 /tmp/r_s2 --out /tmp/r_all
+
+``--members N`` trains only folds 0..N-1 of the ``--folds`` (N=1: an ablation of the member recipe
+against the bare loop at a fifth of the cost; the "ensemble" columns then mean nothing).
 """
 
 from __future__ import annotations
@@ -55,7 +62,7 @@ def build_caches(work: Path, args: argparse.Namespace) -> tuple[PixelCache, Pixe
     caches = []
     for name, n, seed in (("train", args.train_studies, args.data_seed),
                           ("test", args.test_studies, args.data_seed + TEST_SEED_OFFSET)):
-        root = work / f"{name}_{n}x{args.size}_s{seed}"
+        root = work / f"{name}_{n}x{args.size}_s{seed}_f{args.folds}"
         if not (root / "cache" / "index.parquet").exists():
             make_dataset(root / "data", SynthSpec(n_studies=n, n_test_studies=0, size=args.size, seed=seed))
             preprocess(root / "data" / "stage_2_train_images", root / "cache", root / "data" / "stage_2_train.csv",
@@ -81,7 +88,8 @@ def run_ichdet(train_cache: PixelCache, test_cache: PixelCache, run: Path, seed:
                  f"train.batch_size={args.batch_size}", f"train.seed={seed}", "train.num_workers=0",
                  *variant]
     cfg = load_config(DEMO, overrides)
-    results = train(cfg, train_cache.root, run, fold="all", resume=True, progress=False)
+    folds = ["all"] if args.members >= args.folds else [str(k) for k in range(args.members)]
+    results = [r for fold in folds for r in train(cfg, train_cache.root, run, fold=fold, resume=True, progress=False)]
     preds = predict_run(run, test_cache, tta=cfg.train.tta, device="cpu", num_workers=0)
     order = {image: i for i, image in enumerate(test_cache.index["image_id"])}
     members = []
@@ -107,13 +115,29 @@ def one_seed(train_cache: PixelCache, test_cache: PixelCache, work: Path, seed: 
     bare: dict[str, Any] = {}
     start = time.perf_counter()
     if not args.no_bare:
-        torch.manual_seed(seed)
-        model = train_bare(train_cache, args.backbone, args.size, args.epochs, args.batch_size, args.bare_lr, seed)
-        p = predict_bare(model, test_cache, args.size)
+        p = bare_predictions(train_cache, test_cache, seed, args)
         bare.update(bare=ratio(y, p, prior), bare_ece=expected_calibration_error(y, p))
     bare["bare_s"] = time.perf_counter() - start
     return {name: variant_row(train_cache, test_cache, work / f"run_{name}_s{seed}", seed, args, overrides,
                               prior) | bare | {"seed": seed} for name, overrides in parse_variants(args)}
+
+
+def bare_predictions(train_cache: PixelCache, test_cache: PixelCache, seed: int,
+                     args: argparse.Namespace) -> np.ndarray:
+    """The bare loop's test probabilities for ``seed``: trained once, then read from ``--data`` (the
+    file name holds every argument the bare loop depends on)."""
+    bare_epochs = args.bare_epochs or args.epochs
+    path = args.data / (f"bare_{train_cache.root.parent.name}_{args.backbone}_e{bare_epochs}_b{args.batch_size}"
+                        f"_lr{args.bare_lr:g}_s{seed}.npy")
+    if path.exists():
+        return np.load(path)
+    torch.manual_seed(seed)
+    model = train_bare(train_cache, args.backbone, args.size, bare_epochs, args.batch_size, args.bare_lr, seed)
+    p = predict_bare(model, test_cache, args.size)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, p)
+    tmp.replace(path)  # atomic: another process may read it
+    return p
 
 
 def parse_variants(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
@@ -135,11 +159,13 @@ def variant_row(train_cache: PixelCache, test_cache: PixelCache, run: Path, seed
     members = out["members"]
     member_ratios = [ratio(y, m, prior) for m in members]
     mean = members.mean(0)
-    row.update(fold0=member_ratios[0], ensemble=ratio(y, mean, prior), members=member_ratios,
-               median_member=statistics.median(member_ratios), logit_ensemble=ratio(y, logit_mean(members), prior),
-               member_ece=[expected_calibration_error(y, m) for m in members],
-               ensemble_ece=expected_calibration_error(y, mean), selected=out["selected"],
+    row.update(fold0=member_ratios[0], members=member_ratios,
+               member_ece=[expected_calibration_error(y, m) for m in members], selected=out["selected"],
                ichdet_s=time.perf_counter() - start)
+    if len(members) > 1:  # with --members 1 there is no ensemble: its columns stay empty ("-")
+        row.update(ensemble=ratio(y, mean, prior), median_member=statistics.median(member_ratios),
+                   logit_ensemble=ratio(y, logit_mean(members), prior),
+                   ensemble_ece=expected_calibration_error(y, mean))
     return row
 
 
@@ -165,7 +191,11 @@ def main() -> None:
     ap.add_argument("--train-studies", type=int, default=40)
     ap.add_argument("--test-studies", type=int, default=16)
     ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--folds", type=int, default=3)
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--members", type=int, default=99, help="train only folds 0..N-1 (default: every fold)")
+    ap.add_argument("--data", type=Path, default=None, help="data sets and bare predictions (default OUT/work)")
+    ap.add_argument("--bare-epochs", type=int, default=0, help="the bare loop's epochs (default --epochs)")
+    ap.add_argument("--merge", type=Path, nargs="+", default=[], help="merge these runs' results.json into OUT")
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--backbone", default="resnet10t")
@@ -179,32 +209,61 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared, loaded machine)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.merge:
+        merge(args.merge, args.out)
+        return
     work = args.out / "work"
     work.mkdir(parents=True, exist_ok=True)
+    args.data = args.data or work
+    args.data.mkdir(parents=True, exist_ok=True)
     if args.fresh:
         for run in work.glob("run_*"):
             shutil.rmtree(run)
     start = time.perf_counter()
-    train_cache, test_cache = build_caches(work, args)
+    train_cache, test_cache = build_caches(args.data, args)
     prior_p = np.nanmean(truth(train_cache), axis=0)
     y = truth(test_cache)
     prior = weighted_log_loss(y, np.broadcast_to(prior_p, y.shape))
     rows: dict[str, list[dict[str, Any]]] = {}
-    for seed in args.seeds:
+    for seed in args.seeds:  # the report is rewritten after every seed: a stopped run keeps what it measured
         for name, row in one_seed(train_cache, test_cache, work, seed, args, prior).items():
             rows.setdefault(name, []).append(row)
             print(name, json.dumps(row, default=float), flush=True)
-    report = {"title": args.title, "args": {k: str(v) for k, v in vars(args).items()}, "prior_log_loss": prior,
-              "train_images": len(train_cache), "test_images": len(test_cache), "rows": rows,
-              "seconds": time.perf_counter() - start, "machine": machine_info()}
-    (args.out / "results.json").write_text(json.dumps(report, indent=1, default=float))
-    variants = dict(parse_variants(args))
-    md = "".join(markdown(r, f"{args.title}: {name} ({', '.join(variants[name]) or 'demo.yaml'})") + "\n"
-                 for name, r in rows.items())
-    md += (f"\n{len(train_cache)} training / {len(test_cache)} test images, prior log loss {prior:.4f}, "
-           f"{report['seconds']:.0f} s; {format_machine(report['machine'])}\n")
-    (args.out / "results.md").write_text(md)
+        report = {"title": args.title, "args": {k: str(v) for k, v in vars(args).items()}, "prior_log_loss": prior,
+                  "variants": parse_variants(args),
+                  "train_images": len(train_cache), "test_images": len(test_cache), "rows": rows,
+                  "seconds": time.perf_counter() - start, "machine": machine_info()}
+        (args.out / "results.json").write_text(json.dumps(report, indent=1, default=float))
+        write_markdown(report, args.out)
+
+
+def write_markdown(report: dict[str, Any], out: Path) -> None:
+    """``out/results.md``: one table per variant (per-seed rows and medians), sizes and the machine."""
+    variants = dict(report["variants"])
+    md = "".join(markdown(r, f"{report['title']}: {name} ({', '.join(variants.get(name, [])) or 'demo.yaml'})")
+                 + "\n" for name, r in report["rows"].items())
+    md += (f"\n{report['train_images']} training / {report['test_images']} test images, prior log loss "
+           f"{report['prior_log_loss']:.4f}, {report['seconds']:.0f} s; {format_machine(report['machine'])}\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(md)
     print(md)
+
+
+def merge(sources: list[Path], out: Path) -> None:
+    """One report from several runs of the harness (e.g. one process per seed): rows joined per variant."""
+    reports = [json.loads((s / "results.json").read_text()) for s in sources]
+    merged = dict(reports[0], rows={}, seconds=sum(r["seconds"] for r in reports),
+                  variants=[v for r in reports for v in r["variants"]])
+    for r in reports:
+        if (r["train_images"], r["test_images"]) != (merged["train_images"], merged["test_images"]):
+            raise SystemExit(f"{sources}: results of different data sets cannot be merged")
+        for name, rows in r["rows"].items():
+            merged["rows"].setdefault(name, []).extend(rows)
+    for rows in merged["rows"].values():
+        rows.sort(key=lambda row: row["seed"])
+    (out / "results.json").parent.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(merged, indent=1, default=float))
+    write_markdown(merged, out)
 
 
 if __name__ == "__main__":
