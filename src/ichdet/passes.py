@@ -7,8 +7,9 @@ per 2D run (named by member name, unique in an ensemble; a base shared by severa
 the folds to run, whether its fold probabilities are needed (a 2D member: the mean over the views of
 the sigmoid of the logits, as :func:`ichdet.engine.predict_batches`) and which feature views are
 needed (a sequence member: pooled embedding and logits averaged over the views, as
-:func:`ichdet.engine.embed_batches`). One forward of a fold's network over the image and its mirror
-(in one batch) gives all of them.
+:func:`ichdet.engine.embed_batches`). One forward of a fold's network (:func:`ichdet.engine.embed`,
+whoever asks) over the image and its mirror (in one batch) gives all of them, so a run predicts the
+same numbers alone and inside any mix.
 
 Images are read and windowed once per data setting (image size, windows, slice offsets) per fold
 group: every run of that setting and every fold of the group see the same uint8 batch.
@@ -149,7 +150,7 @@ class FoldPasses:
                     both = torch.cat([images, torch.flip(images, dims=[3])])
                 x = normalize(both if need.views == 2 else images)
                 with autocast():
-                    out = (embed(model, x) if need.feature_views else model(x)).float()
+                    out = embed(model, x).float()  # one forward for every consumer: a run alone predicts as in a mix
                 self._store(need, k, out.view(need.views, len(rows), -1), rows.numpy())
 
     def _store(self, need: RunNeed, fold: int, views: torch.Tensor, rows: np.ndarray) -> None:
