@@ -25,7 +25,8 @@ from ichdet.config import load_seq_config
 from ichdet.errors import CheckpointError, IchdetError
 from ichdet.labels import LABELS, read_labels
 from ichdet.metrics import operating_points
-from ichdet.predict import predict_runs
+from ichdet.predict import ensemble_probs, predict_runs
+from ichdet.store import PixelCache
 from ichdet.study import predict_study
 
 
@@ -381,3 +382,28 @@ def test_mixed_bundle_runs_each_cnn_once_and_predicts_each_member_as_its_run(
     pd.testing.assert_frame_equal(together[["image_id", "model", "fold"]], alone[["image_id", "model", "fold"]])
     np.testing.assert_allclose(together[list(LABELS)], alone[list(LABELS)], rtol=0, atol=1e-6)
     assert set(together["model"]) == {"base", "seq", "seq2"} and set(together["fold"]) == {0, 1}
+
+
+class CountingCache(PixelCache):
+    """A cache that counts the images read out of it (every read goes through ``view_row``)."""
+
+    reads = 0
+
+    def view_row(self, row: int) -> np.ndarray:
+        self.reads += 1
+        return super().view_row(row)
+
+
+@pytest.mark.parametrize(("budget", "reads_per_image"), [(None, 1), (0, 2)])  # 0: fold by fold, 2 folds
+def test_mixed_bundle_reads_each_image_once_per_fold_group(seq_runs: SeqRuns, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch, budget: int | None,
+                                                          reads_per_image: int) -> None:
+    from ichdet import passes
+
+    if budget is not None:
+        monkeypatch.setattr(passes, "FEATURE_BUDGET", budget)
+    ens = load_ensemble(write_bundle([seq_runs.base, seq_runs.seq, seq_runs.seq2], tmp_path / "mixed.ichdet"))
+    cache = CountingCache(seq_runs.cache)
+    found = ensemble_probs(ens.members, cache, torch.device("cpu"))
+    assert cache.reads == len(cache) * reads_per_image
+    assert [p.shape for _, p in found] == [(2, len(cache), len(LABELS))] * 3
