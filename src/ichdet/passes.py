@@ -89,7 +89,8 @@ class FoldPasses:
 
     ``images``: a function giving the images stored at a size (a cache is the same at every size).
     Networks are loaded once per call, on first use. Call :meth:`compute` for a fold group, read with
-    :meth:`probs` and :meth:`features`, :meth:`release` the group's features, drop the object at the end.
+    :meth:`probs` and :meth:`features`, :meth:`release` the group's features and networks, drop the
+    object at the end.
     """
 
     def __init__(self, needs: dict[str, RunNeed], images: Callable[[int], PixelCache], device: torch.device,
@@ -125,7 +126,7 @@ class FoldPasses:
             if need.folds & set(folds):
                 by_key.setdefault(data_key(need.run), []).append(name)
         for names in by_key.values():
-            self._pass(names, [k for k in folds])
+            self._pass(names, list(folds))
 
     @torch.inference_mode()
     def _pass(self, names: list[str], folds: list[int]) -> None:
@@ -137,8 +138,9 @@ class FoldPasses:
         workers = min(c.train.num_workers for c in runs) if self.num_workers is None else self.num_workers
         loader = make_loader(SliceDataset(cache, np.arange(len(cache)), runs[0].data), batch, workers, self.device)
         jobs = [(name, k, self.model(name, k)) for name in names for k in folds if k in self.needs[name].folds]
-        steps = {name: (Normalizer(*input_stats(self.model(name, min(self.needs[name].folds)), cfg.data.in_chans),
-                                   cfg.train.channels_last).to(self.device), precision(self.device, cfg.train.amp)[0])
+        first = {name: model for name, _, model in reversed(jobs)}  # the folds of a run share its backbone's stats
+        steps = {name: (Normalizer(*input_stats(first[name], cfg.data.in_chans), cfg.train.channels_last)
+                        .to(self.device), precision(self.device, cfg.train.amp)[0])
                  for name, cfg in zip(names, runs, strict=True)}
         for images, _, rows in tqdm(loader, desc="predict", leave=False, disable=not self.progress):
             images = images.to(self.device, non_blocking=True)
@@ -176,6 +178,8 @@ class FoldPasses:
         return found
 
     def release(self, folds: Sequence[int]) -> None:
-        """Drop the features of ``folds`` (the probabilities, small, stay for the call)."""
+        """Drop the features and networks of ``folds`` (the probabilities, small, stay for the call)."""
         for key in [key for key in self._features if key[1] in folds]:
             del self._features[key]
+        for name_fold in [key for key in self._models if key[1] in folds]:
+            del self._models[name_fold]
