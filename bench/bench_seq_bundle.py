@@ -8,8 +8,10 @@ study of ``bench_study.py``. Each repeat runs the three, interleaved, with flip 
 
 Reported: median seconds of inference and end to end per bundle, the ratio of each to ``2d``, and the
 bundle sizes. A sequence member embeds each slice once per fold of its base run (pooled features and
-logits) and runs its sequence model per series; ``mixed`` runs the base's CNNs twice (as a member and
-as the sequence member's base).
+logits) and runs its sequence model per series; ``mixed`` runs the base's CNNs once per fold and view
+for both members (:class:`ichdet.passes.FoldPasses`: the 2D member's probabilities are the sigmoid of
+the logits the sequence member reads), so it should cost about what ``seq`` costs, about ``2d`` plus
+the sequence models. The load average before and after is printed and saved.
 
 Usage::
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -63,6 +66,7 @@ def main() -> None:
     args = parser.parse_args()
     info = machine_info()
     print(format_machine(info))
+    load_before = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="bench_seq_bundle_"))
     try:
         from ichdet.bundle import write_bundle
@@ -77,7 +81,10 @@ def main() -> None:
                 runs[name].append(study_run(study, path, tmp / f"{name}.json"))
                 print(f"round {r + 1}: {name} " + ", ".join(f"{k} {v:.3f}" for k, v in runs[name][-1].items()),
                       flush=True)
-        results: dict[str, Any] = {"machine": info, "repeats": args.repeats, "runs": runs}
+        load_after = os.getloadavg()
+        print(f"load average (1, 5, 15 min): before {load_before}, after {load_after}")
+        results: dict[str, Any] = {"machine": info, "repeats": args.repeats, "runs": runs,
+                                   "loadavg": {"before": load_before, "after": load_after}}
         med = {name: {k: median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
         rows = [[name, f"{bundles[name].stat().st_size / 2**20:.1f}", f"{m['inference']:.2f}",
                  f"{m['inference'] / med['2d']['inference']:.2f}", f"{m['end_to_end']:.2f}",

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
+from torch.nn.modules.module import register_module_forward_hook
 
 from ichdet.cache import PreprocessOptions, preprocess
 from ichdet.config import build_config, load_seq_config
@@ -50,3 +53,24 @@ def tiny_seq_runs(tmp_path_factory: pytest.TempPathFactory) -> SeqRuns:
     train_seq(load_seq_config(None, [*SEQ, "model.hidden=8"]), [runs.base], runs.cache, runs.seq2, progress=False)
     (root / "done").touch()
     return runs
+
+
+class StemImages:
+    """Counts the images the CNNs' stems see while active (a global forward hook on every Conv2d that
+    reads the network input: ``in_chans`` channels), so ``images / N`` is the number of CNN passes over
+    N images (one per run, fold and TTA view; an image and its mirror in one batch are two)."""
+
+    def __init__(self, in_chans: int = 3) -> None:
+        self.in_chans = in_chans
+        self.images = 0
+
+    def _hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        if isinstance(module, nn.Conv2d) and module.in_channels == self.in_chans:
+            self.images += int(inputs[0].shape[0])
+
+    def __enter__(self) -> StemImages:
+        self._handle = register_module_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()

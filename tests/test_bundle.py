@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from seq_support import SeqRuns, tiny_seq_runs
+from seq_support import SeqRuns, StemImages, tiny_seq_runs
 from study_support import copy_study, study_files, tiny_runs
 from typer.testing import CliRunner
 
@@ -25,7 +25,8 @@ from ichdet.config import load_seq_config
 from ichdet.errors import CheckpointError, IchdetError
 from ichdet.labels import LABELS, read_labels
 from ichdet.metrics import operating_points
-from ichdet.predict import predict_runs
+from ichdet.predict import ensemble_probs, predict_runs
+from ichdet.store import PixelCache
 from ichdet.study import predict_study
 
 
@@ -358,3 +359,51 @@ def test_fold_k_cnns_feed_fold_k_sequence_model(seq_runs: SeqRuns, tmp_path: Pat
     for k in (0, 1):
         np.testing.assert_array_equal(fold(swapped, k), fold(original, 1 - k))
     assert np.abs(fold(original, 0) - fold(original, 1)).max() > 1e-4
+
+
+@pytest.mark.parametrize(("tta", "views"), [(True, 2), (False, 1)])
+@pytest.mark.parametrize("budget", [None, 0])  # None: all folds in one pass; 0: fold by fold, features released
+def test_mixed_bundle_runs_each_cnn_once_and_predicts_each_member_as_its_run(
+        seq_runs: SeqRuns, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tta: bool, views: int,
+        budget: int | None) -> None:
+    """A 2D run that is a member and the base of two sequence members: one pass per (fold, view) for all
+    three (not three), and each member's predictions those of its run predicted alone."""
+    from ichdet import passes
+
+    if budget is not None:
+        monkeypatch.setattr(passes, "FEATURE_BUDGET", budget)
+    runs = [seq_runs.base, seq_runs.seq, seq_runs.seq2]
+    mixed = write_bundle(runs, tmp_path / "mixed.ichdet")
+    with StemImages() as stems:
+        together = predict_runs([], seq_runs.cache, tta=tta, device="cpu", bundle=mixed)
+    n = together["image_id"].nunique()
+    assert stems.images == n * 2 * views  # one base run x 2 folds x views
+    alone = pd.concat([predict_runs([r], seq_runs.cache, tta=tta, device="cpu") for r in runs], ignore_index=True)
+    pd.testing.assert_frame_equal(together[["image_id", "model", "fold"]], alone[["image_id", "model", "fold"]])
+    np.testing.assert_allclose(together[list(LABELS)], alone[list(LABELS)], rtol=0, atol=1e-6)
+    assert set(together["model"]) == {"base", "seq", "seq2"} and set(together["fold"]) == {0, 1}
+
+
+class CountingCache(PixelCache):
+    """A cache that counts the images read out of it (every read goes through ``view_row``)."""
+
+    reads = 0
+
+    def view_row(self, row: int) -> np.ndarray:
+        self.reads += 1
+        return super().view_row(row)
+
+
+@pytest.mark.parametrize(("budget", "reads_per_image"), [(None, 1), (0, 2)])  # 0: fold by fold, 2 folds
+def test_mixed_bundle_reads_each_image_once_per_fold_group(seq_runs: SeqRuns, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch, budget: int | None,
+                                                          reads_per_image: int) -> None:
+    from ichdet import passes
+
+    if budget is not None:
+        monkeypatch.setattr(passes, "FEATURE_BUDGET", budget)
+    ens = load_ensemble(write_bundle([seq_runs.base, seq_runs.seq, seq_runs.seq2], tmp_path / "mixed.ichdet"))
+    cache = CountingCache(seq_runs.cache)
+    found = ensemble_probs(ens.members, cache, torch.device("cpu"))
+    assert cache.reads == len(cache) * reads_per_image
+    assert [p.shape for _, p in found] == [(2, len(cache), len(LABELS))] * 3

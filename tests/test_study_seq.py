@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from seq_support import SIZE, SeqRuns, tiny_seq_runs
+from seq_support import SIZE, SeqRuns, StemImages, tiny_seq_runs
 from study_support import copy_study, study_files
 from test_report_html import PROBE, chromium, data_uri_images, needs_chromium
 from typer.testing import CliRunner
@@ -138,3 +138,18 @@ def test_report_with_a_seq_bundle_renders_in_chromium(seq_report: Path, tmp_path
         assert img["w"] == 512 and img["shown"] > 200 and img["hi"] - img["lo"] > 100  # decoded, visible, not blank
     assert result["chart"][0] > 800 and result["chart"][1] > 200
     assert result["scroll"] <= 1366
+
+
+@pytest.mark.parametrize(("tta", "views"), [(True, 2), (False, 1)])
+def test_mixed_bundle_predict_study_runs_each_base_cnn_once(seq_runs: SeqRuns, study: list[Path], tmp_path: Path,
+                                                            tta: bool, views: int) -> None:
+    """The hospital shape (2D run + sequence run over it): base runs x folds x TTA views CNN passes over
+    the study, as many as the 2D bundle alone (running the base as member and as base would be twice)."""
+    copy_study(study[:6], tmp_path / "in")
+    mixed = write_bundle([seq_runs.base, seq_runs.seq], tmp_path / "mixed.ichdet")
+    counts = {}
+    for name, ens in [("mixed", load_ensemble(mixed)), ("2d", load_ensemble(runs=[seq_runs.base]))]:
+        with StemImages() as stems:
+            predict_study(tmp_path / "in", ens, tta=tta, device="cpu")
+        counts[name] = stems.images
+    assert counts == {"mixed": 6 * 1 * 2 * views, "2d": 6 * 1 * 2 * views}

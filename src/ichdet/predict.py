@@ -7,6 +7,7 @@ per fold of each run, which :mod:`ichdet.ensemble` averages (folds first, then m
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TypeAlias
 
@@ -20,11 +21,11 @@ from torch import nn
 from ichdet.bundle import Member, load_ensemble, run_names
 from ichdet.checkpoint import load_weights
 from ichdet.config import Config, load_config
-from ichdet.data import SliceDataset
-from ichdet.engine import Normalizer, init_runtime, make_loader, precision, predict_batches, prediction_table
+from ichdet.engine import init_runtime, prediction_table
 from ichdet.errors import CheckpointError, IchdetError, RunFailed
 from ichdet.labels import LABELS
-from ichdet.models import build_model, input_stats
+from ichdet.models import build_model
+from ichdet.passes import FoldPasses, plan_needs
 from ichdet.rundir import fold_dirs
 from ichdet.store import PixelCache
 
@@ -109,39 +110,63 @@ def images_at(images: Images, size: int) -> PixelCache:
     return images if isinstance(images, PixelCache) else images(size)
 
 
+def ensemble_probs(members: Sequence[Member], images: Images, device: torch.device, tta: bool = True,
+                   batch_size: int | None = None, num_workers: int | None = None,
+                   progress: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every fold of every member over every image: per member, rows (N,) and probs (folds, N, 6).
+
+    The one place members (2D or sequence, from run folders or a bundle) meet images: ``predict``,
+    ``predict-study`` and ``report`` all call it, once per call with all the members. Each (2D run,
+    fold, TTA view) CNN pass runs once (:class:`ichdet.passes.FoldPasses`): a 2D member's fold
+    probabilities are the sigmoid of the logits of the same pass whose embedding and logits its
+    sequence members read, and the images are read and windowed once per image setting (per fold
+    group, see :mod:`ichdet.passes` for memory). Fold ``k``'s base CNNs feed fold ``k``'s sequence model
+    (:func:`ichdet.seq_predict.seq_fold_probs`).
+    """
+    from ichdet.seq import series_rows  # they import this module
+    from ichdet.seq_predict import seq_fold_probs
+
+    passes = FoldPasses(plan_needs(members, tta), partial(images_at, images), device, batch_size, num_workers,
+                        progress)
+    series = series_rows(images_at(images, _some_size(members)).index) if any(m.kind == "seq" for m in members) else []
+    out = [np.zeros((len(m.folds), passes.n, len(LABELS)), np.float32) for m in members]
+    for group in passes.fold_groups():
+        passes.compute(group)
+        for m, probs in zip(members, out, strict=True):
+            for i, fold in enumerate(m.folds):
+                if fold in group:
+                    probs[i] = (seq_fold_probs(m, fold, passes, tta, series, device) if m.kind == "seq"
+                                else passes.probs(m, fold))
+        passes.release(group)
+    return [(np.arange(passes.n), probs) for probs in out]
+
+
+def _some_size(members: Sequence[Member]) -> int:
+    """The image size of the first 2D run the members read (every size holds the same rows)."""
+    return members[0].image_members()[0].run_config.data.image_size
+
+
 def member_probs(member: Member, images: Images, device: torch.device, tta: bool = True,
                  batch_size: int | None = None, num_workers: int | None = None,
                  progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Every fold of one ensemble member over every image: rows (N,), probs (folds, N, 6).
+    """Every fold of one member over every image: rows (N,), probs (folds, N, 6) (:func:`ensemble_probs`)."""
+    return ensemble_probs([member], images, device, tta, batch_size, num_workers, progress)[0]
 
-    The one place a member (2D or sequence, from a run folder or a bundle) meets images: ``predict``,
-    ``predict-study`` and ``report`` all call it. A 2D member's folds share its config, so each image is
-    read, windowed and batched once for all of them; a sequence member goes through
-    :func:`ichdet.seq_predict.seq_member_probs` (fold k's base CNNs feed fold k's sequence model).
-    """
-    if member.kind == "seq":
-        from ichdet.seq_predict import seq_member_probs  # it imports this module
 
-        return seq_member_probs(member, images, device, tta, num_workers, progress)
-    cfg = member.run_config
-    cache = images_at(images, cfg.data.image_size)
-    models = member.load_models(device)
-    ds = SliceDataset(cache, np.arange(len(cache)), cfg.data)
-    loader = make_loader(ds, batch_size or cfg.train.batch_size * 2,
-                         cfg.train.num_workers if num_workers is None else num_workers, device)
-    mean, std = input_stats(models[0], cfg.data.in_chans)
-    normalize = Normalizer(mean, std, cfg.train.channels_last).to(device)
-    autocast, _ = precision(device, cfg.train.amp)
-    return predict_batches(models, normalize, loader, device, autocast, tta, progress)
+def member_tables(members: Sequence[Member], cache: PixelCache, tta: bool = True, batch_size: int | None = None,
+                  device: str = "auto", num_workers: int | None = None, progress: bool = False) -> pd.DataFrame:
+    """Predict every image of ``cache`` with every fold of every member in one call; a long table."""
+    rt = init_runtime(device)
+    found = ensemble_probs(members, cache, rt.device, tta, batch_size, num_workers, progress)
+    return pd.concat([prediction_table(cache, rows, fold_probs, model=member.name, fold=fold)
+                      for member, (rows, probs) in zip(members, found, strict=True)
+                      for fold, fold_probs in zip(member.folds, probs, strict=True)], ignore_index=True)
 
 
 def predict_member(member: Member, cache: PixelCache, tta: bool = True, batch_size: int | None = None,
                    device: str = "auto", num_workers: int | None = None, progress: bool = False) -> pd.DataFrame:
     """Predict every image of ``cache`` with every fold of one member (a run or a bundle's); a long table."""
-    rt = init_runtime(device)
-    rows, probs = member_probs(member, cache, rt.device, tta, batch_size, num_workers, progress)
-    return pd.concat([prediction_table(cache, rows, fold_probs, model=member.name, fold=fold)
-                      for fold, fold_probs in zip(member.folds, probs, strict=True)], ignore_index=True)
+    return member_tables([member], cache, tta, batch_size, device, num_workers, progress)
 
 
 def predict_run(run: str | Path, cache: PixelCache, tta: bool = True, batch_size: int | None = None,
@@ -160,9 +185,8 @@ def predict_runs(runs: Sequence[str | Path], data: str | Path, tta: bool = True,
     """Every member of a bundle, or every run folder (2D or sequence), over one cache; one long table."""
     cache = PixelCache(data)
     if bundle is not None:
-        parts = [predict_member(m, cache, tta, device=device, progress=progress)
-                 for m in load_ensemble(Path(bundle)).members]
+        members = load_ensemble(Path(bundle)).members
     else:
         run_names(runs)  # refuses two runs of one name before any work
-        parts = [predict_run(r, cache, tta, device=device, progress=progress) for r in runs]
-    return check_predictions(pd.concat(parts, ignore_index=True))
+        members = load_ensemble(runs=[Path(r) for r in runs]).members
+    return check_predictions(member_tables(members, cache, tta, device=device, progress=progress))

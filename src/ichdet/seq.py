@@ -344,7 +344,7 @@ def predict_seq(run: str | Path, cache: PixelCache, tta: bool = True, device: st
                 progress: bool = False) -> pd.DataFrame:
     """Every image of ``cache`` through every fold of a sequence run: fold ``k``'s CNNs (each base run's)
     feed fold ``k``'s sequence model. The long table of :func:`ichdet.predict.predict_run`, through the
-    same member path as a bundle's (:func:`ichdet.seq_predict.seq_member_probs`)."""
+    same member path as a bundle's (:func:`ichdet.predict.ensemble_probs`)."""
     from ichdet.bundle import load_ensemble
     from ichdet.predict import predict_member
 

@@ -8,7 +8,7 @@ slice normal (:func:`ichdet.series.order_series`).
 :func:`predict_study` then reads the selected slices' pixels (HU through :func:`ichdet.dicom.read_hu`),
 stores them as the preprocessor does (:func:`ichdet.cache.hu_to_store`) in an in-memory
 :class:`~ichdet.store.PixelCache` and runs the ensemble through the same dataset, engine, member path
-(:func:`ichdet.predict.member_probs`: 2D and sequence members, each selected series one sequence) and
+(:func:`ichdet.predict.ensemble_probs`: 2D and sequence members, each selected series one sequence) and
 ensemble rule as ``ichdet predict``; :mod:`ichdet.study_result` turns that into the result JSON
 (docs/study-result.md). Nothing under the folder is modified.
 """
@@ -243,15 +243,19 @@ class StudyPrediction:
         return ds[0][0]
 
 
-def _member_probs(member: Member, prediction: StudyPrediction, tta: bool, device: torch.device) -> np.ndarray:
-    """Fold-mean (N, 6) probabilities of one member (2D or sequence) over every analysed slice, through
-    the one path ``ichdet predict`` takes (each network sees the slices stored at its own image size;
-    a sequence member reads each selected series, in slice order, as one sequence)."""
-    from ichdet.predict import member_probs
+def _members_probs(members: Sequence[Member], prediction: StudyPrediction, tta: bool,
+                   device: torch.device) -> list[np.ndarray]:
+    """Fold-mean (N, 6) probabilities of each member (2D or sequence) over every analysed slice, in one
+    call of the path ``ichdet predict`` takes (each network sees the slices stored at its own image size,
+    each CNN fold runs once for all the members that read it; a sequence member reads each selected
+    series, in slice order, as one sequence)."""
+    from ichdet.predict import ensemble_probs
 
-    rows, probs = member_probs(member, prediction.cache, device, tta, num_workers=0)  # in memory: no workers
-    out = np.empty((len(prediction.series_of_row), len(LABELS)), np.float64)
-    out[rows] = probs.astype(np.float64).mean(axis=0)
+    out = []
+    for rows, probs in ensemble_probs(members, prediction.cache, device, tta, num_workers=0):  # in memory: no workers
+        mean = np.empty((len(prediction.series_of_row), len(LABELS)), np.float64)
+        mean[rows] = probs.astype(np.float64).mean(axis=0)
+        out.append(mean)
     return out
 
 
@@ -289,8 +293,7 @@ def predict_study(path: Path, ensemble: Ensemble, tta: bool = True, device: str 
     read = time.perf_counter()
     rt = init_runtime(device)
     prediction = StudyPrediction({}, slices, hu, series_of_row, ensemble)
-    member_probs = [_member_probs(m, prediction, tta, rt.device) for m in ensemble.members]
-    probs = ensemble.combine(member_probs)
+    probs = ensemble.combine(_members_probs(ensemble.members, prediction, tta, rt.device))
     inferred = time.perf_counter()
     timings = {"read_headers_and_order": scanned - start, "read_pixels": read - scanned,
                "inference": inferred - read}
