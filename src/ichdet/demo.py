@@ -28,8 +28,8 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 #: The demo's two models, like the seed's SE-ResNeXt50 at 224 and at 512: one network at two input sizes
 #: (run name, overrides of configs/demo.yaml).
 DEMO_MODELS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("resnet10t_128", ()),
-    ("resnet10t_96", ("data.image_size=96",)),
+    ("resnet10t_112", ()),
+    ("resnet10t_80", ("data.image_size=80",)),
 )
 
 
