@@ -125,21 +125,31 @@ PROBE = """<script>window.addEventListener("load", () => {
   document.body.appendChild(pre); });</script>"""
 
 
-@needs_chromium
-def test_chromium_renders_every_image_and_the_chart(case: tuple[dict, ReportFigures], tmp_path: Path) -> None:
-    result, figures = case
-    page = write_report(result, {result["studies"][0]["study_instance_uid"]: figures}, tmp_path / "report.html")
+def rendered(page: Path, tmp_path: Path) -> dict:
+    """What headless Chromium measured of ``page`` on a 1366 x 900 laptop screen (the PROBE's JSON)."""
     probe = tmp_path / "probe.html"
     probe.write_text(page.read_text().replace("</body>", PROBE + "</body>"))
     dom = chromium(["--window-size=1366,900", "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()], tmp_path)
     found = re.search(r'<pre id="probe">(.*?)</pre>', dom.stdout)
     assert found, dom.stderr[-2000:]
-    result = json.loads(found.group(1).replace("&quot;", '"'))
-    assert len(result["imgs"]) == TOP_K * len(REPORT_WINDOWS)
+    return json.loads(found.group(1).replace("&quot;", '"'))
+
+
+def check_rendered(result: dict, images: int) -> None:
+    """Every overlay decoded, visible and not blank; the chart drawn; no horizontal scrolling."""
+    assert len(result["imgs"]) == images
     for img in result["imgs"]:
         assert img["w"] == 512 and img["shown"] > 200 and img["hi"] - img["lo"] > 100  # decoded, visible, not blank
     assert result["chart"][0] > 800 and result["chart"][1] > 200
     assert result["scroll"] <= 1366  # no horizontal scrolling on a laptop screen
+
+
+@needs_chromium
+def test_chromium_renders_every_image_and_the_chart(case: tuple[dict, ReportFigures], tmp_path: Path) -> None:
+    result, figures = case
+    page = write_report(result, {result["studies"][0]["study_instance_uid"]: figures}, tmp_path / "report.html")
+    result = rendered(page, tmp_path)
+    check_rendered(result, TOP_K * len(REPORT_WINDOWS))
     assert result["notice"] < 100  # the notice is at the top
 
     shot = tmp_path / "shot.png"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pandas as pd
 import pytest
 from seq_support import SIZE, SeqRuns, StemImages, tiny_seq_runs
 from study_support import copy_study, study_files
-from test_report_html import PROBE, chromium, data_uri_images, needs_chromium
+from test_report_html import check_rendered, data_uri_images, needs_chromium, rendered
 from typer.testing import CliRunner
 
 from ichdet.bundle import load_ensemble, write_bundle
@@ -127,17 +126,7 @@ def test_report_with_a_seq_bundle_shows_base_run_overlays_and_says_so(seq_report
 
 @needs_chromium
 def test_report_with_a_seq_bundle_renders_in_chromium(seq_report: Path, tmp_path: Path) -> None:
-    probe = tmp_path / "probe.html"
-    probe.write_text(seq_report.read_text().replace("</body>", PROBE + "</body>"))
-    dom = chromium(["--window-size=1366,900", "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()], tmp_path)
-    found = re.search(r'<pre id="probe">(.*?)</pre>', dom.stdout)
-    assert found, dom.stderr[-2000:]
-    result = json.loads(found.group(1).replace("&quot;", '"'))
-    assert len(result["imgs"]) == TOP_K * len(REPORT_WINDOWS)
-    for img in result["imgs"]:
-        assert img["w"] == 512 and img["shown"] > 200 and img["hi"] - img["lo"] > 100  # decoded, visible, not blank
-    assert result["chart"][0] > 800 and result["chart"][1] > 200
-    assert result["scroll"] <= 1366
+    check_rendered(rendered(seq_report, tmp_path), TOP_K * len(REPORT_WINDOWS))
 
 
 @pytest.mark.parametrize(("tta", "views"), [(True, 2), (False, 1)])
