@@ -105,6 +105,24 @@ def test_base_runs_on_other_folds_are_refused(setup: tuple[Path, Path], tmp_path
         check_folds([load_base(moved)], PixelCache(cache_dir), [0, 1])
 
 
+@pytest.mark.parametrize(("kind", "message"), [
+    ("empty folder", r"not a trained run folder \(no config\.yaml\)"),
+    ("sequence run", r"is a sequence run; a sequence run's bases are 2D runs"),
+])
+def test_a_base_that_is_not_a_2d_run_is_refused_by_name(setup: tuple[Path, Path], tmp_path: Path, kind: str,
+                                                        message: str) -> None:
+    _, base_dir = setup
+    folder = tmp_path / "base"
+    if kind == "empty folder":
+        folder.mkdir()
+    else:  # a 2D run's files plus seq.json: what a sequence run folder holds
+        shutil.copytree(base_dir, folder, ignore=shutil.ignore_patterns("features"))
+        (folder / "seq.json").write_text('{"bases": []}')
+    with pytest.raises(IchdetError, match=message) as err:
+        load_base(folder)
+    assert str(folder) in str(err.value)
+
+
 @pytest.mark.parametrize("length", [1, 2, 7])
 @pytest.mark.parametrize("residual", [True, False])
 @pytest.mark.parametrize("kind", ["bigru", "transformer"])

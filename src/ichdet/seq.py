@@ -47,7 +47,7 @@ from ichdet.engine import (
     make_loader,
     precision,
 )
-from ichdet.errors import ConfigError, IchdetError
+from ichdet.errors import CheckpointError, ConfigError, IchdetError
 from ichdet.io import atomic_path, folder_lock, write_parquet_atomic, write_text_atomic
 from ichdet.labels import LABELS
 from ichdet.models import build_seq_model, input_stats
@@ -78,8 +78,13 @@ class BaseRun:
 
 
 def load_base(run: str | Path) -> BaseRun:
-    """A 2D run folder as a :class:`BaseRun`; CheckpointError if it has no trained fold."""
+    """A 2D run folder as a :class:`BaseRun`; CheckpointError if it is not one or has no trained fold."""
     path = Path(run).resolve()
+    if not (path / "config.yaml").is_file():
+        raise CheckpointError(f"{run}: not a trained run folder (no config.yaml); pass a folder written by "
+                              "`ichdet train` (--run/--base)")
+    if (path / SEQ_FILE).is_file():
+        raise CheckpointError(f"{run} is a sequence run; a sequence run's bases are 2D runs (`ichdet train`)")
     return BaseRun(path, run_config(path), dict(fold_weights(path)))
 
 
