@@ -184,6 +184,28 @@ def test_bundle_command(runs: tuple[Path, Path, Path], tmp_path: Path) -> None:
         load_ensemble(out, runs=[runs[0]])
 
 
+@pytest.mark.parametrize(("existing", "force", "replaced"), [
+    ("foreign", False, False),  # a file ichdet did not write: refused, left as it was
+    ("foreign", True, True),
+    ("bundle", False, True),  # an earlier bundle: replaced
+])
+def test_bundle_out_that_exists(runs: tuple[Path, Path, Path], tmp_path: Path, existing: str, force: bool,
+                                replaced: bool) -> None:
+    out = tmp_path / "m.ichdet"
+    if existing == "foreign":
+        out.write_text("my notes")
+    else:
+        write_bundle([runs[1]], out)
+    before = out.read_bytes()
+    res = CliRunner().invoke(app, ["bundle", "--run", str(runs[0]), "--out", str(out), *(["--force"] if force else [])])
+    if replaced:
+        assert res.exit_code == 0, res.output
+        assert [m.name for m in load_ensemble(out).members] == [runs[0].resolve().name]
+    else:
+        assert res.exit_code == 2 and "is not an ichdet output of this kind; pass --force" in res.output
+        assert out.read_bytes() == before
+
+
 @pytest.mark.parametrize(("pos", "neg", "sensitivity", "expected"), [
     ([0.9, 0.8, 0.3, 0.2], [0.1, 0.25, 0.5], 0.75, (0.3, 0.75, 2 / 3, 4, 3)),
     ([0.9, 0.8, 0.3, 0.2], [0.1, 0.25, 0.5], 1.0, (0.2, 1.0, 1 / 3, 4, 3)),

@@ -333,10 +333,12 @@ def bundle(run: Annotated[list[Path], typer.Option(help="run folder, 2D or seque
            labels: Annotated[Path | None, typer.Option(help="label CSV of the runs' training cache: thresholds "
                                                               "from the out-of-fold predictions")] = None,
            sensitivity: Annotated[float, typer.Option(help="target sensitivity of the thresholds")] = 0.95,
+           force: Annotated[bool, _FORCE] = False,
            ) -> None:
     """Pack runs into one model file: weights (safetensors), configs, weights, thresholds, sha256 manifest."""
     from ichdet.bundle import load_ensemble, write_bundle
 
+    _output(out, force, (b"PK\x03\x04",))  # a bundle is a zip: another kind of file only with --force
     weights = dict(_model_weight(w) for w in weight) if weight else None
     path = write_bundle(list(run), out, weights, sensitivity, labels)
     ens = load_ensemble(path)
