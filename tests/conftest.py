@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from seq_support import SeqRuns
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -18,3 +22,19 @@ def rsna_sample() -> Path:
     if not (RSNA_SAMPLE / "stage_2_train_images").is_dir():
         pytest.skip(f"real RSNA sample not found at {RSNA_SAMPLE} (it lives outside the repository)")
     return RSNA_SAMPLE
+
+
+@pytest.fixture(scope="session")
+def seq_runs(tmp_path_factory: pytest.TempPathFactory) -> SeqRuns:
+    """A tiny 2D base run and two sequence runs on it (tests/seq_support.py), trained once a session."""
+    from seq_support import tiny_seq_runs  # ichdet imported after HF_HUB_OFFLINE is set above
+
+    return tiny_seq_runs(tmp_path_factory.mktemp("tiny_seq_runs"))
+
+
+@pytest.fixture(scope="session")
+def seq_bundle(seq_runs: SeqRuns, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bundle of ``seq_runs.seq`` (its base run inside)."""
+    from ichdet.bundle import write_bundle
+
+    return write_bundle([seq_runs.seq], tmp_path_factory.mktemp("seq_bundle") / "seq.ichdet")

@@ -1,12 +1,10 @@
-"""Shared by the sequence-bundle tests: a tiny 2D base run and two sequence runs on it, made once per session."""
+"""Shared by the sequence tests: a trained tiny 2D base run, and two sequence runs on one (the ``seq_runs`` fixture)."""
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import torch
 from torch import nn
 from torch.nn.modules.module import register_module_forward_hook
@@ -20,6 +18,10 @@ from ichdet.train import train
 SIZE = 32
 BASE = ["model.backbone=resnet10t", f"data.image_size={SIZE}", "train.batch_size=16", "train.num_workers=0",
         "train.device=cpu", "train.amp=off", "train.channels_last=false", "train.epochs=1", "train.warmup_epochs=0.0"]
+#: The sequence unit tests' base: resnet18 (a 512-wide embedding), a higher lr so one epoch learns something.
+RESNET18_BASE = ["model.backbone=resnet18", "data.image_size=32", "train.batch_size=16", "train.num_workers=0",
+                 "train.device=cpu", "train.lr=0.003", "train.warmup_epochs=0.0", "train.channels_last=false",
+                 "train.epochs=1", "train.amp=off"]
 SEQ = ["model.hidden=16", "features.batch_size=32", "features.num_workers=0", "train.device=cpu", "train.amp=off",
        "train.batch_size=4", "train.epochs=1"]
 
@@ -36,22 +38,23 @@ class SeqRuns:
     labels: Path
 
 
-def tiny_seq_runs(tmp_path_factory: pytest.TempPathFactory) -> SeqRuns:
-    """Built under the session's base temp folder once; later calls (from any test module) reuse them."""
-    root = tmp_path_factory.getbasetemp() / "tiny_seq_runs"
-    runs = SeqRuns(root / "runs" / "base", root / "runs" / "seq", root / "runs" / "seq2", root / "cache",
-                   root / "data" / "stage_2_train.csv")
-    if (root / "done").exists():
-        return runs
-    shutil.rmtree(root, ignore_errors=True)
-    make_dataset(root / "data", SynthSpec(n_studies=8, n_test_studies=0, size=SIZE, slices_per_study=(8, 9), seed=4,
-                                          context=True))
-    preprocess(root / "data" / "stage_2_train_images", runs.cache, runs.labels,
+def trained_base(root: Path, seed: int, slices: tuple[int, int], base: list[str] = BASE) -> tuple[Path, Path]:
+    """Under ``root``: 8 context-matters studies at 32 px (``slices`` per study), a 2-fold cache of them and a
+    2D run (config ``base``) trained on both folds. Returns (cache, run)."""
+    make_dataset(root / "data", SynthSpec(n_studies=8, n_test_studies=0, size=SIZE, slices_per_study=slices,
+                                          seed=seed, context=True))
+    preprocess(root / "data" / "stage_2_train_images", root / "cache", root / "data" / "stage_2_train.csv",
                PreprocessOptions(size=SIZE, workers=1, n_folds=2, progress=False))
-    train(build_config({}, BASE), runs.cache, runs.base, fold="all", progress=False)
+    train(build_config({}, base), root / "cache", root / "runs" / "base", fold="all", progress=False)
+    return root / "cache", root / "runs" / "base"
+
+
+def tiny_seq_runs(root: Path) -> SeqRuns:
+    """The base run and the two sequence runs on it, built under ``root`` (the ``seq_runs`` fixture, once a session)."""
+    cache, base = trained_base(root, seed=4, slices=(8, 9))
+    runs = SeqRuns(base, root / "runs" / "seq", root / "runs" / "seq2", cache, root / "data" / "stage_2_train.csv")
     train_seq(load_seq_config(None, SEQ), [runs.base], runs.cache, runs.seq, progress=False)
     train_seq(load_seq_config(None, [*SEQ, "model.hidden=8"]), [runs.base], runs.cache, runs.seq2, progress=False)
-    (root / "done").touch()
     return runs
 
 

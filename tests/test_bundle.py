@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from seq_support import SeqRuns, StemImages, tiny_seq_runs
+from seq_support import SeqRuns, StemImages
 from study_support import copy_study, study_files, tiny_runs
 from typer.testing import CliRunner
 
@@ -229,16 +229,6 @@ def test_operating_points(pos: list[float], neg: list[float], sensitivity: float
 # --------------------------------------------------------------------------------------------- sequence members
 
 
-@pytest.fixture(scope="module")
-def seq_runs(tmp_path_factory: pytest.TempPathFactory) -> SeqRuns:
-    return tiny_seq_runs(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def seq_bundle(seq_runs: SeqRuns, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_bundle([seq_runs.seq], tmp_path_factory.mktemp("seq_bundle") / "seq.ichdet")
-
-
 def _zip(bundle: Path) -> tuple[list[str], dict[str, object], str]:
     with zipfile.ZipFile(bundle) as zf:
         text = zf.read("manifest.json").decode()
@@ -428,4 +418,12 @@ def test_mixed_bundle_reads_each_image_once_per_fold_group(seq_runs: SeqRuns, tm
     cache = CountingCache(seq_runs.cache)
     found = ensemble_probs(ens.members, cache, torch.device("cpu"))
     assert cache.reads == len(cache) * reads_per_image
-    assert [p.shape for _, p in found] == [(2, len(cache), len(LABELS))] * 3
+    assert [p.shape for p in found] == [(2, len(cache), len(LABELS))] * 3
+
+
+def test_a_sequence_run_over_a_sequence_run_is_refused_by_name(seq_runs: SeqRuns, tmp_path: Path) -> None:
+    run = tmp_path / "seq_on_seq"
+    shutil.copytree(seq_runs.seq, run)
+    (run / "seq.json").write_text(json.dumps({"bases": [str(seq_runs.seq2)]}))
+    with pytest.raises(CheckpointError, match=rf"{seq_runs.seq2} \(a base run of .*seq_on_seq\) is a sequence run"):
+        load_ensemble(runs=[run])

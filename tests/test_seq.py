@@ -15,9 +15,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from seq_support import RESNET18_BASE, trained_base
 
 from ichdet.cache import PreprocessOptions, preprocess
-from ichdet.config import SeqFeatureConfig, SeqModelConfig, build_config, load_seq_config
+from ichdet.config import SeqFeatureConfig, SeqModelConfig, load_seq_config
 from ichdet.engine import Runtime, embed
 from ichdet.ensemble import ensemble, read_predictions
 from ichdet.errors import ConfigError, IchdetError
@@ -35,12 +36,7 @@ from ichdet.seq import (
     train_seq,
 )
 from ichdet.store import PixelCache
-from ichdet.synth import SynthSpec, make_dataset
-from ichdet.train import train
 
-BASE = ["model.backbone=resnet18", "data.image_size=32", "train.batch_size=16", "train.num_workers=0",
-        "train.device=cpu", "train.lr=0.003", "train.warmup_epochs=0.0", "train.channels_last=false",
-        "train.epochs=1", "train.amp=off"]
 SEQ = ["model.hidden=16", "features.batch_size=32", "features.num_workers=0", "train.device=cpu", "train.amp=off",
        "train.batch_size=4", "train.epochs=2", "train.patience=10"]
 CPU = Runtime(torch.device("cpu"))
@@ -50,13 +46,7 @@ FEATURES = SeqFeatureConfig(batch_size=32, num_workers=0)
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A 2-fold cache of context-matters studies and a resnet18 base run trained on both folds."""
-    root = tmp_path_factory.mktemp("seq")
-    make_dataset(root / "data", SynthSpec(n_studies=8, n_test_studies=0, size=32, slices_per_study=(8, 10),
-                                          seed=2, context=True))
-    preprocess(root / "data" / "stage_2_train_images", root / "cache", root / "data" / "stage_2_train.csv",
-               PreprocessOptions(size=32, workers=1, n_folds=2, progress=False))
-    train(build_config({}, BASE), root / "cache", root / "base", fold="all", progress=False)
-    return root / "cache", root / "base"
+    return trained_base(tmp_path_factory.mktemp("seq"), seed=2, slices=(8, 10), base=RESNET18_BASE)
 
 
 def test_oof_features_come_from_the_fold_model_that_never_saw_them(setup: tuple[Path, Path]) -> None:

@@ -10,18 +10,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from seq_support import RESNET18_BASE, trained_base
 
-from ichdet.cache import PreprocessOptions, preprocess
-from ichdet.config import build_config, load_seq_config
+from ichdet.config import load_seq_config
 from ichdet.labels import LABELS
 from ichdet.seq import series_rows, train_seq
 from ichdet.store import PixelCache
-from ichdet.synth import SynthSpec, make_dataset
-from ichdet.train import train
 
-BASE = ["model.backbone=resnet18", "data.image_size=32", "train.batch_size=16", "train.num_workers=0",
-        "train.device=cpu", "train.lr=0.003", "train.warmup_epochs=0.0", "train.channels_last=false",
-        "train.epochs=1", "train.amp=off"]
 # no dropout (its masks depend on the batch's shape), every epoch kept: the two runs must be the same model
 SEQ = ["model.hidden=16", "model.dropout=0.0", "features.batch_size=32", "features.num_workers=0",
        "train.device=cpu", "train.amp=off", "train.epochs=3", "train.select=last"]
@@ -30,13 +25,7 @@ SEQ = ["model.hidden=16", "model.dropout=0.0", "features.batch_size=32", "featur
 @pytest.fixture(scope="module")
 def equal_series(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A 2-fold cache of series of one length (8 slices) and a base run trained on both folds."""
-    root = tmp_path_factory.mktemp("seq_ddp")
-    make_dataset(root / "data", SynthSpec(n_studies=8, n_test_studies=0, size=32, slices_per_study=(8, 8),
-                                          seed=5, context=True))
-    preprocess(root / "data" / "stage_2_train_images", root / "cache", root / "data" / "stage_2_train.csv",
-               PreprocessOptions(size=32, workers=1, n_folds=2, progress=False))
-    train(build_config({}, BASE), root / "cache", root / "base", fold="all", progress=False)
-    return root / "cache", root / "base"
+    return trained_base(tmp_path_factory.mktemp("seq_ddp"), seed=5, slices=(8, 8), base=RESNET18_BASE)
 
 
 def _probs(run: Path) -> np.ndarray:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from seq_support import SIZE, SeqRuns, StemImages, tiny_seq_runs
+from seq_support import SIZE, SeqRuns, StemImages
 from study_support import copy_study, study_files
 from test_report_html import check_rendered, data_uri_images, needs_chromium, rendered
 from typer.testing import CliRunner
@@ -24,16 +24,6 @@ from ichdet.study import StudyPrediction, predict_study
 
 STUDY = "ID_134d398b61"  # 28 slices, one series, tilted gantry, no duplicate positions
 TOP_K = 2
-
-
-@pytest.fixture(scope="module")
-def seq_runs(tmp_path_factory: pytest.TempPathFactory) -> SeqRuns:
-    return tiny_seq_runs(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def seq_bundle(seq_runs: SeqRuns, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_bundle([seq_runs.seq], tmp_path_factory.mktemp("seq_bundle") / "seq.ichdet")
 
 
 @pytest.fixture(scope="module")

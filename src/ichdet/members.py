@@ -221,14 +221,12 @@ def _two_d_member(run: Path, weight: float) -> Member:
 def _seq_member(run: Path, weight: float, known: dict[Path, Member]) -> Member:
     from ichdet.config import load_seq_config
     from ichdet.predict import fold_weights
-    from ichdet.seq import SEQ_FILE, is_seq_run
+    from ichdet.rundir import SEQ_FILE, check_2d_run
 
-    paths = [Path(p) for p in json.loads((run / SEQ_FILE).read_text())["bases"]]
     bases = []
-    for path in paths:
-        if is_seq_run(path):
-            raise IchdetError(f"{run}: base run {path} is a sequence run; a sequence run reads 2D runs only")
-        bases.append(known.get(path.resolve()) or run_member(path, 0.0, known))
+    for base in json.loads((run / SEQ_FILE).read_text())["bases"]:
+        path = check_2d_run(base, f"a base run of {run}")
+        bases.append(known.get(path) or run_member(path, 0.0, known))
     folds = fold_weights(run)
     missing = {b.name: sorted(set(k for k, _ in folds) - set(b.folds)) for b in bases}
     missing = {name: ks for name, ks in missing.items() if ks}
@@ -242,7 +240,7 @@ def _seq_member(run: Path, weight: float, known: dict[Path, Member]) -> Member:
 def run_member(run: str | Path, weight: float, known: dict[Path, Member] | None = None) -> Member:
     """The member of one run folder (2D, or sequence with its base runs); ``known`` (resolved path ->
     member) lets runs met earlier be reused as bases, and collects every run loaded."""
-    from ichdet.seq import is_seq_run
+    from ichdet.rundir import is_seq_run
 
     path = Path(run).resolve()
     known = {} if known is None else known

@@ -112,8 +112,8 @@ def images_at(images: Images, size: int) -> PixelCache:
 
 def ensemble_probs(members: Sequence[Member], images: Images, device: torch.device, tta: bool = True,
                    batch_size: int | None = None, num_workers: int | None = None,
-                   progress: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Every fold of every member over every image: per member, rows (N,) and probs (folds, N, 6).
+                   progress: bool = False) -> list[np.ndarray]:
+    """Every fold of every member over every image, in image order: per member, probs (folds, N, 6).
 
     The one place members (2D or sequence, from run folders or a bundle) meet images: ``predict``,
     ``predict-study`` and ``report`` all call it, once per call with all the members. Each (2D run,
@@ -138,7 +138,7 @@ def ensemble_probs(members: Sequence[Member], images: Images, device: torch.devi
                     probs[i] = (seq_fold_probs(m, fold, passes, tta, series, device) if m.kind == "seq"
                                 else passes.probs(m, fold))
         passes.release(group)
-    return [(np.arange(passes.n), probs) for probs in out]
+    return out
 
 
 def _some_size(members: Sequence[Member]) -> int:
@@ -146,27 +146,15 @@ def _some_size(members: Sequence[Member]) -> int:
     return members[0].image_members()[0].run_config.data.image_size
 
 
-def member_probs(member: Member, images: Images, device: torch.device, tta: bool = True,
-                 batch_size: int | None = None, num_workers: int | None = None,
-                 progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Every fold of one member over every image: rows (N,), probs (folds, N, 6) (:func:`ensemble_probs`)."""
-    return ensemble_probs([member], images, device, tta, batch_size, num_workers, progress)[0]
-
-
 def member_tables(members: Sequence[Member], cache: PixelCache, tta: bool = True, batch_size: int | None = None,
                   device: str = "auto", num_workers: int | None = None, progress: bool = False) -> pd.DataFrame:
     """Predict every image of ``cache`` with every fold of every member in one call; a long table."""
     rt = init_runtime(device)
     found = ensemble_probs(members, cache, rt.device, tta, batch_size, num_workers, progress)
+    rows = np.arange(len(cache))
     return pd.concat([prediction_table(cache, rows, fold_probs, model=member.name, fold=fold)
-                      for member, (rows, probs) in zip(members, found, strict=True)
+                      for member, probs in zip(members, found, strict=True)
                       for fold, fold_probs in zip(member.folds, probs, strict=True)], ignore_index=True)
-
-
-def predict_member(member: Member, cache: PixelCache, tta: bool = True, batch_size: int | None = None,
-                   device: str = "auto", num_workers: int | None = None, progress: bool = False) -> pd.DataFrame:
-    """Predict every image of ``cache`` with every fold of one member (a run or a bundle's); a long table."""
-    return member_tables([member], cache, tta, batch_size, device, num_workers, progress)
 
 
 def predict_run(run: str | Path, cache: PixelCache, tta: bool = True, batch_size: int | None = None,
@@ -176,8 +164,8 @@ def predict_run(run: str | Path, cache: PixelCache, tta: bool = True, batch_size
 
     A sequence run (:mod:`ichdet.seq`) predicts the same table through its base runs' folds.
     """
-    member = load_ensemble(runs=[Path(run)]).members[0]
-    return predict_member(member, cache, tta, batch_size, device, num_workers, progress)
+    return member_tables(load_ensemble(runs=[Path(run)]).members, cache, tta, batch_size, device, num_workers,
+                         progress)
 
 
 def predict_runs(runs: Sequence[str | Path], data: str | Path, tta: bool = True, device: str = "auto",

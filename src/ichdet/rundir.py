@@ -20,7 +20,7 @@ import yaml
 
 from ichdet.checkpoint import load_state
 from ichdet.config import Config, SeqConfig
-from ichdet.errors import ConfigError, IchdetError
+from ichdet.errors import CheckpointError, ConfigError, IchdetError
 from ichdet.store import PixelCache
 
 #: Config keys that do not change what a run learns, so a resume may change them: the run's label, where
@@ -33,6 +33,29 @@ RESULT_FREE_KEYS: frozenset[str] = frozenset({
     "name", "train.num_workers", "train.device", "train.channels_last", "train.compile", "train.tta"})
 
 _FOLD_DIR = re.compile(r"fold(\d+)")
+
+#: What makes a run folder a sequence run (``ichdet seq train``): its base runs and feature layout.
+SEQ_FILE = "seq.json"
+
+
+def is_seq_run(run: str | Path) -> bool:
+    """Whether ``run`` is a sequence run (it has ``seq.json``)."""
+    return (Path(run) / SEQ_FILE).is_file()
+
+
+def check_2d_run(run: str | Path, what: str = "a base run") -> Path:
+    """``run`` resolved, if it is a 2D run folder (``ichdet train``); CheckpointError naming it otherwise.
+
+    ``what`` says in the refusal what the folder was given as (a sequence run's bases are 2D runs).
+    """
+    path = Path(run).resolve()
+    if not (path / "config.yaml").is_file():
+        raise CheckpointError(f"{run} ({what}): not a trained run folder (no config.yaml); pass a folder "
+                              "written by `ichdet train`")
+    if is_seq_run(path):
+        raise CheckpointError(f"{run} ({what}) is a sequence run; a sequence run's bases are 2D runs "
+                              "(`ichdet train`)")
+    return path
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

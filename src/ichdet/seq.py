@@ -14,8 +14,8 @@ features are cached as float16 in ``BASE_RUN/features/fold{k}-{oof|all}-{key}.np
 cache's ids and folds, the weights' size and time, TTA), written atomically one fold at a time, so an
 interrupted extraction resumes and a second sequence config reuses them.
 
-Prediction (:func:`predict_seq`, and a sequence member of a bundle alike) goes through
-:func:`ichdet.predict.member_probs` and :mod:`ichdet.seq_predict`: fold ``k``'s CNNs feed fold ``k``'s
+Prediction (``ichdet predict --run SEQRUN``, and a sequence member of a bundle alike) goes through
+:func:`ichdet.predict.ensemble_probs` and :mod:`ichdet.seq_predict`: fold ``k``'s CNNs feed fold ``k``'s
 sequence model, features in memory, nothing written.
 """
 
@@ -47,16 +47,15 @@ from ichdet.engine import (
     make_loader,
     precision,
 )
-from ichdet.errors import CheckpointError, ConfigError, IchdetError
+from ichdet.errors import ConfigError, IchdetError
 from ichdet.io import atomic_path, folder_lock, write_parquet_atomic, write_text_atomic
 from ichdet.labels import LABELS
 from ichdet.models import build_seq_model, input_stats
 from ichdet.predict import fold_weights, load_run_model, run_config
-from ichdet.rundir import folds_to_train
+from ichdet.rundir import SEQ_FILE, check_2d_run, folds_to_train
 from ichdet.store import PixelCache
 from ichdet.train import Batch, Trainer, WeightedBCE, optimisation, train_fold
 
-SEQ_FILE = "seq.json"
 FEATURES_DIR = "features"
 
 
@@ -79,12 +78,7 @@ class BaseRun:
 
 def load_base(run: str | Path) -> BaseRun:
     """A 2D run folder as a :class:`BaseRun`; CheckpointError if it is not one or has no trained fold."""
-    path = Path(run).resolve()
-    if not (path / "config.yaml").is_file():
-        raise CheckpointError(f"{run}: not a trained run folder (no config.yaml); pass a folder written by "
-                              "`ichdet train` (--run/--base)")
-    if (path / SEQ_FILE).is_file():
-        raise CheckpointError(f"{run} is a sequence run; a sequence run's bases are 2D runs (`ichdet train`)")
+    path = check_2d_run(run)
     return BaseRun(path, run_config(path), dict(fold_weights(path)))
 
 
@@ -335,22 +329,3 @@ def train_seq(cfg: SeqConfig, runs: Sequence[str | Path], data: str | Path, out:
         if rt.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
     return results
-
-
-# ------------------------------------------------------------------------------------ prediction
-
-
-def is_seq_run(run: str | Path) -> bool:
-    """Whether ``run`` is a sequence run (it has ``seq.json``)."""
-    return (Path(run) / SEQ_FILE).is_file()
-
-
-def predict_seq(run: str | Path, cache: PixelCache, tta: bool = True, device: str = "auto",
-                progress: bool = False) -> pd.DataFrame:
-    """Every image of ``cache`` through every fold of a sequence run: fold ``k``'s CNNs (each base run's)
-    feed fold ``k``'s sequence model. The long table of :func:`ichdet.predict.predict_run`, through the
-    same member path as a bundle's (:func:`ichdet.predict.ensemble_probs`)."""
-    from ichdet.bundle import load_ensemble
-    from ichdet.predict import predict_member
-
-    return predict_member(load_ensemble(runs=[Path(run)]).members[0], cache, tta, device=device, progress=progress)

@@ -251,12 +251,8 @@ def _members_probs(members: Sequence[Member], prediction: StudyPrediction, tta: 
     series, in slice order, as one sequence)."""
     from ichdet.predict import ensemble_probs
 
-    out = []
-    for rows, probs in ensemble_probs(members, prediction.cache, device, tta, num_workers=0):  # in memory: no workers
-        mean = np.empty((len(prediction.series_of_row), len(LABELS)), np.float64)
-        mean[rows] = probs.astype(np.float64).mean(axis=0)
-        out.append(mean)
-    return out
+    found = ensemble_probs(members, prediction.cache, device, tta, num_workers=0)  # in memory: no loader workers
+    return [probs.astype(np.float64).mean(axis=0) for probs in found]
 
 
 def _no_usable_series(scan: StudyScan) -> IchdetError:
