@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: test demo lint typecheck pytest bench clean test-programs
+.PHONY: test demo lint imports typecheck pytest bench clean test-programs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
-test: $(STAMP) test-programs lint typecheck pytest
+test: $(STAMP) test-programs lint imports typecheck pytest
 
 # Programs the tests drive, as program:Debian-package. Installed where missing and possible (root with
 # apt-get, as CI runs); elsewhere their tests skip and say why.
@@ -31,6 +31,10 @@ test-programs:
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
+
+# the stage rules of docs/architecture.md (contracts in pyproject.toml)
+imports: $(STAMP)
+	$(BIN)/lint-imports
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

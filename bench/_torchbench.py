@@ -164,7 +164,7 @@ def add_common_args(parser: argparse.ArgumentParser, batch: int) -> None:
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> cuda when available, else cpu; a bare ``cuda`` gets its index (``cuda:0``).
 
-    The index matters: ``ichdet.engine.init_runtime("cuda")`` calls ``torch.cuda.set_device``, which
+    The index matters: ``ichdet.models.engine.init_runtime("cuda")`` calls ``torch.cuda.set_device``, which
     refuses a CUDA device without an index.
     """
     if name == "auto":
@@ -176,7 +176,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:
-    """ichdet's rule (``ichdet.engine.precision``) for ``auto``: bf16 if supported, else fp16; off on CPU."""
+    """ichdet's rule (``ichdet.models.engine.precision``) for ``auto``: bf16 if supported, else fp16; off on CPU."""
     if amp != "auto":
         return amp
     if device.type != "cuda":
@@ -252,7 +252,7 @@ def bare_twin(arch: str, ichdet_model: torch.nn.Module, device: torch.device, ch
     """``timm.create_model(arch)`` (ichdet's alias resolved) with ``ichdet_model``'s weights, on ``device``."""
     import timm
 
-    from ichdet.models import resolve_backbone, unwrap
+    from ichdet.models.backbones import resolve_backbone, unwrap
 
     bare = timm.create_model(resolve_backbone(arch), num_classes=6)
     bare.load_state_dict(unwrap(ichdet_model).state_dict())
@@ -281,7 +281,7 @@ def bare_train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, op
 def bench_config(arch: str, size: int, batch: int, device: torch.device, amp: str, channels_last: bool,
                  workers: int = 0, extra: Sequence[str] = ()) -> Any:
     """An ichdet Config for ``arch`` at ``size`` px (no pretrained weights: nothing to download)."""
-    from ichdet.config import build_config
+    from ichdet.models.config import build_config
 
     overrides = [f"model.backbone={arch}", "model.pretrained=false", f"data.image_size={size}",
                  f"train.batch_size={batch}", f"train.num_workers={workers}", f"train.device={device}",
@@ -304,7 +304,7 @@ def make_cache(root: Path, size: int, n_images: int, workers: int = 1, slices: i
     The synthetic studies are drawn in ``workers`` processes (parts with distinct seeds), their files
     merged into one folder and preprocessed with ``workers`` processes. Returns the cache folder.
     """
-    from ichdet.cache import PreprocessOptions, preprocess
+    from ichdet.cache.writer import PreprocessOptions, preprocess
 
     px = min(max(size, 32), 1024)
     studies = max(2, -(-n_images // slices))
@@ -330,7 +330,7 @@ def make_cache(root: Path, size: int, n_images: int, workers: int = 1, slices: i
 class FixedBatchLoader:
     """Stands in for a training DataLoader: the same pre-made batch ``steps`` times.
 
-    It has what :func:`ichdet.train.train_one_epoch` reads of its loader (``sampler``, ``dataset``
+    It has what :func:`ichdet.train.loop.train_one_epoch` reads of its loader (``sampler``, ``dataset``
     with ``set_epoch``, ``len`` and iteration), so the real epoch loop runs unchanged on it.
     """
 
@@ -354,7 +354,7 @@ class FixedBatchLoader:
 
 def fixed_batch_epochs(trainer: Any, batch: tuple[torch.Tensor, ...]) -> Callable[[int], object]:
     """``run(n)``: ichdet's real epoch loop (``train_one_epoch``) over ``trainer`` on ``batch``, ``n`` steps."""
-    from ichdet.train import train_one_epoch
+    from ichdet.train.loop import train_one_epoch
 
     return lambda n: train_one_epoch(dataclasses.replace(trainer, train_loader=FixedBatchLoader(batch, n)),
                                      epoch=0, progress=False)

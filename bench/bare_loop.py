@@ -2,7 +2,7 @@
 
 AdamW, one-cycle learning rate, horizontal flip only, inputs scaled to [0, 1] (no mean/std), plain
 BCE over the six labels, every training study (no validation fold), the final epoch's weights. It reads
-the same pixel cache through :class:`ichdet.data.SliceDataset` so the inputs (windows, size) are the
+the same pixel cache through :class:`ichdet.models.inputs.SliceDataset` so the inputs (windows, size) are the
 same as ichdet's; nothing else of the ichdet recipe is used.
 """
 
@@ -14,9 +14,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ichdet.config import AugmentConfig, DataConfig
-from ichdet.data import SliceDataset
-from ichdet.store import PixelCache
+from ichdet.cache.store import PixelCache
+from ichdet.models.config import AugmentConfig, DataConfig
+from ichdet.models.inputs import SliceDataset
+from ichdet.train.augment import AugmentedSlices
 
 #: Flip only: every other transform of ichdet's augmentation switched off.
 FLIP_ONLY = AugmentConfig(hflip=0.5, shift_scale_rotate=0.0, brightness_contrast=0.0, random_crop=0.0)
@@ -28,7 +29,7 @@ def train_bare(cache: PixelCache, backbone: str, image_size: int, epochs: int, b
     torch.manual_seed(seed)
     data = DataConfig(image_size=image_size, augment=FLIP_ONLY)
     rows = np.flatnonzero(cache.index["fold"].to_numpy() >= 0)
-    ds = SliceDataset(cache, rows, data, augment=True, seed=seed)
+    ds = AugmentedSlices(cache, rows, data, seed=seed)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(seed))
     model = timm.create_model(backbone, pretrained=False, num_classes=6, in_chans=data.in_chans)

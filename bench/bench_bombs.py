@@ -1,6 +1,6 @@
 """Peak memory of one preprocessing worker on memory-bomb DICOM files (issue 8), against a normal slice.
 
-Each file below is put alone in a folder and preprocessed by ``ichdet.cache.preprocess(workers=1)``
+Each file below is put alone in a folder and preprocessed by ``ichdet.cache.writer.preprocess(workers=1)``
 in a fresh process, so the process is the worker; its peak resident set (``ru_maxrss``) is reported,
 together with the same process's peak after the imports alone (``idle``) and on one real 512x512 RSNA
 slice (``normal``). The bombs are a few kilobytes on disk and claim gigabytes:
@@ -46,7 +46,7 @@ SOURCE = RSNA_SAMPLE / "stage_2_test_images" / "ID_000a50137.dcm"
 #: Run in a fresh process: preprocess one folder with one worker, print peak RSS (KiB) and the errors.
 WORKER = """
 import json, resource, sys
-from ichdet.cache import PreprocessOptions, preprocess
+from ichdet.cache.writer import PreprocessOptions, preprocess
 idle = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 summary = preprocess(sys.argv[1], sys.argv[2], None, PreprocessOptions(size=512, workers=1, progress=False))
 import pandas as pd

@@ -1,8 +1,8 @@
 """ichdet's inference against a bare ``torch.no_grad(): model(x)`` loop over the same batches.
 
 ichdet's side is the real prediction path: a run folder (``config.yaml`` + ``fold0/best.safetensors``,
-written in a temporary folder) loaded by :func:`ichdet.predict.load_run_model`, the ``Normalizer`` and
-autocast that :func:`ichdet.predict.predict_run` builds, and :func:`ichdet.engine.predict_batches`
+written in a temporary folder) loaded by :func:`ichdet.models.rundir.load_run_model`, the ``Normalizer`` and
+autocast that :func:`ichdet.infer.predict.predict_run` builds, and :func:`ichdet.models.engine.predict_batches`
 over a DataLoader of ``--steps`` pre-made uint8 batches (pinned on CUDA, as ``predict_run``'s
 loader hands them over): copy to the device, normalize, autocast, sigmoid, results to the host.
 Compared without TTA; the h-flip TTA (what ``ichdet predict`` does by default) is timed in the same
@@ -49,11 +49,11 @@ from _torchbench import (
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build both sides, time them interleaved, return the results (also printed)."""
-    from ichdet.checkpoint import save_weights
-    from ichdet.config import config_to_yaml
-    from ichdet.engine import Normalizer, init_runtime, precision, predict_batches
-    from ichdet.models import build_model, input_stats
-    from ichdet.predict import load_run_model
+    from ichdet.models.backbones import build_model, input_stats
+    from ichdet.models.checkpoint import save_weights
+    from ichdet.models.config import config_to_yaml
+    from ichdet.models.engine import Normalizer, init_runtime, precision, predict_batches
+    from ichdet.models.rundir import load_run_model
 
     device, amp, channels_last = setup(args)
     cfg = bench_config(args.arch, args.size, args.batch, device, amp, channels_last)

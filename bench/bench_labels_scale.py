@@ -2,7 +2,7 @@
 
 Generates (untimed) a synthetic ``stage_2_train.csv`` the size of RSNA stage 2 (752,803 images =
 4,516,818 rows, ~14 % ``any``, a few exact duplicate rows like the real file) and a meta table of
-~19 k patients, then times ``ichdet.labels.read_labels`` and ``ichdet.folds.assign_folds`` in a fresh
+~19 k patients, then times ``ichdet.cache.labels.read_labels`` and ``ichdet.cache.folds.assign_folds`` in a fresh
 subprocess per repeat so the peak RSS (``ru_maxrss`` of that process) is clean. Reports the median
 seconds, the peak RSS and PASS/FAIL against the targets (<= 30 s, <= 2 GB). The exit status is 0
 whatever the verdict: this is a measurement, not a test.
@@ -144,8 +144,8 @@ def prevalence_spread(meta: pd.DataFrame, folds: np.ndarray) -> dict[str, float]
 
 def child(csv_path: Path, meta_path: Path, naive: bool) -> dict[str, Any]:
     """One measurement in this (fresh) process: seconds per step and this process's peak RSS."""
-    from ichdet.folds import assign_folds
-    from ichdet.labels import read_labels
+    from ichdet.cache.folds import assign_folds
+    from ichdet.cache.labels import read_labels
 
     t0 = time.perf_counter()
     wide = naive_read_labels(csv_path) if naive else read_labels(csv_path)

@@ -2,7 +2,7 @@
 
 What is measured: a cache of size 256 is built (untimed) from the real RSNA sample (stage_2_train_images +
 stage_2_test_images, 296 slices; ``--images DIR`` to use other folders, ``--synthetic-studies N`` to add a
-synthetic 256 px set), then ``ichdet.data.SliceDataset(cache, rows, DataConfig(image_size=256, ...),
+synthetic 256 px set), then ``ichdet.models.inputs.SliceDataset(cache, rows, DataConfig(image_size=256, ...),
 augment=...)[i]`` is called for every row, in ONE process with ``torch.set_num_threads(1)`` and
 ``cv2.setNumThreads(1)``, so the rate is per core (a DataLoader with W workers scales it by at most W).
 Each call is the full path a training step pays per sample: the int16 read from the memory-mapped
@@ -59,10 +59,11 @@ from common import (
     warm_files,
 )
 
-from ichdet.cache import PreprocessOptions, preprocess
-from ichdet.config import DataConfig
-from ichdet.data import SliceDataset
-from ichdet.store import PixelCache
+from ichdet.cache.store import PixelCache
+from ichdet.cache.writer import PreprocessOptions, preprocess
+from ichdet.models.config import DataConfig
+from ichdet.models.inputs import SliceDataset
+from ichdet.train.augment import AugmentedSlices
 
 SIZE = 256
 TARGET = 400.0  # samples/s per core, 2d_augment
@@ -85,7 +86,8 @@ def build_cache(args: argparse.Namespace, tmp: Path) -> PixelCache:
 def dataset(cache: PixelCache, offsets: list[int], augment: bool) -> SliceDataset:
     """A SliceDataset over every row of ``cache``."""
     cfg = DataConfig(image_size=SIZE, slice_offsets=offsets)
-    return SliceDataset(cache, np.arange(len(cache)), cfg, augment=augment, seed=0)
+    rows = np.arange(len(cache))
+    return AugmentedSlices(cache, rows, cfg, seed=0) if augment else SliceDataset(cache, rows, cfg)
 
 
 def read_all(ds: SliceDataset) -> Callable[[], int]:

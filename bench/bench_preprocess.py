@@ -12,7 +12,7 @@ stage_2_test_images, 296 slices of 512x512), each variant timed end to end, wall
     (``floor_1p``) and in a pool of 2 worker processes (``floor_2p``, pool start included, files in
     the same chunks as ichdet uses). No reader of these files can beat it without a faster decoder.
 ``ichdet``
-    ``ichdet.cache.preprocess(images, out, None, PreprocessOptions(size=512, workers=W, progress=False))``
+    ``ichdet.cache.writer.preprocess(images, out, None, PreprocessOptions(size=512, workers=W, progress=False))``
     into a fresh folder each time, W = 2 (``ichdet_2w``) and 1 (``ichdet_1w``): header + HU + store
     conversion, int16 shards, manifests, index, errors.csv, every file written atomically (temporary
     name + rename); index.parquet, errors.csv and cache.json also fsynced (the shards and manifests
@@ -82,9 +82,9 @@ from common import (
 )
 
 import ichdet.io
-from ichdet.cache import PreprocessOptions, _default_chunk_size, preprocess
-from ichdet.index import list_dicom_files
-from ichdet.windowing import SEED_WINDOWS  # brain 40/80, subdural 80/200, soft tissue 40/380 (center/width HU)
+from ichdet.cache.index import list_dicom_files
+from ichdet.cache.writer import PreprocessOptions, _default_chunk_size, preprocess
+from ichdet.dicom.windowing import SEED_WINDOWS  # brain 40/80, subdural 80/200, soft tissue 40/380 (center/width HU)
 
 DEFAULT_IMAGES = (RSNA_SAMPLE / "stage_2_train_images", RSNA_SAMPLE / "stage_2_test_images")
 SIZE = 512
@@ -121,7 +121,7 @@ def floor_pool(chunks: Sequence[Sequence[str]], workers: int) -> int:
 
 
 def chunked(files: Sequence[str]) -> list[list[str]]:
-    """The files in the chunks ichdet.cache would use (~64 chunks, 16 to 256 files each)."""
+    """The files in the chunks ichdet.cache.writer would use (~64 chunks, 16 to 256 files each)."""
     step = _default_chunk_size(len(files))
     return [list(files[i:i + step]) for i in range(0, len(files), step)]
 
@@ -152,8 +152,8 @@ class Scratch:
 
 def _compute_only(files: Sequence[str]) -> int:
     """ichdet's per-file work in the preprocessor (read, HU, store conversion) with nothing written."""
-    from ichdet.cache import hu_to_store
-    from ichdet.dicom import Workspace, read_dicom
+    from ichdet.cache.writer import hu_to_store
+    from ichdet.dicom.read import Workspace, read_dicom
 
     work, out = Workspace(), np.empty((SIZE, SIZE), np.int16)
     for path in files:
@@ -210,7 +210,7 @@ def breakdown(farm: Path, scratch_root: Path, repeats: int) -> dict[str, float]:
     The steps are timed by wrapping ichdet's internal functions (in this process: workers=1), so the
     figures add up to roughly the whole run; a step whose function is renamed is simply left out.
     """
-    import ichdet.cache as cache_mod
+    import ichdet.cache.writer as cache_mod
 
     steps = {"read DICOM + HU (read_dicom)": (cache_mod, "read_dicom"),
              "HU -> int16 store (hu_to_store)": (cache_mod, "hu_to_store"),

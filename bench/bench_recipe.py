@@ -44,14 +44,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bare_loop import predict_bare, train_bare
 from common import format_machine, machine_info
 
-from ichdet.cache import PreprocessOptions, preprocess
-from ichdet.config import load_config
-from ichdet.labels import LABELS
-from ichdet.metrics import expected_calibration_error, weighted_log_loss
-from ichdet.predict import predict_run
-from ichdet.store import PixelCache
+from ichdet.cache.store import PixelCache
+from ichdet.cache.writer import PreprocessOptions, preprocess
+from ichdet.evaluate.metrics import expected_calibration_error, weighted_log_loss
+from ichdet.infer.predict import predict_run
+from ichdet.models.config import load_config
+from ichdet.names import LABELS
 from ichdet.synth import SynthSpec, make_dataset
-from ichdet.train import train
+from ichdet.train.loop import train
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 TEST_SEED_OFFSET = 1000  # the test studies: their own synth seed, never seen by training or selection

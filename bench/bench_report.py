@@ -5,10 +5,10 @@ of ``--arch`` at ``--size`` px, random weights: the cost does not depend on them
 
 - ``inference`` (the baseline): a ``torch.inference_mode`` forward pass of every member over the top
   slices' windowed inputs, sigmoid, no TTA (what the predictor spends on those slices);
-- ``gradcam``: :func:`ichdet.gradcam.cam_overlays` over the same inputs and members (forward + backward);
-- ``figures``: :func:`ichdet.gradcam.study_figures` end to end (inputs from HU, CAMs, the overlay
+- ``gradcam``: :func:`ichdet.study.gradcam.cam_overlays` over the same inputs and members (forward + backward);
+- ``figures``: :func:`ichdet.study.gradcam.study_figures` end to end (inputs from HU, CAMs, the overlay
   images in the three report windows at the slices' full 512 px);
-- ``render``: :func:`ichdet.report_html.render_report` of those figures (PNG encoding, the page).
+- ``render``: :func:`ichdet.study.html.render_report` of those figures (PNG encoding, the page).
 
 The slices are real RSNA slices (the first study of the sample), read once before timing. Reported:
 median seconds per study and the ratio of each to ``inference``.
@@ -51,11 +51,11 @@ def _study(n_slices: int) -> tuple[dict, dict, dict[str, np.ndarray]]:
 
     import pydicom
 
-    from ichdet.bundle import Ensemble
-    from ichdet.dicom import read_hu
-    from ichdet.labels import LABELS
-    from ichdet.study import StudySlice, scan_folder
-    from ichdet.study_result import build_result
+    from ichdet.dicom.read import read_hu
+    from ichdet.infer.bundle import Ensemble
+    from ichdet.names import LABELS
+    from ichdet.study.result import build_result
+    from ichdet.study.scan import StudySlice, scan_folder
 
     files = sorted((RSNA_SAMPLE / "stage_2_train_images").glob("*.dcm"))
     with warnings.catch_warnings():
@@ -79,11 +79,11 @@ def _study(n_slices: int) -> tuple[dict, dict, dict[str, np.ndarray]]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build the members and the study, time the four variants interleaved, return the results."""
-    from ichdet.config import DataConfig, ModelConfig
-    from ichdet.engine import Normalizer
-    from ichdet.gradcam import cam_overlays, model_inputs, study_figures
-    from ichdet.models import build_model, input_stats
-    from ichdet.report_html import render_report, study_slices, top_slices
+    from ichdet.models.backbones import build_model, input_stats
+    from ichdet.models.config import DataConfig, ModelConfig
+    from ichdet.models.engine import Normalizer
+    from ichdet.study.gradcam import cam_overlays, model_inputs, study_figures
+    from ichdet.study.html import render_report, study_slices, top_slices
 
     torch.manual_seed(0)
     data_cfg = DataConfig(image_size=args.size)

@@ -47,8 +47,8 @@ def context_categories(index: Any) -> Any:
     one, 3 ``far`` any other negative."""
     import numpy as np
 
-    from ichdet.labels import LABELS
-    from ichdet.seq import series_rows
+    from ichdet.models.sequence import series_rows
+    from ichdet.names import LABELS
 
     y = np.nan_to_num(index[list(LABELS)].to_numpy(float)) > 0.5
     out = np.zeros(y.shape, np.int8)
@@ -66,7 +66,7 @@ def _breakdown(wide: Any, index: Any, cats: Any) -> dict[str, float]:
     """Mean binary cross-entropy of ``wide``'s probabilities per context category (all six labels)."""
     import numpy as np
 
-    from ichdet.labels import LABELS
+    from ichdet.names import LABELS
 
     order = index.set_index("image_id").index.get_indexer(wide.index)
     p = np.clip(wide[list(LABELS)].to_numpy(float), 1e-7, 1 - 1e-7)
@@ -78,8 +78,8 @@ def _breakdown(wide: Any, index: Any, cats: Any) -> dict[str, float]:
 
 
 def _score(wide: Any, labels_csv: Path) -> float:
-    from ichdet.labels import LABELS, read_labels
-    from ichdet.metrics import weighted_log_loss
+    from ichdet.cache.labels import LABELS, read_labels
+    from ichdet.evaluate.metrics import weighted_log_loss
 
     truth = read_labels(labels_csv).loc[wide.index]
     return float(weighted_log_loss(truth[list(LABELS)].to_numpy(float), wide[list(LABELS)].to_numpy(float)))
@@ -87,7 +87,7 @@ def _score(wide: Any, labels_csv: Path) -> float:
 
 def _prepare(root: Path, name: str, n: int, seed: int, size: int) -> Path:
     """``synth --context`` of ``n`` labelled studies and its 2-fold cache (kept if already there)."""
-    from ichdet.cache import PreprocessOptions, preprocess
+    from ichdet.cache.writer import PreprocessOptions, preprocess
     from ichdet.synth import SynthSpec, make_dataset
 
     d = root / name
@@ -106,12 +106,12 @@ def gain(studies: list[int], base_epochs: int, variants: dict[str, list[str]], h
     is kept and reused (a rerun adds variants without retraining the base runs)."""
     import pandas as pd
 
-    from ichdet.config import build_config, load_seq_config
-    from ichdet.ensemble import ensemble
-    from ichdet.predict import predict_runs
-    from ichdet.seq import train_seq
-    from ichdet.store import PixelCache
-    from ichdet.train import train
+    from ichdet.cache.store import PixelCache
+    from ichdet.evaluate.ensembling import ensemble
+    from ichdet.infer.predict import predict_runs
+    from ichdet.models.config import build_config, load_seq_config
+    from ichdet.train.loop import train
+    from ichdet.train.seq import train_seq
 
     held = _prepare(root, "heldout", heldout, 1000, size)
     held_index = PixelCache(held / "cache").index
@@ -159,11 +159,12 @@ def cost(series: int, slices: int, device: str, max_batches: int | None, sets: S
     import torch
     from torch import nn
 
-    from ichdet.config import load_seq_config
-    from ichdet.engine import init_runtime
-    from ichdet.models import build_seq_model
-    from ichdet.seq import SeriesDataset, _infer, series_batch, series_loader
-    from ichdet.train import Trainer, WeightedBCE, optimisation, train_one_epoch
+    from ichdet.models.backbones import build_seq_model
+    from ichdet.models.config import load_seq_config
+    from ichdet.models.engine import init_runtime
+    from ichdet.models.sequence import SeriesDataset, series_loader
+    from ichdet.train.loop import Trainer, WeightedBCE, optimisation, train_one_epoch
+    from ichdet.train.seq import _infer, series_batch
 
     rng = np.random.default_rng(0)
     lengths = rng.integers(20, 61, size=series)

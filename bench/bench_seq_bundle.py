@@ -9,7 +9,7 @@ study of ``bench_study.py``. Each repeat runs the three, interleaved, with flip 
 Reported: median seconds of inference and end to end per bundle, the ratio of each to ``2d``, and the
 bundle sizes. A sequence member embeds each slice once per fold of its base run (pooled features and
 logits) and runs its sequence model per series; ``mixed`` runs the base's CNNs once per fold and view
-for both members (:class:`ichdet.passes.FoldPasses`: the 2D member's probabilities are the sigmoid of
+for both members (:class:`ichdet.infer.passes.FoldPasses`: the 2D member's probabilities are the sigmoid of
 the logits the sequence member reads), so it should cost about what ``seq`` costs, about ``2d`` plus
 the sequence models. The load average before and after is printed and saved.
 
@@ -38,10 +38,10 @@ FOLDS = 2
 
 def make_runs(root: Path) -> tuple[Path, Path]:
     """A 2D base run and a sequence run over it, random weights, in run-folder layout."""
-    from ichdet.checkpoint import save_weights
-    from ichdet.config import build_config, config_to_yaml, load_seq_config
     from ichdet.io import write_text_atomic
-    from ichdet.models import build_model, build_seq_model
+    from ichdet.models.backbones import build_model, build_seq_model
+    from ichdet.models.checkpoint import save_weights
+    from ichdet.models.config import build_config, config_to_yaml, load_seq_config
 
     cfg = build_config({}, ["model.backbone=resnet10t", "data.image_size=128", "train.device=cpu", "train.amp=off",
                             "train.channels_last=false", "train.batch_size=16"])
@@ -69,7 +69,7 @@ def main() -> None:
     load_before = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="bench_seq_bundle_"))
     try:
-        from ichdet.bundle import write_bundle
+        from ichdet.infer.bundle import write_bundle
 
         study = make_study(tmp)
         base, seq = make_runs(tmp)

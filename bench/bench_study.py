@@ -4,7 +4,7 @@ Two bundles with random weights (timing does not depend on the weights), written
 ``ichdet bundle`` code: a demo-like bundle (resnet10t at 128 and 96 px, 2 folds each, as ``ichdet demo``
 trains) and a resnet34 5-fold bundle at 256 px. The study: a 40-slice synthetic study at 512 x 512
 (``ichdet synth``), in nested folders with opaque file names. Each repeat runs, interleaved with the
-others: the full :func:`ichdet.study.predict_study` + :func:`ichdet.study_result.write_result` (flip TTA)
+others: the full :func:`ichdet.study.predict.predict_study` + :func:`ichdet.study.result.write_result` (flip TTA)
 per bundle, and two baselines on the same files and networks:
 
 * reading baseline: ``pydicom.dcmread`` + ``pixel_array`` of the 40 files (no ordering, no selection);
@@ -53,12 +53,12 @@ def make_study(root: Path, n_slices: int = 40) -> Path:
 
 
 def make_bundle(root: Path, name: str) -> Path:
-    """Run folders with random weights for ``BUNDLES[name]``, packed by :func:`ichdet.bundle.write_bundle`."""
-    from ichdet.bundle import write_bundle
-    from ichdet.checkpoint import save_weights
-    from ichdet.config import build_config, config_to_yaml
+    """Run folders with random weights for ``BUNDLES[name]``, packed by :func:`ichdet.infer.bundle.write_bundle`."""
+    from ichdet.infer.bundle import write_bundle
     from ichdet.io import write_text_atomic
-    from ichdet.models import build_model
+    from ichdet.models.backbones import build_model
+    from ichdet.models.checkpoint import save_weights
+    from ichdet.models.config import build_config, config_to_yaml
 
     runs = []
     for run_name, backbone, size, folds in BUNDLES[name]:
@@ -86,7 +86,7 @@ def inference_baseline(bundle: Path, n: int) -> float:
     """Seconds for the bundle's networks called bare on a ready batch of ``n`` slices and their mirror."""
     import torch
 
-    from ichdet.bundle import load_ensemble
+    from ichdet.infer.bundle import load_ensemble
 
     ens = load_ensemble(bundle)
     total = 0.0
@@ -107,9 +107,9 @@ def inference_baseline(bundle: Path, n: int) -> float:
 
 def study_run(study: Path, bundle: Path, out: Path) -> dict[str, float]:
     """One end-to-end predict-study (load, read, infer, write) with its phase timings."""
-    from ichdet.bundle import load_ensemble
-    from ichdet.study import predict_study
-    from ichdet.study_result import write_result
+    from ichdet.infer.bundle import load_ensemble
+    from ichdet.study.predict import predict_study
+    from ichdet.study.result import write_result
 
     start = time.perf_counter()
     ens = load_ensemble(bundle)

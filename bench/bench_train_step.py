@@ -1,11 +1,11 @@
 """ichdet's training step against a bare timm training step: same architecture, weights, batch, device.
 
-ichdet's side is the real code: a ``Trainer`` from :func:`ichdet.train.build_trainer` (on a small
-synthetic cache made in a temporary folder), and :func:`ichdet.train.train_one_epoch` itself, run
+ichdet's side is the real code: a ``Trainer`` from :func:`ichdet.train.loop.build_trainer` (on a small
+synthetic cache made in a temporary folder), and :func:`ichdet.train.loop.train_one_epoch` itself, run
 over a stand-in loader that yields one pre-made batch ``--steps`` times. So every step is exactly
 what training does per batch, nothing replicated: uint8 batch to the device, ``Normalizer``
 (uint8 -> float, mean/std, channels_last when configured), the autocast of
-:func:`ichdet.engine.precision`, ``WeightedBCE``, ``zero_grad``, ``scaler.scale(loss).backward()``,
+:func:`ichdet.models.engine.precision`, ``WeightedBCE``, ``zero_grad``, ``scaler.scale(loss).backward()``,
 ``unscale_`` + ``clip_grad_norm_``, ``scaler.step``, ``scaler.update``, ``scheduler.step``, the
 running loss on the device and the every-10-steps ``loss.item()`` of the progress bar.
 
@@ -54,9 +54,9 @@ from _torchbench import (
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build both sides, time them interleaved, return the results (also printed)."""
-    from ichdet.engine import init_runtime
-    from ichdet.store import PixelCache
-    from ichdet.train import build_trainer
+    from ichdet.cache.store import PixelCache
+    from ichdet.models.engine import init_runtime
+    from ichdet.train.loop import build_trainer
 
     device, amp, channels_last = setup(args)
     with temp_dir("ichdet-bench-train-") as tmp:
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             x_bare = t.normalize(images.to(device)).contiguous(memory_format=memory_format(channels_last))
         y_bare = target.to(device)
         opt = torch.optim.AdamW(bare.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                                fused=device.type == "cuda")  # as ichdet.train.build_trainer
+                                fused=device.type == "cuda")  # as ichdet.train.loop.build_trainer
         bare_autocast = autocast_for(amp, device)
         bare_scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 

@@ -194,7 +194,7 @@ def symlink_farm(sources: Iterable[Path], farm: Path) -> list[Path]:
 
 def input_folder(tmp: Path, folders: Sequence[Path] = (), files: Sequence[Path] = (), *, synthetic_studies: int = 0,
                  size: int = 512, hint: str = "pass --images DIR") -> Path:
-    """One folder holding every input DICOM file, for tools that take one folder (ichdet.cache.preprocess).
+    """One folder holding every input DICOM file, for tools that take one folder (ichdet.cache.writer.preprocess).
 
     The inputs: ``files``, every DICOM file under ``folders`` (each must be a folder, else exit with
     ``hint``) and, with ``synthetic_studies``, that many synthetic studies at ``size`` px generated
@@ -212,7 +212,7 @@ def input_folder(tmp: Path, folders: Sequence[Path] = (), files: Sequence[Path] 
         folders.append(make_dataset(tmp / "synth", spec).train_dir)
     if len(folders) == 1 and not files:
         return Path(folders[0])
-    from ichdet.index import list_dicom_files
+    from ichdet.cache.index import list_dicom_files
 
     sources = [*files, *(p for folder in folders for p in list_dicom_files(folder))]
     if not sources:

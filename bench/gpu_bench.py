@@ -17,8 +17,8 @@ Sections (each prints its figures; a failure is printed and recorded, and the ne
                    DataLoader's own samples/s with those workers.
 6. ``knobs``       what the two speed settings ichdet turns on for CUDA give over torch's defaults,
                    bare timm, bf16 + CL: ``default`` has both off (cudnn.benchmark off, AdamW's
-                   default foreach), ``cudnn_benchmark`` turns on the first (ichdet.engine.init_runtime
-                   does), ``fused_adamw`` the second (AdamW(fused=True), as ichdet.train.build_trainer).
+                   default foreach), ``cudnn_benchmark`` turns on the first (ichdet.models.engine.init_runtime
+                   does), ``fused_adamw`` the second (AdamW(fused=True), as ichdet.train.loop.build_trainer).
 
 ``--smoke`` (``ICHDET_GPU_SMOKE=1 bash bench/gpu.sh``): the same sections with tiny sizes, on the CPU
 where there is no GPU, to check the script in a couple of minutes.
@@ -278,10 +278,10 @@ class SteadyLoader:
 def section_loader(plan: Plan, device: torch.device) -> dict[str, Any]:
     import numpy as np
 
-    from ichdet.data import SliceDataset
-    from ichdet.engine import init_runtime
-    from ichdet.store import PixelCache
-    from ichdet.train import _loader, build_trainer, train_one_epoch
+    from ichdet.cache.store import PixelCache
+    from ichdet.models.engine import init_runtime
+    from ichdet.train.augment import AugmentedSlices
+    from ichdet.train.loop import _loader, build_trainer, train_one_epoch
 
     workers = common.usable_cores()
     out: dict[str, Any] = {"workers": workers}
@@ -306,7 +306,7 @@ def section_loader(plan: Plan, device: torch.device) -> dict[str, Any]:
             # fed by the real dataset (augmented, train rows repeated) through ichdet's own loader settings
             drain = workers * 4 + workers  # the in-flight batches of prefetch_factor=4, then one more round
             rows = np.resize(t.train_loader.dataset.rows, (drain + steps + 2) * batch)
-            ds = SliceDataset(cache, rows, cfg.data, augment=True, seed=cfg.train.seed)
+            ds = AugmentedSlices(cache, rows, cfg.data, seed=cfg.train.seed)
             steady = SteadyLoader(_loader(ds, cfg, rt, train=True), drain, steps, workers, device)
             train_one_epoch(dataclasses.replace(t, train_loader=steady), 0, False)
             fed = steps * batch / steady.fed_seconds
@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sections", default="card,throughput,train_step,inference,loader,knobs")
     args = parser.parse_args(argv)
     plan = SMOKE if args.smoke else REAL
-    device = resolve_device("auto")  # cuda:0 (with its index: ichdet.engine.init_runtime needs one) or cpu
+    device = resolve_device("auto")  # cuda:0 (with its index: ichdet.models.engine.init_runtime needs one) or cpu
     if device.type != "cuda" and not args.smoke:
         print("no CUDA device: running the smoke sizes on the CPU instead (ICHDET_GPU_SMOKE=1)")
         plan = SMOKE

@@ -35,6 +35,6 @@ def seq_runs(tmp_path_factory: pytest.TempPathFactory) -> SeqRuns:
 @pytest.fixture(scope="session")
 def seq_bundle(seq_runs: SeqRuns, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A bundle of ``seq_runs.seq`` (its base run inside)."""
-    from ichdet.bundle import write_bundle
+    from ichdet.infer.bundle import write_bundle
 
     return write_bundle([seq_runs.seq], tmp_path_factory.mktemp("seq_bundle") / "seq.ichdet")

@@ -9,11 +9,11 @@ import torch
 from torch import nn
 from torch.nn.modules.module import register_module_forward_hook
 
-from ichdet.cache import PreprocessOptions, preprocess
-from ichdet.config import build_config, load_seq_config
-from ichdet.seq import train_seq
+from ichdet.cache.writer import PreprocessOptions, preprocess
+from ichdet.models.config import build_config, load_seq_config
 from ichdet.synth import SynthSpec, make_dataset
-from ichdet.train import train
+from ichdet.train.loop import train
+from ichdet.train.seq import train_seq
 
 SIZE = 32
 BASE = ["model.backbone=resnet10t", f"data.image_size={SIZE}", "train.batch_size=16", "train.num_workers=0",

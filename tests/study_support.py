@@ -8,10 +8,10 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from ichdet.cache import PreprocessOptions, preprocess
-from ichdet.config import build_config
+from ichdet.cache.writer import PreprocessOptions, preprocess
+from ichdet.models.config import build_config
 from ichdet.synth import SynthSpec, make_dataset
-from ichdet.train import train
+from ichdet.train.loop import train
 
 TINY = ["model.backbone=resnet18", "data.image_size=64", "train.batch_size=16", "train.num_workers=0",
         "train.device=cpu", "train.amp=off", "train.channels_last=false", "train.epochs=1",

@@ -11,9 +11,9 @@ import torch
 import typer
 from typer.testing import CliRunner
 
+from ichdet.cache.labels import LABELS, write_labels
 from ichdet.cli import app, handle_errors, one_line
 from ichdet.errors import IchdetError, RunFailed
-from ichdet.labels import LABELS, write_labels
 
 runner = CliRunner()
 

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ichdet.cache import PreprocessOptions, preprocess
+from ichdet.cache.store import PixelCache
+from ichdet.cache.writer import PreprocessOptions, preprocess
 from ichdet.io import is_temp_name
-from ichdet.store import PixelCache
 from ichdet.synth import SynthSpec, make_dataset
 
 SRC = Path(__file__).resolve().parents[1] / "src"

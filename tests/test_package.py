@@ -50,7 +50,7 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_installed_ichdet_is_the_wheel_and_finds_its_configs(installed: Path, tmp_path: Path) -> None:
-    code = ("import ichdet, ichdet.demo; from ichdet.config import load_config; "
+    code = ("import ichdet, ichdet.demo; from ichdet.models.config import load_config; "
             "print(ichdet.__file__); print(ichdet.demo.CONFIG_DIR); "
             "print(load_config(ichdet.demo.CONFIG_DIR / 'demo.yaml').model.backbone)")
     result = _run([str(installed), "-c", code], cwd=tmp_path)

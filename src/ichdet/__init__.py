@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ichdet.errors import IchdetError
-from ichdet.labels import LABELS
+from ichdet.names import LABELS
 
 __all__ = ["LABELS", "IchdetError"]
 __version__ = "0.1.0"

@@ -15,8 +15,8 @@ import typer
 from ichdet.errors import IchdetError, RunFailed
 
 if TYPE_CHECKING:
-    from ichdet.report_html import ReportFigures
-    from ichdet.study import StudyPrediction
+    from ichdet.study.html import ReportFigures
+    from ichdet.study.predict import StudyPrediction
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Intracranial hemorrhage detection on head CT (RSNA 2019 labels).")
@@ -116,8 +116,8 @@ def preprocess(images: Annotated[Path, typer.Option(help="folder of DICOM files 
                                                             "(rows x columns x frames; default 4096x4096)")]
                = 4096 * 4096) -> None:
     """DICOM folder -> cache (index.parquet, pixel store, errors.csv); resumes an interrupted run."""
-    from ichdet.cache import PreprocessOptions
-    from ichdet.cache import preprocess as run
+    from ichdet.cache.writer import PreprocessOptions
+    from ichdet.cache.writer import preprocess as run
 
     options = PreprocessOptions(size=size, workers=workers, n_folds=folds, seed=seed, max_pixels=max_pixels,
                                 progress=sys.stderr.isatty())  # checked before anything is read
@@ -136,8 +136,8 @@ def train(config: Annotated[Path | None, typer.Option(help="YAML config (configs
           resume: Annotated[bool, typer.Option(help="continue an interrupted run")] = False,
           set_: Annotated[list[str] | None, typer.Option("--set", help="override: key=value")] = None) -> None:
     """Train one fold or all folds (launch with torchrun for several GPUs or nodes)."""
-    from ichdet.config import load_config
-    from ichdet.train import train as run
+    from ichdet.models.config import load_config
+    from ichdet.train.loop import train as run
 
     if config is None and resume and (out / "config.yaml").exists():
         config = out / "config.yaml"
@@ -186,8 +186,8 @@ def predict(data: Annotated[Path, typer.Option(help="cache folder to predict")],
             device: str = "auto",
             force: Annotated[bool, _FORCE] = False) -> None:
     """Predict every image of a cache with every fold of each run (or of each bundle member)."""
+    from ichdet.infer.predict import check_out, predict_runs
     from ichdet.io import write_parquet_atomic
-    from ichdet.predict import check_out, predict_runs
 
     check_out(out, force)
     preds = predict_runs(list(run or []), data, tta=tta, device=device, progress=sys.stderr.isatty(), bundle=bundle)
@@ -219,8 +219,8 @@ def ensemble(preds: Annotated[list[Path], typer.Argument(help="prediction parque
     Image ids that are not Kaggle ids (``ID_<hex>``), e.g. hospital UIDs, give a wide prediction CSV
     instead: image_id and the six probabilities.
     """
-    from ichdet.ensemble import ensemble as combine
-    from ichdet.ensemble import read_predictions, write_ensemble
+    from ichdet.evaluate.ensembling import ensemble as combine
+    from ichdet.evaluate.ensembling import read_predictions, write_ensemble
 
     _output(out, force, _PREDICTION_CSV)
     weights = dict(_model_weight(w) for w in weight) if weight else None
@@ -244,8 +244,8 @@ def evaluate(pred: Annotated[Path, typer.Option(help="predictions: parquet, RUN/
              reliability: Annotated[Path | None, typer.Option(help="reliability PNG (default: next to --pred)")] = None,
              force: Annotated[bool, _FORCE] = False) -> None:
     """Weighted log loss, per-label log loss and AUC, calibration, operating points, study level, CIs, plots."""
-    from ichdet.report import evaluate as score
-    from ichdet.report import write_plots
+    from ichdet.evaluate.evaluation import evaluate as score
+    from ichdet.evaluate.evaluation import write_plots
 
     roc = _output(plot or pred.with_name(pred.stem + "_roc.png"), force, _PNG)
     rel = _output(reliability or pred.with_name(pred.stem + "_reliability.png"), force, _PNG)
@@ -313,8 +313,8 @@ def seq_train(run: Annotated[list[Path], typer.Option(
               resume: Annotated[bool, typer.Option(help="continue an interrupted run")] = False,
               set_: Annotated[list[str] | None, typer.Option("--set", help="override: key=value")] = None) -> None:
     """Train a sequence model over out-of-fold features of trained 2D runs (predict it like any run)."""
-    from ichdet.config import load_seq_config
-    from ichdet.seq import train_seq
+    from ichdet.models.config import load_seq_config
+    from ichdet.train.seq import train_seq
 
     if config is None and resume and (out / "config.yaml").exists():
         config = out / "config.yaml"
@@ -336,7 +336,7 @@ def bundle(run: Annotated[list[Path], typer.Option(help="run folder, 2D or seque
            force: Annotated[bool, _FORCE] = False,
            ) -> None:
     """Pack runs into one model file: weights (safetensors), configs, weights, thresholds, sha256 manifest."""
-    from ichdet.bundle import load_ensemble, write_bundle
+    from ichdet.infer.bundle import load_ensemble, write_bundle
 
     _output(out, force, (b"PK\x03\x04",))  # a bundle is a zip: another kind of file only with --force
     weights = dict(_model_weight(w) for w in weight) if weight else None
@@ -352,7 +352,7 @@ def bundle(run: Annotated[list[Path], typer.Option(help="run folder, 2D or seque
 def _check_study_folder(path: Path, dicom_out: Path | None) -> None:
     """Refuse, before any work, a PATH that is not a folder or (with --dicom-out) slices DICOM results
     cannot refer to, and a --dicom-out that is a file."""
-    from ichdet.study_outputs import check_dicom_out
+    from ichdet.study.outputs import check_dicom_out
 
     if not path.is_dir():
         raise IchdetError(f"{path}: not a folder; pass the folder that holds the study's DICOM files")
@@ -365,7 +365,7 @@ def _check_study_folder(path: Path, dicom_out: Path | None) -> None:
 def _dicom_results(prediction: StudyPrediction, dicom_out: Path | None, include_phi: bool,
                    figures: dict[str, ReportFigures] | None = None) -> None:
     """With --dicom-out: the SR and secondary captures of every analysed study (figures made if not given)."""
-    from ichdet.study_outputs import prediction_figures, write_prediction_dicom
+    from ichdet.study.outputs import prediction_figures, write_prediction_dicom
 
     if dicom_out is None:
         return
@@ -388,9 +388,9 @@ def predict_study(path: Annotated[Path, typer.Argument(help="folder of DICOM fil
                       help="also write a DICOM SR and Grad-CAM secondary captures into this folder")] = None,
                   force: Annotated[bool, _FORCE] = False) -> None:
     """Analyse every axial CT series of every study under PATH; write one result JSON."""
-    from ichdet.bundle import load_ensemble
-    from ichdet.study import predict_study as run_study
-    from ichdet.study_result import write_result
+    from ichdet.infer.bundle import load_ensemble
+    from ichdet.study.predict import predict_study as run_study
+    from ichdet.study.result import write_result
 
     _check_study_folder(path, dicom_out)
     _output(out, force, (b"{",))  # a result JSON of ours starts with "{"; anything else needs --force
@@ -426,10 +426,10 @@ def report(path: Annotated[Path, typer.Argument(help="folder of DICOM files (any
                "--include-phi", help="show patient name, ID, birth date, accession and institution")] = False,
            force: Annotated[bool, _FORCE] = False) -> None:
     """Analyse PATH as predict-study does and write a self-contained HTML report per study (Grad-CAM)."""
-    from ichdet.bundle import load_ensemble
-    from ichdet.report_html import study_pages, write_report
-    from ichdet.study import predict_study as run_study
-    from ichdet.study_outputs import prediction_figures
+    from ichdet.infer.bundle import load_ensemble
+    from ichdet.study.html import study_pages, write_report
+    from ichdet.study.outputs import prediction_figures
+    from ichdet.study.predict import predict_study as run_study
 
     _output(out, force, _HTML)
     for page in study_pages(out):  # several studies: a page per study next to --out, checked like it

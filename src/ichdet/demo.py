@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from ichdet.cache import PreprocessOptions, preprocess
-from ichdet.config import load_config
-from ichdet.ensemble import ensemble, read_predictions, write_ensemble
+from ichdet.cache.writer import PreprocessOptions, preprocess
 from ichdet.errors import ConfigError
+from ichdet.evaluate.ensembling import ensemble, read_predictions, write_ensemble
+from ichdet.evaluate.evaluation import evaluate, write_plots
+from ichdet.infer.predict import predict_runs
 from ichdet.io import write_parquet_atomic
-from ichdet.predict import predict_runs
-from ichdet.report import evaluate, write_plots
+from ichdet.models.config import load_config
 from ichdet.synth import SynthSpec, make_dataset
-from ichdet.train import train
+from ichdet.train.loop import train
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 """The shipped configs (package data, so an installed ichdet finds them outside a checkout)."""

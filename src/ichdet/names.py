@@ -1,11 +1,22 @@
-"""One "did you mean" rule for every name a user types: config keys, window presets, model names."""
+"""Names every stage shares: the six labels in the challenge's order, and one "did you mean" rule for every
+name a user types (config keys, window presets, model names)."""
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
 
-__all__ = ["close_matches", "did_you_mean"]
+__all__ = ["LABELS", "close_matches", "did_you_mean"]
+
+#: The RSNA 2019 labels, in the order of every (N, 6) array and table in ichdet.
+LABELS: tuple[str, ...] = (
+    "epidural",
+    "intraparenchymal",
+    "intraventricular",
+    "subarachnoid",
+    "subdural",
+    "any",
+)
 
 
 def close_matches(name: str, choices: Iterable[str], n: int = 3, cutoff: float = 0.6) -> list[str]:

@@ -30,11 +30,11 @@ def analyse_study(study_dir: Path, ensemble: Any, out_dir: Path, *, tta: bool = 
 
     The result's DICOM objects are an SR of the findings and one secondary capture per top slice (Grad-CAM
     overlay), in the source study, made as ``ichdet predict-study --dicom-out`` makes them
-    (:mod:`ichdet.study_outputs`); every file returned is inside ``out_dir``. The spool holds one study
+    (:mod:`ichdet.study.outputs`); every file returned is inside ``out_dir``. The spool holds one study
     per folder, so the result normally has one study.
     """
-    from ichdet.study import predict_study
-    from ichdet.study_outputs import prediction_figures, write_prediction_dicom
+    from ichdet.study.outputs import prediction_figures, write_prediction_dicom
+    from ichdet.study.predict import predict_study
 
     prediction = predict_study(study_dir, ensemble, tta=tta, device=device)
     json_path = write_json_atomic(out_dir / "result.json", prediction.result)
@@ -44,7 +44,7 @@ def analyse_study(study_dir: Path, ensemble: Any, out_dir: Path, *, tta: bool = 
 
 def bundle_analyser(bundle: Path, *, tta: bool = True, device: str = "auto") -> Analyser:
     """Load (and verify) the bundle once; return the analyser the worker calls for every study."""
-    from ichdet.bundle import load_ensemble
+    from ichdet.infer.bundle import load_ensemble
 
     ensemble = load_ensemble(bundle)
 

@@ -10,7 +10,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from ichdet.labels import LABELS
+from ichdet.names import LABELS
 from ichdet.synth.spec import (
     AIR,
     BLOOD_HU,

@@ -11,7 +11,7 @@ from typing import Literal, TypeVar
 import numpy as np
 
 from ichdet.errors import ConfigError
-from ichdet.labels import LABELS
+from ichdet.names import LABELS
 
 T = TypeVar("T")
 Layout = Literal["signed16", "unsigned12", "rsna12"]

@@ -22,9 +22,9 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from ichdet.cache.labels import LABELS, write_labels, write_submission
 from ichdet.errors import IchdetError
 from ichdet.io import atomic_path, folder_lock, remove_stale_temps, write_text_atomic
-from ichdet.labels import LABELS, write_labels, write_submission
 from ichdet.synth.phantom import phantom_slice
 from ichdet.synth.plan import plan_dataset
 from ichdet.synth.spec import (

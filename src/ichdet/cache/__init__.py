@@ -1,0 +1,26 @@
+"""The pixel cache: DICOM folder -> index + integer HU shards (preprocess), the store reader, folds, labels (no torch).
+
+The names other stages may use::
+
+    from ichdet.cache import PixelCache, read_labels, assign_folds
+    cache = PixelCache("cache/")               # .index (DataFrame), .read(image_id) -> int16 HU
+"""
+
+from __future__ import annotations
+
+from ichdet.cache.folds import assign_folds
+from ichdet.cache.index import build_index, list_dicom_files
+from ichdet.cache.labels import (
+    read_labels,
+    read_submission,
+    to_long,
+    validate_submission,
+    write_labels,
+    write_submission,
+)
+from ichdet.cache.store import PixelCache
+from ichdet.cache.writer import PreprocessOptions, hu_to_store, preprocess
+
+__all__ = ["PixelCache", "PreprocessOptions", "assign_folds", "build_index", "hu_to_store", "list_dicom_files",
+           "preprocess", "read_labels", "read_submission", "to_long", "validate_submission", "write_labels",
+           "write_submission"]

@@ -1,0 +1,145 @@
+"""Batched inference of trained runs on a cache, with test-time augmentation.
+
+The output is one long table: ``image_id, model, fold`` and the six probabilities, one row per image
+per fold of each run, which :mod:`ichdet.evaluate.ensembling` averages (folds first, then models).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import TypeAlias
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from ichdet.cache.store import PixelCache
+from ichdet.errors import IchdetError, RunFailed
+from ichdet.infer.bundle import Member, load_ensemble, run_names
+from ichdet.infer.passes import FoldPasses, plan_needs
+from ichdet.infer.seq_predict import seq_fold_probs
+from ichdet.models.engine import init_runtime, prediction_table
+from ichdet.models.sequence import series_rows
+from ichdet.names import LABELS
+
+
+def check_out(out: str | Path, force: bool = False) -> Path:
+    """Where ``predict`` may write: a new file, or a prediction table of its own (any file with ``force``).
+
+    Called before any work, so a refused ``predict`` changes nothing and costs nothing.
+    """
+    out = Path(out)
+    if out.is_dir():
+        raise IchdetError(f"--out {out} is a folder; give the path of a .parquet file to write")
+    if out.exists() and not force and not _is_prediction_table(out):
+        raise IchdetError(f"--out {out} exists and is not a prediction table written by `ichdet predict`; "
+                          "choose another path or pass --force to replace it")
+    return out
+
+
+def _is_prediction_table(path: Path) -> bool:
+    """Whether ``path`` is a Parquet file with the columns of :func:`predict_run`'s table."""
+    try:
+        names = set(pq.read_schema(path).names)
+    except (pa.ArrowException, OSError):
+        return False
+    return names == {"image_id", "model", "fold", *LABELS}
+
+
+def check_predictions(preds: pd.DataFrame) -> pd.DataFrame:
+    """Refuse a prediction table whose model folds cover different images or hold non-finite or
+    out-of-range probabilities (RunFailed naming the model and fold); return it unchanged."""
+    values = preds[list(LABELS)].to_numpy(dtype=np.float64)
+    bad = ~(np.isfinite(values) & (values >= 0) & (values <= 1)).all(axis=1)
+    if bad.any():
+        row = preds.loc[bad].iloc[0]
+        raise RunFailed(f"model {row['model']} fold {row['fold']} predicted {int(bad.sum())} rows outside "
+                        f"[0, 1] or not finite (first: image {row['image_id']}); its weights are broken, retrain it")
+    groups = {key: frozenset(ids) for key, ids in preds.groupby(["model", "fold"])["image_id"]}
+    first_key, first = next(iter(groups.items()))
+    for key, ids in groups.items():
+        if ids != first:
+            raise RunFailed(f"model {key[0]} fold {key[1]} covers {len(ids)} images and model {first_key[0]} fold "
+                            f"{first_key[1]} {len(first)}, not the same ones; every fold must predict every image")
+    return preds
+
+
+#: What a member predicts from: a cache, or a function giving the images stored at a size (a study in
+#: memory, :meth:`ichdet.study.predict.StudyPrediction.cache`, stored at each network's own image size).
+Images: TypeAlias = PixelCache | Callable[[int], PixelCache]
+
+
+def images_at(images: Images, size: int) -> PixelCache:
+    """The cache ``images`` is, or the one it gives at ``size`` pixels."""
+    return images if isinstance(images, PixelCache) else images(size)
+
+
+def ensemble_probs(members: Sequence[Member], images: Images, device: torch.device, tta: bool = True,
+                   batch_size: int | None = None, num_workers: int | None = None,
+                   progress: bool = False) -> list[np.ndarray]:
+    """Every fold of every member over every image, in image order: per member, probs (folds, N, 6).
+
+    The one place members (2D or sequence, from run folders or a bundle) meet images: ``predict``,
+    ``predict-study`` and ``report`` all call it, once per call with all the members. Each (2D run,
+    fold, TTA view) CNN pass runs once (:class:`ichdet.infer.passes.FoldPasses`): a 2D member's fold
+    probabilities are the sigmoid of the logits of the same pass whose embedding and logits its
+    sequence members read, and the images are read and windowed once per image setting (per fold
+    group, see :mod:`ichdet.infer.passes` for memory). Fold ``k``'s base CNNs feed fold ``k``'s sequence model
+    (:func:`ichdet.infer.seq_predict.seq_fold_probs`).
+    """
+    passes = FoldPasses(plan_needs(members, tta), partial(images_at, images), device, batch_size, num_workers,
+                        progress)
+    series = series_rows(images_at(images, _some_size(members)).index) if any(m.kind == "seq" for m in members) else []
+    out = [np.zeros((len(m.folds), passes.n, len(LABELS)), np.float32) for m in members]
+    for group in passes.fold_groups():
+        passes.compute(group)
+        for m, probs in zip(members, out, strict=True):
+            for i, fold in enumerate(m.folds):
+                if fold in group:
+                    probs[i] = (seq_fold_probs(m, fold, passes, tta, series, device) if m.kind == "seq"
+                                else passes.probs(m, fold))
+        passes.release(group)
+    return out
+
+
+def _some_size(members: Sequence[Member]) -> int:
+    """The image size of the first 2D run the members read (every size holds the same rows)."""
+    return members[0].image_members()[0].run_config.data.image_size
+
+
+def member_tables(members: Sequence[Member], cache: PixelCache, tta: bool = True, batch_size: int | None = None,
+                  device: str = "auto", num_workers: int | None = None, progress: bool = False) -> pd.DataFrame:
+    """Predict every image of ``cache`` with every fold of every member in one call; a long table."""
+    rt = init_runtime(device)
+    found = ensemble_probs(members, cache, rt.device, tta, batch_size, num_workers, progress)
+    rows = np.arange(len(cache))
+    return pd.concat([prediction_table(cache, rows, fold_probs, model=member.name, fold=fold)
+                      for member, probs in zip(members, found, strict=True)
+                      for fold, fold_probs in zip(member.folds, probs, strict=True)], ignore_index=True)
+
+
+def predict_run(run: str | Path, cache: PixelCache, tta: bool = True, batch_size: int | None = None,
+                device: str = "auto", num_workers: int | None = None,
+                progress: bool = False) -> pd.DataFrame:
+    """Predict every image of ``cache`` with every fold of one run; a long table (see module doc).
+
+    A sequence run (:mod:`ichdet.train.seq`) predicts the same table through its base runs' folds.
+    """
+    return member_tables(load_ensemble(runs=[Path(run)]).members, cache, tta, batch_size, device, num_workers,
+                         progress)
+
+
+def predict_runs(runs: Sequence[str | Path], data: str | Path, tta: bool = True, device: str = "auto",
+                 progress: bool = False, bundle: str | Path | None = None) -> pd.DataFrame:
+    """Every member of a bundle, or every run folder (2D or sequence), over one cache; one long table."""
+    cache = PixelCache(data)
+    if bundle is not None:
+        members = load_ensemble(Path(bundle)).members
+    else:
+        run_names(runs)  # refuses two runs of one name before any work
+        members = load_ensemble(runs=[Path(r) for r in runs]).members
+    return check_predictions(member_tables(members, cache, tta, device=device, progress=progress))

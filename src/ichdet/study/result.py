@@ -1,0 +1,138 @@
+"""The study result JSON (schema in docs/study-result.md): pure assembly from a scan and probabilities.
+
+No I/O except :func:`write_result`. Patient-identifying header values (name, ID, birth date, accession
+number, institution) enter the result only with ``include_phi``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ichdet import __version__
+from ichdet.infer.bundle import Ensemble
+from ichdet.io import atomic_path
+from ichdet.names import LABELS
+from ichdet.study.scan import SeriesScan, StudyEntry, StudyScan, StudySlice
+
+__all__ = ["SCHEMA", "SCHEMA_VERSION", "build_result", "slice_ranges", "write_result"]
+
+SCHEMA = "ichdet-study-result"
+SCHEMA_VERSION = 1
+
+
+def slice_ranges(called: np.ndarray) -> list[tuple[int, int]]:
+    """Runs of consecutive True in a 1-D boolean array as inclusive (first, last) index pairs.
+
+    >>> slice_ranges(np.array([False, True, True, False, True]))
+    [(1, 2), (4, 4)]
+    """
+    padded = np.concatenate([[False], np.asarray(called, dtype=bool), [False]])
+    edges = np.flatnonzero(np.diff(padded.astype(np.int8)))
+    return [(int(a), int(b) - 1) for a, b in zip(edges[::2], edges[1::2], strict=True)]
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.name
+
+
+def _series_json(series: SeriesScan, slices: Sequence[StudySlice], probs: np.ndarray, root: Path) -> dict[str, Any]:
+    return {
+        "series_instance_uid": series.series_uid, "series_number": series.series_number,
+        "description": series.description, "n_files": series.n_files, "n_slices": len(slices),
+        "slices": [{"index": s.index, "sop_instance_uid": s.sop_uid, "position_mm": round(s.position_mm, 4),
+                    "probabilities": dict(zip(LABELS, map(float, p), strict=True))}
+                   for s, p in zip(slices, probs, strict=True)],
+        "duplicates": [{"sop_instance_uid": d.sop_uid, "kept_sop_instance_uid": d.kept_sop_uid,
+                        "position_mm": round(d.position_mm, 4), "path": _rel(d.path, root)} for d in series.duplicates],
+    }
+
+
+def _summary(series_json: list[dict[str, Any]], probs: np.ndarray, thresholds: dict[str, float]) -> dict[str, Any]:
+    """Study-level probability (max over slices), the call at each threshold, where each label is called."""
+    if len(probs) == 0:
+        return {"analysed": False}
+    sops = [(s["series_instance_uid"], sl["index"], sl["sop_instance_uid"]) for s in series_json for sl in s["slices"]]
+    top = probs.argmax(axis=0)
+    ranges: dict[str, list[dict[str, Any]]] = {label: [] for label in LABELS}
+    start = 0
+    for s in series_json:
+        n = len(s["slices"])
+        part = probs[start:start + n]
+        for label_i, label in enumerate(LABELS):
+            for a, b in slice_ranges(part[:, label_i] >= thresholds[label]):
+                ranges[label].append({"series_instance_uid": s["series_instance_uid"], "first_index": a,
+                                      "last_index": b, "first_sop_instance_uid": s["slices"][a]["sop_instance_uid"],
+                                      "last_sop_instance_uid": s["slices"][b]["sop_instance_uid"]})
+        start += n
+    probability = {label: float(probs[:, i].max()) for i, label in enumerate(LABELS)}
+    called = {label: probability[label] >= thresholds[label] for label in LABELS}
+    return {
+        "analysed": True, "hemorrhage": called["any"], "probability": probability, "called": called,
+        "thresholds": dict(thresholds), "slice_ranges": ranges,
+        "max_slice": {label: {"series_instance_uid": sops[top[i]][0], "index": sops[top[i]][1],
+                              "sop_instance_uid": sops[top[i]][2]} for i, label in enumerate(LABELS)},
+    }
+
+
+def _study_json(study: StudyEntry, slices: Sequence[StudySlice], probs: np.ndarray, ensemble: Ensemble,
+                root: Path, include_phi: bool) -> dict[str, Any]:
+    rows = [i for i, s in enumerate(slices) if s.study_uid == study.study_uid]
+    study_probs = probs[rows] if rows else np.zeros((0, len(LABELS)))
+    series_json = []
+    for series in study.selected:
+        idx = [i for i in rows if slices[i].series_uid == series.series_uid]
+        series_json.append(_series_json(series, [slices[i] for i in idx], probs[idx], root))
+    out: dict[str, Any] = {"study_instance_uid": study.study_uid}
+    if include_phi:
+        out["patient"] = dict(study.patient)
+    out["summary"] = _summary(series_json, study_probs, ensemble.thresholds)
+    out["series"] = series_json
+    out["skipped_series"] = [{"series_instance_uid": s.series_uid, "series_number": s.series_number,
+                              "description": s.description, "modality": s.modality, "n_files": s.n_files,
+                              "reason": s.reason} for s in study.series if not s.selected]
+    return out
+
+
+def build_result(scan: StudyScan, slices: Sequence[StudySlice], probs: np.ndarray, ensemble: Ensemble,
+                 timings: dict[str, float], settings: dict[str, Any], include_phi: bool = False) -> dict[str, Any]:
+    """The result dict of one :func:`ichdet.study.predict.predict_study` call (see docs/study-result.md).
+
+    ``probs`` (N, 6) are the ensemble's probabilities of ``slices`` (same order). Timings are in seconds;
+    ``write`` is filled in by :func:`write_result`.
+    """
+    model = dict(ensemble.manifest)
+    model["thresholds"] = dict(ensemble.thresholds)
+    return {
+        "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "ichdet_version": __version__,
+        "created_utc": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "labels": list(LABELS), "settings": dict(settings), "model": model,
+        "source": {"n_files": scan.n_files, "n_studies": len(scan.studies), "n_skipped_files": len(scan.skipped_files)},
+        "studies": [_study_json(st, slices, probs, ensemble, scan.root, include_phi) for st in scan.studies],
+        "skipped_files": [{"path": f.path, "reason": f.reason} for f in scan.skipped_files],
+        "timings_s": {**{k: round(v, 4) for k, v in timings.items()}, "write": None},
+    }
+
+
+def write_result(result: dict[str, Any], out: str | os.PathLike[str]) -> Path:
+    """Write the result JSON atomically; ``timings_s.write`` becomes the time to serialise and write it.
+
+    The file is written once to measure, then again with the figure in it (a few milliseconds more),
+    before the final flush and rename; ``result`` gets the figure too.
+    """
+    with atomic_path(out) as tmp:
+        start = time.perf_counter()
+        tmp.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+        result["timings_s"]["write"] = round(time.perf_counter() - start, 4)
+        tmp.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    return Path(out)

@@ -1,0 +1,95 @@
+"""serve.yaml and flags -> ServeConfig: destinations, AE titles, unknown keys, flags winning."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ichdet.cli import app
+from ichdet.errors import ConfigError
+from ichdet.serve import Spool
+from ichdet.serve.config import Destination, load_serve_config, parse_destination
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("PACS@127.0.0.1:4242", Destination(ae_title="PACS", host="127.0.0.1", port=4242)),
+    (" ORTHANC@pacs.example.org:104 ", Destination(ae_title="ORTHANC", host="pacs.example.org", port=104)),
+])
+def test_parse_destination(text: str, expected: Destination) -> None:
+    assert parse_destination(text) == expected
+    assert str(parse_destination(text)) == text.strip()
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ("PACS@host", r"expected AE@HOST:PORT"),
+    ("127.0.0.1:104", r"expected AE@HOST:PORT"),
+    ("PACS@host:0", r"send_to 'PACS@host:0': Input should be greater than or equal to 1"),
+    ("A_VERY_LONG_AE_TITLE@host:104", r"is not an AE title"),
+])
+def test_parse_destination_refuses(text: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        parse_destination(text)
+
+
+def test_file_then_flags(tmp_path: Path) -> None:
+    path = tmp_path / "serve.yaml"
+    path.write_text("bundle: model.ichdet\nspool: spool\nallow: [ORTHANC]\nport: 104\nsend-to: PACS@10.0.0.5:104\n"
+                    "quiet_seconds: 30\n")
+    cfg = load_serve_config(path, {"port": 11112, "allow": None, "quiet_seconds": None})
+    assert cfg.bundle == tmp_path / "model.ichdet"  # relative to the file
+    assert cfg.spool == tmp_path / "spool"
+    assert (cfg.port, cfg.allow, cfg.quiet_seconds) == (11112, ["ORTHANC"], 30.0)
+    assert cfg.send_to == Destination(ae_title="PACS", host="10.0.0.5", port=104)
+    assert cfg.ae_title == "ICHDET"
+
+
+@pytest.mark.parametrize(("text", "overrides", "match"), [
+    ("bundle: b\nspool: s\nallow: [A]\nquiet: 3\n", {}, r"serve.yaml: quiet: Extra inputs are not permitted"),
+    ("bundle: b\nspool: s\n", {}, r"serve.yaml: allow: Field required"),
+    ("bundle: b\nspool: s\nallow: []\n", {}, r"allow: List should have at least 1 item"),
+    ("bundle: b\nspool: s\nallow: [A]\n", {"port": 70000}, r"port: Input should be less than or equal to 65535"),
+    ("bundle: b\nspool: s\nallow: ['BAD\\\\AE']\n", {}, r"is not an AE title"),
+    ("- a list\n", {}, r"expected a mapping of settings, got list"),
+    ("bundle: [unclosed\n", {}, r"cannot read the serve config"),
+])
+def test_bad_config(tmp_path: Path, text: str, overrides: dict[str, object], match: str) -> None:
+    path = tmp_path / "serve.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_serve_config(path, overrides)
+
+
+def test_flags_alone() -> None:
+    cfg = load_serve_config(None, {"bundle": Path("b"), "spool": Path("s"), "allow": ["ORTHANC", "CT01"]})
+    assert (cfg.port, cfg.quiet_seconds, cfg.send_to, cfg.max_age_days) == (11112, 10.0, None, None)
+
+
+def test_example_config_is_valid() -> None:
+    cfg = load_serve_config(Path(__file__).parents[2] / "deploy" / "serve.yaml", {})
+    assert cfg.allow and cfg.send_to is not None
+
+
+@pytest.mark.parametrize(("args", "match"), [
+    (["--spool", "s", "--allow", "ORTHANC"], "bundle: Field required"),
+    (["--bundle", "b", "--spool", "s"], "allow: Field required"),
+    (["--bundle", "b", "--spool", "s", "--allow", "ORTHANC", "--send-to", "PACS:104"], "expected AE@HOST:PORT"),
+    (["--config", "missing.yaml"], "missing.yaml: cannot read the serve config"),
+])
+def test_serve_command_refuses_bad_settings(args: list[str], match: str) -> None:
+    result = CliRunner().invoke(app, ["serve", *args])
+    assert result.exit_code == 2, result.output
+    assert match in result.output
+
+
+def test_serve_status_command(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.store("1.2.3", "1.2.3.4", lambda p: p.write_bytes(b"instance"))
+    spool.quarantine(b"not dicom", "cannot parse the data set")
+    result = CliRunner().invoke(app, ["serve", "--status", "--spool", str(tmp_path / "spool")])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) == {"studies": 1, "receiving": 0, "waiting_analysis": 1, "analysed": 0,
+                                         "failed": 0, "instances": 1, "pending_sends": 0, "quarantined": 1,
+                                         "outbox": 0}
