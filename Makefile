@@ -15,13 +15,16 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP) test-programs lint imports typecheck pytest
 
-# Programs the tests drive, as program:Debian-package. Installed where missing and possible (root with
-# apt-get, as CI runs); elsewhere their tests skip and say why.
-TEST_PROGRAMS := chromium:chromium dciodvfy:dicom3tools storescu:dcmtk Orthanc:orthanc
+# Programs the tests drive, as program:Debian-package (a program may be a file path, as the DICOMweb plugin
+# is). Installed where missing and possible (root with apt-get, as CI runs); elsewhere their tests skip
+# and say why.
+TEST_PROGRAMS := chromium:chromium dciodvfy:dicom3tools storescu:dcmtk Orthanc:orthanc \
+	DicomSRValidator:pixelmed-apps /usr/share/orthanc/plugins/libOrthancDicomWeb.so:orthanc-dicomweb \
+	openssl:openssl
 
 test-programs:
 	@for pair in $(TEST_PROGRAMS); do prog=$${pair%%:*}; pkg=$${pair#*:}; \
-	  command -v $$prog >/dev/null 2>&1 && continue; \
+	  { command -v $$prog || test -e $$prog; } >/dev/null 2>&1 && continue; \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$pkg >/dev/null 2>&1 || \
 	    { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$pkg; } || \
