@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, ParamSpec, TypeVar
 
 import typer
+from typer.core import TyperOption
 
+from ichdet import __version__
 from ichdet.errors import IchdetError, RunFailed
 
 if TYPE_CHECKING:
@@ -20,6 +22,28 @@ if TYPE_CHECKING:
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Intracranial hemorrhage detection on head CT (RSNA 2019 labels).")
+
+_option_type = TyperOption.display_type_rich
+
+
+def _flag_type(self: TyperOption, ctx: typer.Context) -> str | None:
+    """No ``<bool>`` after a flag in --help (typer's rich help prints one; its plain help does not)."""
+    return None if self.is_flag else _option_type(self, ctx)
+
+
+TyperOption.display_type_rich = _flag_type  # type: ignore[method-assign,assignment]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"ichdet {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                help="print the version and exit")] = False) -> None:
+    """Intracranial hemorrhage detection on head CT (RSNA 2019 labels)."""
 
 
 P = ParamSpec("P")
