@@ -13,14 +13,18 @@ if TYPE_CHECKING:
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-RSNA_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "rsna-sample"
+#: Real RSNA challenge DICOMs (never in the repository): $ICHDET_RSNA_SAMPLE, else the folder the
+#: development machines keep beside the checkout.
+RSNA_SAMPLE = Path(os.environ.get("ICHDET_RSNA_SAMPLE")
+                   or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "rsna-sample")
 
 
 @pytest.fixture(scope="session")
 def rsna_sample() -> Path:
-    """The folder of real RSNA challenge DICOMs, ``../shared/data/rsna-sample`` next to the repository."""
+    """The folder of real RSNA challenge DICOMs (:data:`RSNA_SAMPLE`), in the Kaggle layout."""
     if not (RSNA_SAMPLE / "stage_2_train_images").is_dir():
-        pytest.skip(f"real RSNA sample not found at {RSNA_SAMPLE} (it lives outside the repository)")
+        pytest.skip(f"real RSNA sample not found at {RSNA_SAMPLE} (set ICHDET_RSNA_SAMPLE to a folder in the "
+                    "Kaggle layout; the data is not in the repository)")
     return RSNA_SAMPLE
 
 

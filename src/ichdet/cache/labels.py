@@ -1,4 +1,4 @@
-"""Label order and the Kaggle long CSV format (``ID_<image>_<label>,Label``) <-> the wide table.
+"""The Kaggle long CSV format (``ID_<image>_<label>,Label``) <-> the wide table, for labels and submissions.
 
 The Kaggle files hold one row per (image, label): ``ID_e20fc680b_epidural,0``. ichdet works on the
 *wide* table instead: one row per image id (``ID_e20fc680b``, the index, named ``image_id``) and one

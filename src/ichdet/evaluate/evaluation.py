@@ -1,4 +1,4 @@
-"""Reports. This part: the evaluation of predictions against labels (tables and plots).
+"""The evaluation of predictions against labels (``ichdet evaluate``): tables and plots.
 
 ``evaluate`` scores predictions at slice level (the Kaggle metric, per-label log loss and AUC,
 calibration, operating points at a target sensitivity) and, when the cache index tells which study
