@@ -21,11 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from synth_support import synth_cache
 
 from ichdet.cache.store import PixelCache
-from ichdet.cache.writer import PreprocessOptions, preprocess
 from ichdet.io import is_temp_name
-from ichdet.synth import SynthSpec, make_dataset
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 ENV = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -79,9 +78,7 @@ class World:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     root = tmp_path_factory.mktemp("disk")
-    make_dataset(root / "data", SynthSpec(n_studies=4, n_test_studies=1, size=64, slices_per_study=(10, 12), seed=2))
-    preprocess(root / "data" / "stage_2_train_images", root / "cache", root / "data" / "stage_2_train.csv",
-               PreprocessOptions(size=64, workers=1, n_folds=2, progress=False))
+    synth_cache(root, studies=4, test_studies=1, size=64, slices=(10, 12), seed=2)
     w = World(root / "data", root / "cache", root / "run", root / "preds.parquet", root / "sub.csv",
               root / "model.ichdet", root / "result.json")
     steps: list[list[str]] = [

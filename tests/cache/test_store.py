@@ -13,20 +13,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from synth_support import synth_cache
 
 from ichdet.cache.store import CACHE_VERSION, PixelCache, generation_dir, read_manifest, shard_count
-from ichdet.cache.writer import PreprocessOptions, preprocess
 from ichdet.errors import IchdetError
-from ichdet.synth import SynthSpec, make_dataset
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("store")
-    make_dataset(root / "synth", SynthSpec(n_studies=2, n_test_studies=0, size=32, slices_per_study=(8, 8), seed=1))
-    preprocess(root / "synth" / "stage_2_train_images", root / "cache", None,
-               PreprocessOptions(size=32, workers=1, n_folds=2, chunk_size=4, progress=False))
-    return root / "cache"
+    return synth_cache(root, studies=2, size=32, slices=(8, 8), seed=1, labelled=False, data="synth", chunk_size=4)
 
 
 @pytest.fixture

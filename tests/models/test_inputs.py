@@ -3,23 +3,19 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
+from synth_support import synth_cache
 
 from ichdet.cache.store import PixelCache
-from ichdet.cache.writer import PreprocessOptions, preprocess
 from ichdet.dicom.windowing import PRESETS, apply_windows
 from ichdet.models.config import DataConfig, build_config
 from ichdet.models.inputs import SliceDataset
-from ichdet.synth import SynthSpec, make_dataset
 from ichdet.train.augment import AugmentedSlices
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory: pytest.TempPathFactory) -> PixelCache:
     root = tmp_path_factory.mktemp("data")
-    make_dataset(root / "synth", SynthSpec(n_studies=3, n_test_studies=0, size=64, slices_per_study=(8, 8), seed=2))
-    preprocess(root / "synth" / "stage_2_train_images", root / "cache", root / "synth" / "stage_2_train.csv",
-               PreprocessOptions(size=64, workers=1, n_folds=3, progress=False))
-    return PixelCache(root / "cache")
+    return PixelCache(synth_cache(root, studies=3, size=64, slices=(8, 8), seed=2, folds=3, data="synth"))
 
 
 def _cfg(*overrides: str) -> DataConfig:

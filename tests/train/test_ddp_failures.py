@@ -14,11 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from synth_support import synth_cache
 
-from ichdet.cache.writer import PreprocessOptions, preprocess
 from ichdet.io import folder_lock
 from ichdet.models.config import build_config
-from ichdet.synth import SynthSpec, make_dataset
 from ichdet.train.loop import train
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -48,10 +47,7 @@ def torchrun(*args: str, limit: int | None = None) -> subprocess.CompletedProces
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("ddp")
-    make_dataset(root / "data", SynthSpec(n_studies=4, n_test_studies=0, size=64, slices_per_study=(10, 12), seed=4))
-    preprocess(root / "data" / "stage_2_train_images", root / "cache", root / "data" / "stage_2_train.csv",
-               PreprocessOptions(size=64, workers=1, n_folds=2, progress=False))
-    return root / "cache"
+    return synth_cache(root, studies=4, size=64, slices=(10, 12), seed=4)
 
 
 @pytest.fixture(scope="module")

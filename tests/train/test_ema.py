@@ -10,13 +10,12 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
+from synth_support import synth_cache
 
-from ichdet.cache.writer import PreprocessOptions, preprocess
 from ichdet.evaluate.metrics import weighted_log_loss
 from ichdet.models.checkpoint import load_state
 from ichdet.models.config import build_config
 from ichdet.names import LABELS
-from ichdet.synth import SynthSpec, make_dataset
 from ichdet.train.loop import train
 
 TINY = ["model.backbone=resnet10t", "data.image_size=32", "train.batch_size=8", "train.num_workers=0",
@@ -27,10 +26,7 @@ TINY = ["model.backbone=resnet10t", "data.image_size=32", "train.batch_size=8", 
 @pytest.fixture(scope="module")
 def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tiny")
-    make_dataset(root / "data", SynthSpec(n_studies=6, n_test_studies=0, size=32, slices_per_study=(8, 8), seed=2))
-    preprocess(root / "data" / "stage_2_train_images", root / "cache", root / "data" / "stage_2_train.csv",
-               PreprocessOptions(size=32, workers=1, n_folds=2, progress=False))
-    return root / "cache"
+    return synth_cache(root, studies=6, size=32, slices=(8, 8), seed=2)
 
 
 def _log(run: Path) -> tuple[list[dict[str, float]], dict[str, float]]:

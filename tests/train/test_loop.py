@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from synth_support import synth_cache
 
 from ichdet.cache.labels import validate_submission, write_submission
 from ichdet.cache.writer import PreprocessOptions, preprocess
@@ -22,7 +23,6 @@ from ichdet.evaluate.ensembling import ensemble, read_predictions
 from ichdet.infer.predict import predict_runs
 from ichdet.io import folder_lock
 from ichdet.models.config import build_config, config_to_yaml
-from ichdet.synth import SynthSpec, make_dataset
 from ichdet.train.loop import train
 
 TINY = ["model.backbone=resnet18", "data.image_size=64", "train.batch_size=16", "train.num_workers=0",
@@ -34,11 +34,7 @@ TIMING = ("seconds", "images_per_s", "pid")  # the only fields allowed to differ
 @pytest.fixture(scope="module")
 def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tiny")
-    make_dataset(root / "data", SynthSpec(n_studies=8, n_test_studies=1, size=64, slices_per_study=(10, 12),
-                                          seed=1))
-    preprocess(root / "data" / "stage_2_train_images", root / "cache", root / "data" / "stage_2_train.csv",
-               PreprocessOptions(size=64, workers=1, n_folds=2, progress=False))
-    return root / "cache"
+    return synth_cache(root, studies=8, test_studies=1, size=64, slices=(10, 12), seed=1)
 
 
 def _records(run: Path, fold: int = 0) -> list[dict[str, float]]:
