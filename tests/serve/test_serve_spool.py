@@ -22,7 +22,7 @@ from ichdet.serve import Node, ServeConfig, Spool, StudyState, spool_status
 from ichdet.serve.analysis import AnalysisResult
 from ichdet.serve.scp import check_instance
 from ichdet.serve.sender import Backoff
-from ichdet.serve.spool import sop_of
+from ichdet.serve.spool import sop_of, study_key
 
 A, B, C = "a.dcm", "b.dcm", "c.dcm"
 
@@ -173,7 +173,7 @@ def test_clean_keeps_unsent_and_recent(tmp_path: Path) -> None:
     assert spool.study_uids() == ["1.2", "1.3"]
 
 
-def test_failed_analysis_recorded_and_not_retried(tmp_path: Path) -> None:
+def test_failed_analysis_recorded_and_not_retried(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     def broken(study_dir: Path, out_dir: Path) -> AnalysisResult:
         raise ValueError("no usable series")
     cfg = ServeConfig(bundle=tmp_path / "b", spool=tmp_path / "spool", allow=["X"], quiet_seconds=0.001)
@@ -185,6 +185,9 @@ def test_failed_analysis_recorded_and_not_retried(tmp_path: Path) -> None:
     failed = json.loads((tmp_path / "spool" / "studies" / "1.2.3" / "failed-gen-0001.json").read_text())
     assert (_sops(failed["inputs"]), failed["reason"]) == (["1.1"], "ValueError: no usable series")
     assert node.scan() == []  # not retried on the same instances
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+        f"study {study_key('1.2.3')} generation 1: analysis failed (ValueError); the reason is in the study's "
+        "failed-gen-0001.json in the spool"]  # no message text: the pipeline's messages quote paths and values
     assert (node.status()["failed"], node.status()["waiting_analysis"]) == (1, 0)
     _receive(node.spool, "1.2.3", ["1.2"])
     assert (node.status()["failed"], node.status()["waiting_analysis"]) == (0, 1)
