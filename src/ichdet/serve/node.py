@@ -71,9 +71,10 @@ class Node:
                                        self.cfg.allow, lambda uid: None, ssl_context=self.server_tls))
         if self.cfg.status_port is not None:
             self._servers.append(start_status_server(self, "127.0.0.1", self.cfg.status_port))
+        tls = "" if self.server_tls is None else " (TLS only, callers certified by tls_ca)" if self.cfg.tls_ca \
+            else " (TLS only)"
         log.info("listening as %s on port %d%s; allowed callers: %s; results to %s%s", self.cfg.ae_title,
-                 self.cfg.port, " (TLS only" + (", client certificates of tls_ca" if self.cfg.tls_ca else "") + ")"
-                 if self.server_tls else "", ", ".join(self.cfg.allow), self.cfg.send_to or "(none)",
+                 self.cfg.port, tls, ", ".join(self.cfg.allow), self.cfg.send_to or "(none)",
                  " over TLS" if self.send_tls else "")
 
     def stop(self) -> None:
