@@ -303,6 +303,13 @@ def serve(bundle: Annotated[Path | None, typer.Option(help="model bundle (model.
           status_port: Annotated[int | None, typer.Option(help="HTTP port for /status and /health (loopback)")]
           = None,
           config: Annotated[Path | None, typer.Option(help="serve.yaml with the same settings (flags win)")] = None,
+          tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate: serve DICOM over TLS only (TLS 1.2+, "
+                                                        "BCP 195)")] = None,
+          tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert (no passphrase)")] = None,
+          tls_ca: Annotated[Path | None, typer.Option(help="PEM CA: callers must present a certificate it signed")]
+          = None,
+          send_tls: Annotated[bool | None, typer.Option("--send-tls", help="send results over TLS (destination "
+                                                        "checked against --tls-ca)")] = None,
           status: Annotated[bool, typer.Option("--status", help="print the spool's status as JSON and exit")]
           = False) -> None:
     """A DICOM node: receive CT studies (C-STORE), analyse each completed study, send SR + SC results back."""
@@ -314,11 +321,12 @@ def serve(bundle: Annotated[Path | None, typer.Option(help="model bundle (model.
     if status:
         if spool is None:
             spool = load_serve_config(config, {}).spool
-        typer.echo(json.dumps(spool_status(Spool(spool)), indent=2))
+        typer.echo(json.dumps(spool_status(Spool(spool, create=False)), indent=2))  # creates nothing
         return
     cfg = load_serve_config(config, dict(bundle=bundle, spool=spool, ae_title=ae_title, port=port, allow=allow,
                                          send_to=send_to, quiet_seconds=quiet_seconds, max_age_days=max_age_days,
-                                         status_port=status_port))
+                                         status_port=status_port, tls_cert=tls_cert, tls_key=tls_key,
+                                         tls_ca=tls_ca, send_tls=send_tls))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     run_node(cfg, bundle_analyser(cfg.bundle, tta=cfg.tta, device=cfg.device))

@@ -174,3 +174,30 @@ def test_scan_keys_change_when_a_file_is_replaced(tmp_path: Path) -> None:
     os.replace(tmp_path / "new.tmp", tmp_path / "a.dcm")
     os.utime(tmp_path / "a.dcm", ns=(before[0][2] + 1, before[0][2] + 1))
     assert scan_dicom_files(tmp_path)[0] == [("a.dcm", 7, before[0][2] + 1)]
+
+
+_AGAIN = "a link to a folder already scanned (a loop or a second link); not entered again, its files are listed once"
+
+
+@pytest.mark.parametrize(("links", "files", "problems"), [
+    # two self-links in a study folder (the scan hung with memory growing)
+    ({"s/x": ".", "s/y": "."}, ["s/a.dcm", "s/b.dcm"], [("s/x", _AGAIN), ("s/y", _AGAIN)]),
+    ({"s/up": ".."}, ["s/a.dcm", "s/b.dcm"], [("s/up", _AGAIN)]),  # a link to the parent (it hung)
+    ({"s/top": "{root}"}, ["s/a.dcm", "s/b.dcm"], [("s/top", _AGAIN)]),  # an absolute link to the root
+    ({"t": "s"}, ["s/a.dcm", "s/b.dcm"], [("t", _AGAIN)]),  # a second link to a folder: entered once
+    ({"s/c.dcm": "missing.dcm"}, ["s/a.dcm", "s/b.dcm"],
+     [("s/c.dcm", "a link that cannot be followed: its target does not exist")]),
+    ({"s/d": "d"}, ["s/a.dcm", "s/b.dcm"],
+     [("s/d", "a link that cannot be followed: it points to itself (a link loop)")]),
+])
+def test_scan_walks_each_folder_once(tmp_path: Path, links: dict[str, str], files: list[str],
+                                     problems: list[tuple[str, str]]) -> None:
+    root = tmp_path / "root"
+    (root / "s").mkdir(parents=True)
+    for name in ("a.dcm", "b.dcm"):
+        (root / "s" / name).write_bytes(b"x")
+    for name, target in links.items():
+        (root / name).symlink_to(target.format(root=root))
+    found, reported = scan_dicom_files(root)
+    assert [rel for rel, _, _ in found] == files
+    assert reported == problems

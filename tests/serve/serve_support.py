@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -178,21 +179,25 @@ class NodeProcess:
 
     def __init__(self, spool: Path, port: int, allow: list[str], send_to: str | None = None,
                  log: Path | None = None, seconds: float = 0.0, quiet: float = 1.0,
-                 status_port: int | None = None) -> None:
+                 status_port: int | None = None, file_size_limit: int | None = None,
+                 tls: dict[str, str] | None = None) -> None:
         self.spool, self.port, self.status_port = spool, port, status_port
         self.config = spool.parent / f"{spool.name}.serve.yaml"
         settings = {"bundle": "unused-by-the-stand-in", "spool": str(spool), "port": port, "allow": allow,
                     "quiet_seconds": quiet, "host": "127.0.0.1", "retry_initial_seconds": 0.5,
-                    "retry_max_seconds": 2.0, "send_to": send_to, "status_port": status_port}
+                    "retry_max_seconds": 2.0, "send_to": send_to, "status_port": status_port, **(tls or {})}
         self.config.write_text(yaml.safe_dump({k: v for k, v in settings.items() if v is not None}))
-        self.args = [sys.executable, str(REPO / "tests" / "serve_node.py"), str(self.config),
+        self.args = [sys.executable, str(REPO / "tests" / "serve" / "serve_node.py"), str(self.config),
                      str(log or ""), str(seconds)]
         self.proc: subprocess.Popen[bytes] | None = None
         self.stderr = spool.parent / f"{spool.name}.stderr.log"
+        self.file_size_limit = file_size_limit  # RLIMIT_FSIZE: every larger write fails as on a full disk
 
     def start(self) -> NodeProcess:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-        self.proc = subprocess.Popen(self.args, env=env, stderr=self.stderr.open("ab"))
+        limit = self.file_size_limit
+        self.proc = subprocess.Popen(self.args, env=env, stderr=self.stderr.open("ab"), preexec_fn=None if limit is None
+                                     else lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
         wait_port(self.port)
         return self
 
@@ -216,10 +221,10 @@ class NodeProcess:
 
 
 def storescu(port: int, files: list[Path], calling: str = "STORESCU", called: str = "ICHDET",
-             check: bool = True) -> subprocess.CompletedProcess[str]:
-    """dcmtk's storescu: send ``files`` in one association."""
+             check: bool = True, options: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    """dcmtk's storescu: send ``files`` in one association (``options``: e.g. ``-v``, TLS switches)."""
     assert STORESCU is not None
-    cmd = [STORESCU, "-aet", calling, "-aec", called, "127.0.0.1", str(port), *map(str, files)]
+    cmd = [STORESCU, *options, "-aet", calling, "-aec", called, "127.0.0.1", str(port), *map(str, files)]
     return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=300)
 
 

@@ -54,12 +54,27 @@ def test_file_then_flags(tmp_path: Path) -> None:
     ("bundle: b\nspool: s\nallow: ['BAD\\\\AE']\n", {}, r"is not an AE title"),
     ("- a list\n", {}, r"expected a mapping of settings, got list"),
     ("bundle: [unclosed\n", {}, r"cannot read the serve config"),
+    ("bundle: b\nspool: s\nallow: [A]\ntls_cert: c.pem\n", {},
+     r"serve.yaml: config: tls_cert and tls_key go together \(the node's certificate and its private key\)"),
+    ("bundle: b\nspool: s\nallow: [A]\ntls_ca: ca.pem\n", {},
+     r"config: tls_ca needs tls_cert and tls_key: callers are checked only over TLS"),
+    ("bundle: b\nspool: s\nallow: [A]\nsend_tls: true\n", {}, r"config: send_tls needs send_to"),
 ])
 def test_bad_config(tmp_path: Path, text: str, overrides: dict[str, object], match: str) -> None:
     path = tmp_path / "serve.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError, match=match):
         load_serve_config(path, overrides)
+
+
+def test_tls_paths_relative_to_the_config(tmp_path: Path) -> None:
+    path = tmp_path / "deploy" / "serve.yaml"
+    path.parent.mkdir()
+    path.write_text("bundle: b\nspool: s\nallow: [A]\ntls_cert: tls/node.pem\ntls_key: tls/node.key\n"
+                    "tls_ca: /etc/ca.pem\n")
+    cfg = load_serve_config(path, {})
+    tls = path.parent / "tls"
+    assert (cfg.tls_cert, cfg.tls_key, cfg.tls_ca) == (tls / "node.pem", tls / "node.key", Path("/etc/ca.pem"))
 
 
 def test_flags_alone() -> None:
@@ -86,10 +101,10 @@ def test_serve_command_refuses_bad_settings(args: list[str], match: str) -> None
 
 def test_serve_status_command(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
-    spool.store("1.2.3", "1.2.3.4", lambda p: p.write_bytes(b"instance"))
+    spool.store("1.2.3", "1.2.3.4", b"instance")
     spool.quarantine(b"not dicom", "cannot parse the data set")
     result = CliRunner().invoke(app, ["serve", "--status", "--spool", str(tmp_path / "spool")])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output) == {"studies": 1, "receiving": 0, "waiting_analysis": 1, "analysed": 0,
                                          "failed": 0, "instances": 1, "pending_sends": 0, "quarantined": 1,
-                                         "outbox": 0}
+                                         "outbox": 0, "empty_study_folders": 0}

@@ -54,6 +54,32 @@ def test_analyse_study_real(tiny_bundle: Path, rsna_sample: Path, tmp_path: Path
             assert str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID) in sources
 
 
+@pytest.mark.parametrize("changes", [
+    {"PatientBirthDate": "DOEJOHN1945"},  # a malformed optional value: the analysis goes on
+    {"PatientName": None, "StudyDate": "2019131"},  # a type 2 element absent, a malformed date
+])
+def test_malformed_optional_header_values_do_not_stop_the_analysis(
+        tiny_bundle: Path, rsna_sample: Path, tmp_path: Path, changes: dict[str, str | None]) -> None:
+    from ichdet.infer import bundle
+    from ichdet.serve import analyse_study
+
+    (uid, files), = make_studies(rsna_sample, tmp_path / "study", n=1, slices=12, size=None).items()
+    for path in files:
+        ds = pydicom.dcmread(path)
+        for keyword, value in changes.items():
+            if value is None:
+                delattr(ds, keyword)
+            else:
+                setattr(ds, keyword, value)
+        ds.save_as(path, enforce_file_format=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    result = analyse_study(files[0].parent, bundle.load_ensemble(tiny_bundle), out, tta=False, device="cpu")
+    assert [s["study_instance_uid"] for s in json.loads(result.json_path.read_text())["studies"]] == [uid]
+    modalities = [str(pydicom.dcmread(p).Modality) for p in result.dicom_files]
+    assert (modalities.count("SR"), modalities.count("OT")) == (1, 3)
+
+
 @pytest.mark.skipif(ORTHANC is None, reason="Orthanc not installed (apt-get install orthanc)")
 def test_serve_command_with_orthanc(tiny_bundle: Path, rsna_sample: Path, tmp_path: Path) -> None:
     """`ichdet serve` with the real bundle: Orthanc sends a real study, gets the SR and the overlays back."""

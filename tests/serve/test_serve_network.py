@@ -28,6 +28,8 @@ from serve_support import (
     wait_for,
 )
 
+from ichdet.serve.spool import sop_of
+
 needs_dcmtk = pytest.mark.skipif(STORESCU is None or ECHOSCU is None,
                                  reason="dcmtk's storescu/echoscu not installed (apt-get install dcmtk)")
 needs_orthanc = pytest.mark.skipif(ORTHANC is None, reason="Orthanc not installed (apt-get install orthanc)")
@@ -72,7 +74,7 @@ def test_storescu_study_analysed_then_reanalysed_with_more(node_factory, rsna_sa
     storescu(node.port, files[:5])
     wait_for(lambda: len(_generations(node.spool)) == 1, 60, "the first analysis")
     received = sorted(p.name for p in (node.spool / "studies" / uid / "received").iterdir())
-    assert received == sorted(f"{pydicom.dcmread(f).SOPInstanceUID}.dcm" for f in files[:5])
+    assert sorted(map(sop_of, received)) == sorted(str(pydicom.dcmread(f).SOPInstanceUID) for f in files[:5])
     assert analyses(log) == [(uid, 5)]
     assert json.loads((node.spool / "outbox" / f"{uid}.gen-0001.json").read_text())["studies"][0]["study_uid"] == uid
     storescu(node.port, files[5:])  # two more instances after the analysis: a second generation, all 7
@@ -208,3 +210,70 @@ def test_kill_while_analysing_then_destination_down(node_factory, rsna_sample: P
         assert analyses(log) == [(uid, 6)]
     finally:
         pacs.stop()
+
+
+@needs_dcmtk
+def test_association_to_another_called_ae_title_is_rejected(node_factory) -> None:  # type: ignore[no-untyped-def]
+    node = node_factory().start()
+    assert ECHOSCU is not None
+    run = subprocess.run([ECHOSCU, "-aet", "STORESCU", "-aec", "OTHERNODE", "127.0.0.1", str(node.port)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and "Called AE Title Not Recognized" in run.stderr, run.stderr
+    wait_for(lambda: "rejected: called AE title 'OTHERNODE'" in node.log_text(), 10, "the rejection in the log")
+
+
+@needs_dcmtk
+def test_instance_the_analysis_would_refuse_is_refused_and_the_rest_analysed(node_factory, rsna_sample: Path,  # type: ignore[no-untyped-def]
+                                                                             tmp_path: Path) -> None:
+    log = tmp_path / "analyses.log"
+    node = node_factory(log=log).start()
+    (uid, files), = make_studies(rsna_sample, tmp_path / "dicom", n=1, slices=6, size=16).items()
+    huge = pydicom.dcmread(files[0])
+    huge.Rows = huge.Columns = 40000  # claims 40000 x 40000 (the pixel data stays small)
+    huge.SOPInstanceUID = huge.file_meta.MediaStorageSOPInstanceUID = "1.2.3.40000"
+    huge.save_as(tmp_path / "huge.dcm", enforce_file_format=True)
+    run = storescu(node.port, [tmp_path / "huge.dcm", *files], check=False, options=("-v", "--no-halt"))
+    assert run.stderr.count("Received Store Response (Error: CannotUnderstand)") == 1, run.stderr
+    assert run.stderr.count("Received Store Response (Success)") == 6, run.stderr
+    wait_for(lambda: _generations(node.spool), 60, "the analysis of the other instances")
+    assert analyses(log) == [(uid, 6)]
+    reasons = [p.read_text() for p in (node.spool / "quarantine").glob("*.reason.txt")]
+    assert len(reasons) == 1 and reasons[0].startswith("image too large: 40000 x 40000 pixels")
+    assert "refused an instance from STORESCU (0xC000)" in node.log_text()
+
+
+@needs_dcmtk
+def test_full_disk_answers_out_of_resources(node_factory, rsna_sample: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A write the file system refuses (RLIMIT_FSIZE: EFBIG, as a full disk) is answered 0xA700 with one clean
+    log line (no traceback, no UID); smaller instances are still taken."""
+    log = tmp_path / "analyses.log"
+    node = node_factory(log=log, file_size_limit=200_000).start()
+    (uid, big), = make_studies(rsna_sample, tmp_path / "big", n=1, slices=1, size=None).items()  # 512 x 512
+    run = storescu(node.port, big, check=False, options=("-v",))
+    assert "Received Store Response (Refused: OutOfResources)" in run.stderr, run.stderr
+    wait_for(lambda: "answered 0xA700" in node.log_text(), 10, "the refusal in the log")
+    text = node.log_text()
+    assert "cannot keep an instance from STORESCU (File too large): answered 0xA700 (out of resources)" in text
+    assert "Traceback" not in text and uid not in text
+    (small_uid, small), = make_studies(rsna_sample, tmp_path / "small", n=1, slices=3, size=16).items()
+    storescu(node.port, small)
+    wait_for(lambda: analyses(log), 60, "the analysis of the small study")
+    assert analyses(log) == [(small_uid, 3)]
+
+
+@needs_dcmtk
+def test_resent_instance_with_other_pixels_is_analysed_again(node_factory, rsna_sample: Path,  # type: ignore[no-untyped-def]
+                                                             tmp_path: Path) -> None:
+    log = tmp_path / "analyses.log"
+    node = node_factory(log=log).start()
+    (uid, files), = make_studies(rsna_sample, tmp_path / "dicom", n=1, slices=3, size=16).items()
+    storescu(node.port, files)
+    wait_for(lambda: len(_generations(node.spool)) == 1, 60, "the first analysis")
+    changed = pydicom.dcmread(files[1])
+    changed.PixelData = bytes(len(changed.PixelData))  # the same SOP Instance UID, other pixels
+    changed.save_as(tmp_path / "changed.dcm", enforce_file_format=True)
+    storescu(node.port, [tmp_path / "changed.dcm"])
+    wait_for(lambda: len(_generations(node.spool)) == 2, 60, "the analysis of the changed study")
+    assert analyses(log) == [(uid, 3), (uid, 3)]
+    (kept,) = (node.spool / "studies" / uid / "received").glob(f"{changed.SOPInstanceUID}_*.dcm")
+    assert pydicom.dcmread(kept).PixelData == changed.PixelData != pydicom.dcmread(files[1]).PixelData

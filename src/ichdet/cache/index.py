@@ -6,6 +6,7 @@ module only orders and joins tables; its only I/O is listing a folder (:func:`sc
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -56,21 +57,40 @@ def scan_dicom_files(folder: str | Path) -> tuple[list[FileKey], list[tuple[str,
     sorted by path, and every entry that cannot be read as a file, with the reason (path, reason).
 
     Only regular files (or links to them) are listed: a FIFO, socket or device named ``.dcm`` is
-    reported and never opened (opening a FIFO blocks); so is a sub-folder that cannot be listed. Plain
-    strings: a walk over the 752,803 RSNA files builds no Path object per file.
+    reported and never opened (opening a FIFO blocks); so are a dangling link and a sub-folder that
+    cannot be listed. Links are followed, but each real folder (device, inode) is walked once: a link
+    back to a folder already walked (a loop such as ``x -> .`` or ``up -> ..``) is reported, not
+    entered, so the walk ends and lists every file once (under the path that comes first in a depth-first
+    walk in name order). Plain strings: a walk over the 752,803 RSNA
+    files builds no Path object per file.
+
+    Raises:
+        IchdetError: ``folder`` is not a folder, or cannot be listed.
     """
     root = os.fspath(folder)
-    if not os.path.isdir(root):
+    try:
+        root_stat = os.stat(root)
+    except OSError:
+        root_stat = None
+    if root_stat is None or not stat.S_ISDIR(root_stat.st_mode):
         raise IchdetError(f"{root}: not a folder; pass the folder that holds the DICOM files")
     found: list[FileKey] = []
     problems: list[tuple[str, str]] = []
-    stack = [""]
+    visited: set[tuple[int, int]] = set()
+    stack: list[tuple[str, tuple[int, int]]] = [("", (root_stat.st_dev, root_stat.st_ino))]
     while stack:
-        prefix = stack.pop()
+        prefix, real = stack.pop()
+        if real in visited:  # marked when walked, not when found: the first path in name order wins
+            problems.append((prefix.rstrip("/"), _AGAIN))
+            continue
+        visited.add(real)
         try:
             with os.scandir(os.path.join(root, prefix) if prefix else root) as it:
-                entries = list(it)
+                entries = sorted(it, key=lambda e: e.name, reverse=True)  # popped in name order: deterministic
         except OSError as err:
+            if not prefix:
+                raise IchdetError(f"{root}: cannot list this folder ({err.strerror or err}); "
+                                  "fix its permissions and rerun") from None
             problems.append((prefix.rstrip("/"), f"cannot list this folder ({err.strerror or err}); "
                              "its files were not read: fix its permissions and rerun"))
             continue
@@ -78,24 +98,38 @@ def scan_dicom_files(folder: str | Path) -> tuple[list[FileKey], list[tuple[str,
             if entry.name.startswith("."):
                 continue
             rel = prefix + entry.name
-            try:
-                if entry.is_dir():
-                    stack.append(rel + "/")
-                    continue
-                if not _candidate(entry.name):
-                    continue
-                st = entry.stat()
-            except OSError as err:  # a dangling link, or a file removed while scanning
-                problems.append((rel, f"cannot read the file: {err.strerror or err}"))
-                continue
-            if stat.S_ISREG(st.st_mode):
-                found.append((rel, st.st_size, st.st_mtime_ns))
-            else:
-                problems.append((rel, "not a regular file (a FIFO, socket or device); skipped without "
-                                 "opening it: copy the image into a regular file"))
+            problem = _entry_problem(entry, rel, stack, found)
+            if problem is not None:
+                problems.append((rel, problem))
     found.sort()
     problems.sort()
     return found, problems
+
+
+_AGAIN = "a link to a folder already scanned (a loop or a second link); not entered again, its files are listed once"
+
+
+def _entry_problem(entry: os.DirEntry[str], rel: str, stack: list[tuple[str, tuple[int, int]]],
+                   found: list[FileKey]) -> str | None:
+    """Sort one folder entry: a folder onto ``stack``, a candidate file into ``found``; or say why neither."""
+    try:
+        if entry.is_dir():
+            st = entry.stat()
+            stack.append((rel + "/", (st.st_dev, st.st_ino)))
+            return None
+        if not _candidate(entry.name):
+            return None
+        st = entry.stat()
+    except OSError as err:  # a dangling link, a link loop, or a file removed while scanning
+        if entry.is_symlink() and err.errno in (errno.ENOENT, errno.ELOOP):
+            what = "its target does not exist" if err.errno == errno.ENOENT else "it points to itself (a link loop)"
+            return f"a link that cannot be followed: {what}"
+        return f"cannot read the file: {err.strerror or err}"
+    if not stat.S_ISREG(st.st_mode):
+        return ("not a regular file (a FIFO, socket or device); skipped without opening it: "
+                "copy the image into a regular file")
+    found.append((rel, st.st_size, st.st_mtime_ns))
+    return None
 
 
 def order_slices(meta: pd.DataFrame) -> pd.DataFrame:

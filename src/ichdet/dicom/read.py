@@ -31,8 +31,8 @@ from ichdet.dicom._fast import value as _value
 from ichdet.dicom.guard import check_decoded_size, check_inflated_size, open_regular
 from ichdet.errors import DicomError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "DicomMeta", "hu_from_dataset", "hu_from_stored", "meta_from_dataset", "read_dicom",
-           "read_header", "read_hu", "read_meta"]
+__all__ = ["DEFAULT_MAX_PIXELS", "DicomMeta", "check_pixel_header", "hu_from_dataset", "hu_from_stored",
+           "meta_from_dataset", "read_dicom", "read_header", "read_hu", "read_meta"]
 
 PathLike = str | Path
 
@@ -346,11 +346,7 @@ def _hu(ds: Dataset, path: PathLike, *, integer: bool, work: Workspace | None = 
     float32 altogether). With ``work``, the result may be one of its arrays. An image over
     ``max_pixels`` is refused before its pixels are decoded (:func:`_check_decoded_size`).
     """
-    _check_image(ds, path)
-    size = _size(ds, path)
-    check_decoded_size(path, size, _int(ds, "NumberOfFrames", 1, path), _int(ds, "SamplesPerPixel", 1, path),
-                       _int(ds, "BitsAllocated", 16, path), max_pixels)
-    slope, intercept = _rescale(ds, path)  # checked before the decode, which is the expensive part
+    size, (slope, intercept) = _pixel_header(ds, path, max_pixels)  # before the decode, the expensive part
     raw = _decode(ds, path, size, work)
     if raw.shape != size:
         raise DicomError(path, f"decoded pixels have shape {raw.shape}, header says {size}")
@@ -358,6 +354,25 @@ def _hu(ds: Dataset, path: PathLike, *, integer: bool, work: Workspace | None = 
         return np.asarray(apply_modality_lut(raw, ds), dtype=np.float32)
     return hu_from_stored(raw, _int(ds, "BitsStored", 16, path), _int(ds, "PixelRepresentation", 0, path),
                           slope, intercept, integer=integer, work=work)
+
+
+def _pixel_header(ds: Dataset, path: PathLike, max_pixels: int) -> tuple[tuple[int, int], tuple[float, float]]:
+    """(Rows, Columns) and (slope, intercept) after every check that needs no decode; DicomError otherwise."""
+    _check_image(ds, path)
+    size = _size(ds, path)
+    check_decoded_size(path, size, _int(ds, "NumberOfFrames", 1, path), _int(ds, "SamplesPerPixel", 1, path),
+                       _int(ds, "BitsAllocated", 16, path), max_pixels)
+    return size, _rescale(ds, path)
+
+
+def check_pixel_header(ds: Dataset, path: PathLike = "instance", *, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """Refuse (DicomError) an image the readers here would refuse on its header alone, before any decode.
+
+    The same rule as :func:`read_hu` and :func:`read_dicom` apply before decoding: Pixel Data present,
+    one frame, one grey-level sample, valid Rows/Columns, the decoded size under ``max_pixels`` 16-bit
+    pixels, a usable rescale. The DICOM node checks each instance with it before acknowledging it.
+    """
+    _pixel_header(ds, path, max_pixels)
 
 
 def _integer_hu(pixels: np.ndarray, intercept: int, work: Workspace | None) -> np.ndarray:

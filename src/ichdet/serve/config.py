@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ichdet.errors import ConfigError
 
@@ -71,6 +71,20 @@ class ServeConfig(BaseModel):
     tta: bool = True
     retry_initial_seconds: float = Field(5.0, gt=0)
     retry_max_seconds: float = Field(600.0, gt=0)
+    tls_cert: Path | None = None  # PEM: this node's certificate; with tls_key, DICOM is served over TLS only
+    tls_key: Path | None = None   # PEM: its private key (no passphrase)
+    tls_ca: Path | None = None    # PEM: callers must present a certificate signed by this CA
+    send_tls: bool = False        # send results over TLS: the destination's certificate checked against tls_ca
+
+    @model_validator(mode="after")
+    def _tls(self) -> ServeConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together (the node's certificate and its private key)")
+        if self.tls_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_ca needs tls_cert and tls_key: callers are checked only over TLS")
+        if self.send_tls and self.send_to is None:
+            raise ValueError("send_tls needs send_to (the destination to reach over TLS)")
+        return self
 
     @field_validator("ae_title")
     @classmethod
@@ -105,7 +119,7 @@ def load_serve_config(path: Path | None, overrides: dict[str, Any]) -> ServeConf
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of settings, got {type(loaded).__name__}")
         values = {k.replace("-", "_"): v for k, v in loaded.items()}
-        for key in ("bundle", "spool"):
+        for key in ("bundle", "spool", "tls_cert", "tls_key", "tls_ca"):
             if isinstance(values.get(key), str) and not Path(values[key]).is_absolute():
                 values[key] = Path(path).resolve().parent / values[key]
     values.update({k: v for k, v in overrides.items() if v is not None and v != []})
@@ -115,4 +129,5 @@ def load_serve_config(path: Path | None, overrides: dict[str, Any]) -> ServeConf
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "config"
         source = f"{path}: " if path else ""
-        raise ConfigError(f"{source}{where}: {first['msg']} (see deploy/serve.yaml for every key)") from None
+        message = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{source}{where}: {message} (see deploy/serve.yaml for every key)") from None

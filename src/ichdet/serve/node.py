@@ -17,6 +17,7 @@ from ichdet.serve.scp import start_scp
 from ichdet.serve.sender import Backoff, send_files
 from ichdet.serve.spool import Spool, study_key
 from ichdet.serve.status import spool_status, start_status_server
+from ichdet.serve.tls import client_context, server_context
 
 __all__ = ["Node"]
 
@@ -34,6 +35,10 @@ class Node:
         self.cfg = cfg
         self.analyser = analyser
         self.spool = Spool(cfg.spool)
+        # built now, so that a bad certificate or key stops the start with one line, before anything listens
+        self.server_tls = server_context(cfg.tls_cert, cfg.tls_key, cfg.tls_ca) if cfg.tls_cert and cfg.tls_key \
+            else None
+        self.send_tls = client_context(cfg.tls_cert, cfg.tls_key, cfg.tls_ca) if cfg.send_tls else None
         self.scan_interval = scan_interval or min(1.0, cfg.quiet_seconds / 4)
         self.queue: queue.Queue[str] = queue.Queue()  # study UIDs due for analysis, one worker drains it
         self.in_flight: set[str] = set()                # queued or being analysed
@@ -63,11 +68,14 @@ class Node:
             thread.start()
             self._threads.append(thread)
         self._servers.append(start_scp(self.spool, self.cfg.ae_title, self.cfg.host, self.cfg.port,
-                                       self.cfg.allow, lambda uid: None))
+                                       self.cfg.allow, lambda uid: None, ssl_context=self.server_tls))
         if self.cfg.status_port is not None:
             self._servers.append(start_status_server(self, "127.0.0.1", self.cfg.status_port))
-        log.info("listening as %s on port %d; allowed callers: %s; results to %s", self.cfg.ae_title,
-                 self.cfg.port, ", ".join(self.cfg.allow), self.cfg.send_to or "(none)")
+        tls = "" if self.server_tls is None else " (TLS only, callers certified by tls_ca)" if self.cfg.tls_ca \
+            else " (TLS only)"
+        log.info("listening as %s on port %d%s; allowed callers: %s; results to %s%s", self.cfg.ae_title,
+                 self.cfg.port, tls, ", ".join(self.cfg.allow), self.cfg.send_to or "(none)",
+                 " over TLS" if self.send_tls else "")
 
     def stop(self) -> None:
         """Stop listening and the threads (an analysis in progress finishes first); release the lock."""
@@ -101,8 +109,8 @@ class Node:
                         self._settled.pop(uid, None)
                         log.info("study %s removed (older than %s days, results sent)", study_key(uid),
                                  self.cfg.max_age_days)
-            except Exception:  # a service thread must outlive one bad pass (a full disk, a damaged file)
-                log.exception("scan of the spool failed; trying again")
+            except Exception as err:  # a service thread must outlive one bad pass (a full disk, a damaged file)
+                log.error("scan of the spool failed (%s); trying again", _safe(err))
 
     def scan(self) -> list[str]:
         """Queue every study that needs analysis and has been quiet long enough; return the queued UIDs."""
@@ -138,8 +146,8 @@ class Node:
                 continue
             try:
                 self.analyse(uid)
-            except Exception:  # the study stays due; the worker lives on
-                log.exception("analysis of study %s could not be recorded", study_key(uid))
+            except Exception as err:  # the study stays due; the worker lives on
+                log.error("analysis of study %s could not be recorded (%s)", study_key(uid), _safe(err))
             finally:
                 with self._lock:
                     self.in_flight.discard(uid)
@@ -156,8 +164,8 @@ class Node:
             result = self.analyser(work / "input", work / "out")
         except Exception as err:  # one bad study must not stop the node: record it, go on
             self.spool.fail(uid, generation, work, inputs, f"{type(err).__name__}: {err}")
-            log.error("study %s generation %d: analysis failed: %s: %s", study_key(uid), generation,
-                      type(err).__name__, err)
+            log.error("study %s generation %d: analysis failed (%s); the reason is in the study's "
+                      "failed-gen-%04d.json in the spool", study_key(uid), generation, _safe(err), generation)
             return
         finally:
             self.analysing = None
@@ -165,7 +173,7 @@ class Node:
             self.spool.commit(uid, generation, work, inputs, result.json_path, result.dicom_files)
         except (OSError, ValueError) as err:  # e.g. a result file outside the output folder, a full disk
             self.spool.fail(uid, generation, work, inputs, f"results not stored: {type(err).__name__}: {err}")
-            log.error("study %s generation %d: results not stored: %s", study_key(uid), generation, err)
+            log.error("study %s generation %d: results not stored (%s)", study_key(uid), generation, _safe(err))
             return
         log.info("study %s generation %d analysed (%d instances, %.1f s, %d result file(s))", study_key(uid),
                  generation, len(inputs), time.monotonic() - started, len(result.dicom_files))
@@ -186,8 +194,8 @@ class Node:
             if not self._stop.is_set():
                 try:
                     ok = self.send_pending()
-                except Exception:  # e.g. a damaged result file: log it, back off, try again
-                    log.exception("sending results failed")
+                except Exception as err:  # e.g. a damaged result file: log it, back off, try again
+                    log.error("sending results failed (%s)", _safe(err))
                     ok = False
                 backoff.record(ok)
 
@@ -199,9 +207,9 @@ class Node:
             if not pending:
                 continue
             try:
-                _, error = send_files(pending, self.cfg.send_to, self.cfg.ae_title)
+                _, error = send_files(pending, self.cfg.send_to, self.cfg.ae_title, tls=self.send_tls)
             except (OSError, RuntimeError, ValueError) as err:
-                error = f"{type(err).__name__}: {err}"
+                error = _safe(err)
             self.last_send_error = error
             if error:
                 log.warning("study %s: results not delivered yet (%s); retrying with back-off", study_key(uid),
@@ -216,6 +224,13 @@ class Node:
                       queued=self.queue.qsize(), analysing=study_key(self.analysing) if self.analysing else None,
                       last_send_error=self.last_send_error)
         return status
+
+
+def _safe(err: BaseException) -> str:
+    """An error for a log line: its type and the system's words, never its message (messages of the
+    study pipeline and of pydicom quote paths holding UIDs, and header values)."""
+    strerror = err.strerror if isinstance(err, OSError) else None
+    return f"{type(err).__name__}: {strerror}" if strerror else type(err).__name__
 
 
 def run_node(cfg: ServeConfig, analyser: Analyser) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -34,8 +35,12 @@ class Backoff:
         self.failures = 0 if ok else self.failures + 1
 
 
-def send_files(sends: Sequence[PendingSend], dest: Destination, calling_ae: str) -> tuple[int, str | None]:
+def send_files(sends: Sequence[PendingSend], dest: Destination, calling_ae: str,
+               tls: ssl.SSLContext | None = None) -> tuple[int, str | None]:
     """C-STORE ``sends`` in one association; mark each acknowledged one sent; return (sent, first error).
+
+    With ``tls`` (:func:`ichdet.serve.tls.client_context`) the association runs over TLS and the
+    destination's certificate must match its host name and the configured CA.
 
     A file is marked only after the destination answers success, so a crash in between resends it: the
     destination receives the same SOP Instance UID again, which a PACS files as the same instance.
@@ -53,7 +58,8 @@ def send_files(sends: Sequence[PendingSend], dest: Destination, calling_ae: str)
                 offered.append(ts)
     for sop_class, offered in syntaxes.items():
         ae.add_requested_context(sop_class, offered)
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
+                         tls_args=(tls, dest.host) if tls is not None else None)
     if not assoc.is_established:
         return 0, f"cannot associate with {dest}"
     sent, error = 0, None

@@ -2,7 +2,7 @@
 
 Layout of a spool folder::
 
-    studies/<StudyInstanceUID>/received/<SOPInstanceUID>.dcm   every acknowledged instance (fsync + rename)
+    studies/<StudyInstanceUID>/received/<SOPInstanceUID>_<sha>.dcm   every acknowledged instance (fsync + rename)
     studies/<uid>/results/gen-0001/inputs.json                the instances that generation analysed
     studies/<uid>/results/gen-0001/out/...                    result.json, SR and SC files from the analysis
     studies/<uid>/results/gen-0001/sends.json                 the DICOM files to C-STORE (relative paths)
@@ -15,6 +15,9 @@ Layout of a spool folder::
 A generation becomes visible only by renaming its finished work folder, so it exists completely or not
 at all: a study is analysed again exactly when its received instances differ from the newest
 generation's (or failed attempt's) inputs, which makes "analysed exactly once" a property of the files.
+A received file's name carries the SHA-256 (16 hex digits) of the bytes received, so an instance sent
+again with other content (same SOP Instance UID, other pixels) is a new name and the study is analysed
+again; sent again unchanged, it changes nothing.
 """
 
 from __future__ import annotations
@@ -27,14 +30,14 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from ichdet.errors import IchdetError
 from ichdet.io import atomic_path, remove_stale_temps, write_json_atomic, write_text_atomic
 
-__all__ = ["PendingSend", "Spool", "StudyState", "study_key"]
+__all__ = ["PendingSend", "Spool", "StudyState", "sop_of", "study_key", "valid_uid"]
 
 #: A DICOM UID: dot-separated numbers, no leading zeros, at most 64 characters. Only these become paths.
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
@@ -125,12 +128,19 @@ class _Gate:
 class Spool:
     """Reads and writes the spool folder; every write is atomic; safe to share between the node's threads."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, create: bool = True) -> None:
+        """Open the spool at ``root``, creating its folders; with ``create=False`` an absent spool is refused
+        (IchdetError "no spool at ROOT") and nothing is created (``serve --status``)."""
         self.root = Path(root)
         self._gate = _Gate()
+        self._versions = threading.Lock()
         self.studies = self.root / "studies"
         self.quarantine_dir = self.root / "quarantine"
         self.outbox = self.root / "outbox"
+        if not create:
+            if not self.studies.is_dir():
+                raise IchdetError(f"no spool at {self.root}: check --spool (or spool: in the serve config)")
+            return
         for folder in (self.studies, self.quarantine_dir, self.outbox):
             folder.mkdir(parents=True, exist_ok=True)
 
@@ -141,14 +151,33 @@ class Spool:
             raise IchdetError(f"Study Instance UID {study_uid!r} is not a valid DICOM UID")
         return self.studies / study_uid
 
-    def store(self, study_uid: str, sop_uid: str, write: Callable[[Path], None]) -> Path:
-        """Write one instance with ``write(tmp_path)``, fsync it, rename it into ``received/``; return its path."""
+    def store(self, study_uid: str, sop_uid: str, data: bytes) -> Path:
+        """Write one instance's bytes, fsync them, rename them into ``received/`` and fsync the folder, so the
+        instance survives a power cut once this returns (only then may the sender be told success).
+
+        The file is named by the SOP Instance UID and the bytes' digest: the same bytes again change nothing;
+        other bytes for the same SOP Instance UID replace the older version (a change of the study).
+        """
         if not valid_uid(sop_uid):
             raise IchdetError(f"SOP Instance UID {sop_uid!r} is not a valid DICOM UID")
-        final = self.study_dir(study_uid) / "received" / f"{sop_uid}.dcm"
-        with self._gate.writing(), atomic_path(final) as tmp:
-            write(tmp)
+        received = self.study_dir(study_uid) / "received"
+        final = received / f"{sop_uid}_{hashlib.sha256(data).hexdigest()[:16]}.dcm"
+        with self._gate.writing():
+            if not final.exists():
+                with atomic_path(final) as tmp:
+                    tmp.write_bytes(data)
+                _fsync_dir(received)
+            with self._versions:  # two versions arriving at once: exactly one stays
+                if final.exists():
+                    self._drop_other_versions(received, sop_uid, keep=final.name)
         return final
+
+    def _drop_other_versions(self, received: Path, sop_uid: str, keep: str) -> None:
+        old = [name for name in _names(received) if sop_of(name) == sop_uid and name != keep]
+        for name in old:
+            (received / name).unlink(missing_ok=True)
+        if old:
+            _fsync_dir(received)
 
     def quarantine(self, data: bytes, reason: str) -> Path:
         """Keep an instance that will never be analysed, with its reason next to it; return its path."""
@@ -171,8 +200,9 @@ class Spool:
         if (folder / "received").is_dir():
             with os.scandir(folder / "received") as entries:
                 for entry in entries:
-                    if entry.name.endswith(".dcm") and not entry.name.startswith("."):  # not a temporary file
-                        received[entry.name] = entry.stat().st_mtime
+                    if _is_instance(entry.name):
+                        with contextlib.suppress(FileNotFoundError):  # replaced by a new version meanwhile
+                            received[entry.name] = entry.stat().st_mtime
         gens = sorted(self._generations(folder))
         last_inputs = frozenset(self._inputs(folder / "results" / _gen_name(gens[-1]))) if gens else frozenset()
         failed_gen, failed_inputs = 0, frozenset[str]()
@@ -198,14 +228,34 @@ class Spool:
         return list(json.loads((gen_dir / "inputs.json").read_text())["inputs"])
 
     def recover(self) -> int:
-        """Remove what a killed node left half-done (analysis work folders, temp files); return how many."""
+        """Remove what a killed node left half-done (analysis work folders, temp files, an instance's older
+        version still next to its new one, study folders holding nothing); return how many."""
         removed = remove_stale_temps(self.quarantine_dir) + remove_stale_temps(self.outbox)
         for uid in self.study_uids():
             folder = self.studies / uid
-            if (folder / "received").is_dir():
-                removed += remove_stale_temps(folder / "received")
+            received = folder / "received"
+            if received.is_dir():
+                removed += remove_stale_temps(received) + self._drop_superseded(received)
             for work in (folder / "results").glob(".work-gen-*"):
                 shutil.rmtree(work)
+                removed += 1
+            state = self.state(uid)
+            if not state.received and not state.generations and not list(folder.glob("failed-gen-*.json")):
+                shutil.rmtree(folder)  # e.g. the disk was full before its first instance was written
+                removed += 1
+        return removed
+
+    @staticmethod
+    def _drop_superseded(received: Path) -> int:
+        """Keep the newest version of each instance (a kill between a new version's rename and the old one's
+        removal leaves both); return how many were removed."""
+        versions: dict[str, list[tuple[int, str]]] = {}
+        for name in _names(received):
+            versions.setdefault(sop_of(name), []).append(((received / name).stat().st_mtime_ns, name))
+        removed = 0
+        for found in versions.values():
+            for _, name in sorted(found)[:-1]:
+                (received / name).unlink()
                 removed += 1
         return removed
 
@@ -294,4 +344,28 @@ class Spool:
 
 def _gen_name(generation: int) -> str:
     return f"gen-{generation:04d}"
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (a rename into it, an unlink) to disk: acknowledged means on disk."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _is_instance(name: str) -> bool:
+    return name.endswith(".dcm") and not name.startswith(".")  # not a temporary file
+
+
+def _names(received: Path) -> list[str]:
+    with os.scandir(received) as entries:
+        return [e.name for e in entries if _is_instance(e.name)]
+
+
+def sop_of(name: str) -> str:
+    """The SOP Instance UID of a received file's name (``<uid>_<digest>.dcm``, or ``<uid>.dcm`` before
+    names carried the digest)."""
+    return name.removesuffix(".dcm").split("_", 1)[0]
 

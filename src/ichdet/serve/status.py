@@ -14,12 +14,19 @@ __all__ = ["spool_status", "start_status_server"]
 
 
 def spool_status(spool: Spool, quiet_seconds: float | None = None) -> dict[str, Any]:
-    """Counts of studies by stage, pending sends and quarantined instances; no UIDs, no PHI."""
+    """Counts of studies by stage, pending sends and quarantined instances; no UIDs, no PHI.
+
+    A study folder with no instance and no result (left by a write that failed, removed at the next start)
+    is counted apart, never as a study analysed.
+    """
     now = time.time()
     counts = {"studies": 0, "receiving": 0, "waiting_analysis": 0, "analysed": 0, "failed": 0,
-              "instances": 0, "pending_sends": 0}
+              "instances": 0, "pending_sends": 0, "empty_study_folders": 0}
     for uid in spool.study_uids():
         state = spool.state(uid)
+        if not state.received and not state.generations:  # e.g. the disk was full before its first instance
+            counts["empty_study_folders"] += 1
+            continue
         counts["studies"] += 1
         counts["instances"] += len(state.received)
         if state.needs_analysis():

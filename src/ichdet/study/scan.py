@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ichdet.cache.index import list_dicom_files
+from ichdet.cache.index import scan_dicom_files
 from ichdet.dicom.read import read_header, read_hu
 from ichdet.dicom.series import (
     MIN_SLICES,
@@ -104,11 +104,15 @@ def scan_folder(path: Path, min_slices: int = MIN_SLICES) -> StudyScan:
 
     Series are selected or skipped (with the reason) by :func:`series_reason`, selected ones ordered by
     :func:`order_series`. Files that are not DICOM, or whose header is unusable, are listed with the
-    reason; nothing is read past the header and nothing under ``path`` is written.
+    reason, and so are entries that cannot be read as files (a FIFO, a dangling link, a folder that cannot
+    be listed, a link back to a folder already scanned: the rule of :func:`ichdet.cache.index.scan_dicom_files`,
+    which ``preprocess`` lists in its errors.csv); nothing is read past the header and nothing under
+    ``path`` is written.
     """
     root = Path(path)
-    files = list_dicom_files(root)
-    skipped: list[SkippedFile] = []
+    keys, problems = scan_dicom_files(root)
+    files = [root / key[0] for key in keys]
+    skipped = [SkippedFile(rel, reason) for rel, reason in problems]
     groups: dict[str, dict[str, list[SliceHeader]]] = defaultdict(lambda: defaultdict(list))
     for file in files:
         rel = file.relative_to(root).as_posix()
@@ -127,7 +131,7 @@ def scan_folder(path: Path, min_slices: int = MIN_SLICES) -> StudyScan:
         series.sort(key=lambda s: (s.series_number if s.series_number is not None else 1 << 31, s.series_uid))
         first = next(iter(groups[study_uid].values()))[0]
         studies.append(StudyEntry(study_uid, tuple(series), dict(first.phi)))
-    return StudyScan(root, tuple(studies), tuple(skipped), len(files))
+    return StudyScan(root, tuple(studies), tuple(sorted(skipped, key=lambda f: f.path)), len(files))
 
 
 @dataclass(frozen=True)
