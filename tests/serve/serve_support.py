@@ -3,6 +3,7 @@ child process, Orthanc as the PACS, dcmtk as a second client. Imported by tests/
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -30,6 +31,10 @@ os.environ.setdefault("TCP_NODELAY", "1")
 ORTHANC = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").exists() else None)
 STORESCU, ECHOSCU, STORESCP = shutil.which("storescu"), shutil.which("echoscu"), shutil.which("storescp")
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
+#: Orthanc's DICOMweb plugin (Debian orthanc-dicomweb installs it here).
+DICOMWEB_PLUGIN = next((str(p) for p in (Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so"),
+                                         *sorted(Path("/usr/lib/orthanc").glob("libOrthancDicomWeb.so*")))
+                        if p.exists()), None)
 
 #: Type 2 elements of the CT image IOD's modules that the RSNA files lack: present, empty.
 TYPE2_EMPTY = ("PatientName", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "ReferringPhysicianName",
@@ -185,7 +190,7 @@ class NodeProcess:
                     "quiet_seconds": quiet, "host": "127.0.0.1", "retry_initial_seconds": 0.5,
                     "retry_max_seconds": 2.0, "send_to": send_to, "status_port": status_port}
         self.config.write_text(yaml.safe_dump({k: v for k, v in settings.items() if v is not None}))
-        self.args = [sys.executable, str(REPO / "tests" / "serve_node.py"), str(self.config),
+        self.args = [sys.executable, str(Path(__file__).with_name("serve_node.py")), str(self.config),
                      str(log or ""), str(seconds)]
         self.proc: subprocess.Popen[bytes] | None = None
         self.stderr = spool.parent / f"{spool.name}.stderr.log"
@@ -224,10 +229,15 @@ def storescu(port: int, files: list[Path], calling: str = "STORESCU", called: st
 
 
 class Orthanc:
-    """Debian's Orthanc on free loopback ports with its own storage, knowing the node as modality "ichdet"."""
+    """Debian's Orthanc on free loopback ports with its own storage, knowing the node as modality "ichdet".
 
-    def __init__(self, root: Path, node_port: int, aet: str = "ORTHANC") -> None:
-        self.root, self.aet = root, aet
+    ``dicomweb``: load the DICOMweb plugin (root ``/dicom-web/``); ``users``: basic auth on (user -> password)
+    for the REST API and DICOMweb alike.
+    """
+
+    def __init__(self, root: Path, node_port: int, aet: str = "ORTHANC", dicomweb: bool = False,
+                 users: dict[str, str] | None = None) -> None:
+        self.root, self.aet, self.users = root, aet, users
         self.http_port, self.dicom_port = free_port(), free_port()
         root.mkdir(parents=True, exist_ok=True)
         config = {"Name": "ichdet-test", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
@@ -236,6 +246,11 @@ class Orthanc:
                   "DicomModalities": {"ichdet": {"AET": "ICHDET", "Host": "127.0.0.1", "Port": node_port}},
                   "DicomAlwaysAllowStore": True, "DicomCheckCalledAet": False, "HttpServerEnabled": True,
                   "StableAge": 1, "ConcurrentJobs": 2}
+        if dicomweb:
+            assert DICOMWEB_PLUGIN is not None
+            config.update(Plugins=[DICOMWEB_PLUGIN], DicomWeb={"Enable": True, "Root": "/dicom-web/"})
+        if users:
+            config.update(AuthenticationEnabled=True, RegisteredUsers=users)
         (root / "orthanc.json").write_text(json.dumps(config))
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -255,8 +270,16 @@ class Orthanc:
     def rest(self, method: str, path: str, body: bytes | dict[str, Any] | list[Any] | None = None) -> Any:
         data = json.dumps(body).encode() if isinstance(body, dict | list) else body
         req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data, method=method)
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
         with urllib.request.urlopen(req, timeout=300) as resp:
             return json.loads(resp.read() or b"null")
+
+    @property
+    def dicomweb(self) -> str:
+        """The DICOMweb base URL (with ``dicomweb=True``)."""
+        return f"http://127.0.0.1:{self.http_port}/dicom-web"
 
     def upload(self, files: list[Path]) -> set[str]:
         """POST every file to /instances; return Orthanc's study ids."""
