@@ -164,7 +164,7 @@ def describe(err: BaseException, base_url: str) -> str:
 
 
 def _client(base_url: str, auth: WebAuth, retry: bool) -> DICOMwebClient:
-    client = DICOMwebClient(url=base_url, session=auth.session(), timeout=TIMEOUT)  # type: ignore[arg-type]
+    client = DICOMwebClient(url=base_url, session=auth.session(), timeout=TIMEOUT)
     client.set_http_retry_params(retry=retry)  # the node retries with its own back-off
     return client
 
