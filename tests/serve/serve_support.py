@@ -118,6 +118,18 @@ def _derived(ref: Dataset, sop_class: str, modality: str, series_uid: str) -> Da
     return ds
 
 
+#: The study summary every stand-in analysis reports (docs/study-result.md): subdural called, so the study is flagged.
+STAND_IN_SUMMARY = {
+    "analysed": True, "hemorrhage": True,
+    "probability": {"epidural": 0.01, "intraparenchymal": 0.02, "intraventricular": 0.03, "subarachnoid": 0.04,
+                    "subdural": 0.91, "any": 0.93},
+    "thresholds": {"epidural": 0.2, "intraparenchymal": 0.2, "intraventricular": 0.2, "subarachnoid": 0.2,
+                   "subdural": 0.3, "any": 0.5},
+    "called": {"epidural": False, "intraparenchymal": False, "intraventricular": False, "subarachnoid": False,
+               "subdural": True, "any": True},
+}
+
+
 def stand_in_analyser(log: Path | None = None, seconds: float = 0.0) -> Callable[[Path, Path], AnalysisResult]:
     """Writes a JSON result, a text SR and an 8x8 secondary capture per study; appends one line per call to
     ``log`` (study UID, instance count) so tests can count analyses; takes ``seconds`` (to be killed in)."""
@@ -141,7 +153,8 @@ def stand_in_analyser(log: Path | None = None, seconds: float = 0.0) -> Callable
         sr.save_as(paths[0], enforce_file_format=True)
         sc.save_as(paths[1], enforce_file_format=True)
         result = {"studies": [{"study_uid": str(ref.StudyInstanceUID), "n_instances": len(files),
-                               "series": [], "summary": {}}]}
+                               "study_instance_uid": str(ref.StudyInstanceUID), "series": [],
+                               "summary": STAND_IN_SUMMARY}]}
         (out_dir / "result.json").write_text(json.dumps(result))
         if log is not None:
             with log.open("a") as fh:
@@ -183,12 +196,13 @@ class NodeProcess:
 
     def __init__(self, spool: Path, port: int, allow: list[str], send_to: str | None = None,
                  log: Path | None = None, seconds: float = 0.0, quiet: float = 1.0,
-                 status_port: int | None = None) -> None:
-        self.spool, self.port, self.status_port = spool, port, status_port
+                 status_port: int | None = None, extra: dict[str, Any] | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.spool, self.port, self.status_port, self.env = spool, port, status_port, env or {}
         self.config = spool.parent / f"{spool.name}.serve.yaml"
         settings = {"bundle": "unused-by-the-stand-in", "spool": str(spool), "port": port, "allow": allow,
                     "quiet_seconds": quiet, "host": "127.0.0.1", "retry_initial_seconds": 0.5,
-                    "retry_max_seconds": 2.0, "send_to": send_to, "status_port": status_port}
+                    "retry_max_seconds": 2.0, "send_to": send_to, "status_port": status_port, **(extra or {})}
         self.config.write_text(yaml.safe_dump({k: v for k, v in settings.items() if v is not None}))
         self.args = [sys.executable, str(Path(__file__).with_name("serve_node.py")), str(self.config),
                      str(log or ""), str(seconds)]
@@ -196,7 +210,8 @@ class NodeProcess:
         self.stderr = spool.parent / f"{spool.name}.stderr.log"
 
     def start(self) -> NodeProcess:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+        env = {**os.environ, **self.env,
+               "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
         self.proc = subprocess.Popen(self.args, env=env, stderr=self.stderr.open("ab"))
         wait_port(self.port)
         return self

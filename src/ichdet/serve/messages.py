@@ -126,7 +126,7 @@ def oru_r01(finding: Finding, sending_facility: str, now: datetime) -> str:
                         f"{'A' if finding.called[label] else 'N'}|||{status}")
     segments.append(f"OBX|{len(LABELS) + 1}|HD|113014^DICOM Study^DCM||{finding.study_uid}||||||{status}")
     segments.append(f"ZDS|{finding.study_uid}^ICHDET^Application^DICOM")
-    text = "\r".join(segments)
+    text = "\r".join(segments) + "\r"  # every segment ends with a carriage return, the last one too
     hl7.parse(text)  # raises on a message python-hl7 cannot read back
     return text
 

@@ -210,7 +210,7 @@ class Notifier:
         return threads
 
     def _send(self, item: Pending) -> str | None:
-        text = item.path.read_text(encoding="utf-8")
+        text = item.path.read_bytes().decode("utf-8")  # as written: read_text would turn HL7's \r into \n
         if item.channel == "hl7":
             assert self.hl7_to is not None
             return send_hl7(*self.hl7_to, text)
