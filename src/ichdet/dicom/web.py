@@ -163,9 +163,11 @@ def describe(err: BaseException, base_url: str) -> str:
     return f"{where}: {type(err).__name__}"
 
 
-def _client(base_url: str, auth: WebAuth, retry: bool) -> DICOMwebClient:
+def _client(base_url: str, auth: WebAuth) -> DICOMwebClient:
     client = DICOMwebClient(url=base_url, session=auth.session(), timeout=TIMEOUT)
-    client.set_http_retry_params(retry=retry)  # the node retries with its own back-off
+    # dicomweb-client's own retries (5 tries, waits doubling from 2 s) make a server that is down answer after
+    # half a minute; the command says so at once, and the node retries with its own back-off
+    client.set_http_retry_params(retry=False)
     return client
 
 
@@ -180,7 +182,7 @@ def fetch_study(url: str, dest: Path, auth: WebAuth) -> int:
         DicomWebError: the server could not be reached, refused, or holds no such study.
     """
     base, uid = parse_study_url(url)
-    client = _client(base, auth, retry=True)
+    client = _client(base, auth)
     count = 0
     try:
         for ds in client.iter_study(uid):
@@ -245,7 +247,7 @@ def _sop_uids(items: Sequence[Any]) -> set[str]:
     return {str(item.ReferencedSOPInstanceUID) for item in items if "ReferencedSOPInstanceUID" in item}
 
 
-def store_files(base_url: str, files: Sequence[Path], auth: WebAuth, *, retry: bool = True) -> StowResult:
+def store_files(base_url: str, files: Sequence[Path], auth: WebAuth) -> StowResult:
     """STOW-RS ``files`` to ``base_url`` in one request; a file counts as stored only when the server's
     answer lists its SOP Instance UID among the referenced (stored) instances.
 
@@ -255,7 +257,7 @@ def store_files(base_url: str, files: Sequence[Path], auth: WebAuth, *, retry: b
     if not files:
         return StowResult([], [])
     datasets = [pydicom.dcmread(f) for f in files]
-    client = _client(parse_base_url(base_url), auth, retry=retry)
+    client = _client(parse_base_url(base_url), auth)
     try:
         answer = client.store_instances(datasets)
     except requests.exceptions.RequestException as err:

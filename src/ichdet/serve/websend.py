@@ -26,7 +26,7 @@ def send_files_web(sends: Sequence[PendingSend], dest: WebDestination, auth: Web
     if not sends:
         return 0, None
     try:
-        result = store_files(dest.url, [s.path for s in sends], auth, retry=False)  # the node's back-off retries
+        result = store_files(dest.url, [s.path for s in sends], auth)  # one try: the node's back-off retries
     except DicomWebError as err:
         return 0, str(err)
     by_path = {s.path: s for s in sends}
