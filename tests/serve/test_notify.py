@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -16,9 +17,19 @@ import pydicom
 import pytest
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from receivers import FhirReceiver, MLLPReceiver
-from serve_support import REPO, STORESCU, NodeProcess, free_port, make_studies, storescu, wait_for
+from serve_support import (
+    REPO,
+    STORESCU,
+    NodeProcess,
+    free_port,
+    make_studies,
+    stand_in_analyser,
+    storescu,
+    wait_for,
+)
 
 from ichdet.names import LABELS
+from ichdet.serve import Node, ServeConfig, spool_status
 from ichdet.serve.messages import Finding, control_id, diagnostic_report, oru_r01
 from ichdet.serve.notify import post_fhir, send_hl7
 
@@ -141,6 +152,38 @@ def test_post_fhir_receiver_down() -> None:
 
 
 # -- the node ---------------------------------------------------------------------------------------------
+
+def test_notifications_written_with_the_generation_and_kept_until_acknowledged(rsna_sample: Path,
+                                                                              tmp_path: Path) -> None:
+    """In process, no receiver: the analysis commits its generation with both notifications pending in it;
+    clean-up keeps the study until they are acknowledged."""
+    spool_dir = tmp_path / "spool"
+    cfg = ServeConfig(bundle=tmp_path / "b", spool=spool_dir, allow=["X"], quiet_seconds=0.001,
+                      notify_hl7=f"127.0.0.1:{free_port()}", notify_url=f"http://127.0.0.1:{free_port()}/fhir")
+    node = Node(cfg, stand_in_analyser())
+    (uid, files), = _study(rsna_sample, tmp_path / "dicom").items()
+    for path in files:
+        ds = pydicom.dcmread(path)
+        node.spool.store(uid, str(ds.SOPInstanceUID), lambda p, src=path: p.write_bytes(src.read_bytes()))
+    assert node.scan() == [uid]
+    node.analyse(node.queue.get())
+    notify = spool_dir / "studies" / uid / "results" / "gen-0001" / "notify"
+    assert sorted(p.name for p in notify.iterdir()) == ["fhir.pending", "hl7.pending"]
+    oru = hl7.parse((notify / "hl7.pending").read_bytes().decode())
+    assert str(oru.segment("OBR")[3]) == "ACC202612060" and str(oru.segment("PID")[3]) == "PAT-00420"
+    assert json.loads((notify / "fhir.pending").read_text())["identifier"][0]["value"] == control_id(uid, 1)
+    assert node.notifier.send_pending("hl7") is False  # nobody listens: recorded as failed, still pending
+    assert json.loads((notify / "hl7.error").read_text())["tries"] == 1
+    assert spool_status(node.spool)["failed_notifications"] == {"hl7": 1, "fhir": 0}
+    for sent in node.spool.pending_sends(uid):
+        node.spool.mark_sent(sent)
+    later = time.time() + 30 * 86400
+    assert node.spool.clean(max_age_days=1, now=later) == []  # notifications not acknowledged: kept
+    for channel in ("hl7", "fhir"):
+        (notify / f"{channel}.acked").touch()
+    assert node.spool.clean(max_age_days=1, now=later) == [uid]
+
+
 
 PHI = {"PatientID": "PAT-0042", "AccessionNumber": "ACC20261206", "PatientName": "Doe^Jane"}
 
