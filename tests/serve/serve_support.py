@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -235,6 +236,25 @@ class NodeProcess:
         return self.stderr.read_text(errors="replace") if self.stderr.exists() else ""
 
 
+def make_tls(folder: Path, host: str = "127.0.0.1") -> tuple[Path, Path]:
+    """A CA and a server certificate for ``host`` signed by it, made by openssl: (PEM of the server's key and
+    certificate, PEM of the CA)."""
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=60)
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=ichdet test CA")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj",
+            f"/CN={host}")
+    (folder / "san.ext").write_text(f"subjectAltName=IP:{host}\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out",
+            "server.pem", "-days", "2", "-extfile", "san.ext")
+    both = (folder / "server.key").read_text() + (folder / "server.pem").read_text()
+    (folder / "server-with-key.pem").write_text(both)  # Orthanc reads key and certificate from one file
+    return folder / "server-with-key.pem", folder / "ca.pem"
+
+
 def storescu(port: int, files: list[Path], calling: str = "STORESCU", called: str = "ICHDET",
              check: bool = True) -> subprocess.CompletedProcess[str]:
     """dcmtk's storescu: send ``files`` in one association."""
@@ -247,12 +267,13 @@ class Orthanc:
     """Debian's Orthanc on free loopback ports with its own storage, knowing the node as modality "ichdet".
 
     ``dicomweb``: load the DICOMweb plugin (root ``/dicom-web/``); ``users``: basic auth on (user -> password)
-    for the REST API and DICOMweb alike.
+    for the REST API and DICOMweb alike; ``tls``: (PEM of the server's key and certificate, PEM of its CA):
+    https only.
     """
 
     def __init__(self, root: Path, node_port: int, aet: str = "ORTHANC", dicomweb: bool = False,
-                 users: dict[str, str] | None = None) -> None:
-        self.root, self.aet, self.users = root, aet, users
+                 users: dict[str, str] | None = None, tls: tuple[Path, Path] | None = None) -> None:
+        self.root, self.aet, self.users, self.tls = root, aet, users, tls
         self.http_port, self.dicom_port = free_port(), free_port()
         root.mkdir(parents=True, exist_ok=True)
         config = {"Name": "ichdet-test", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
@@ -266,6 +287,8 @@ class Orthanc:
             config.update(Plugins=[DICOMWEB_PLUGIN], DicomWeb={"Enable": True, "Root": "/dicom-web/"})
         if users:
             config.update(AuthenticationEnabled=True, RegisteredUsers=users)
+        if tls:
+            config.update(SslEnabled=True, SslCertificate=str(tls[0]))
         (root / "orthanc.json").write_text(json.dumps(config))
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -284,17 +307,23 @@ class Orthanc:
 
     def rest(self, method: str, path: str, body: bytes | dict[str, Any] | list[Any] | None = None) -> Any:
         data = json.dumps(body).encode() if isinstance(body, dict | list) else body
-        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data, method=method)
+        req = urllib.request.Request(f"{self.base}{path}", data=data, method=method)
         if self.users:
             user, password = next(iter(self.users.items()))
             req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
-        with urllib.request.urlopen(req, timeout=300) as resp:
+        context = ssl.create_default_context(cafile=str(self.tls[1])) if self.tls else None
+        with urllib.request.urlopen(req, timeout=300, context=context) as resp:
             return json.loads(resp.read() or b"null")
+
+    @property
+    def base(self) -> str:
+        """The REST API's URL."""
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.http_port}"
 
     @property
     def dicomweb(self) -> str:
         """The DICOMweb base URL (with ``dicomweb=True``)."""
-        return f"http://127.0.0.1:{self.http_port}/dicom-web"
+        return f"{self.base}/dicom-web"
 
     def upload(self, files: list[Path]) -> set[str]:
         """POST every file to /instances; return Orthanc's study ids."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from serve_support import (
     Orthanc,
     free_port,
     make_studies,
+    make_tls,
     make_valid,
     sample_studies,
     storescu,
@@ -234,6 +236,33 @@ def test_stow_to_a_server_that_is_down_keeps_the_result(pacs, bundle: Path, tmp_
                                                "and that the DICOMweb server is running")
     assert json.loads((tmp_path / "result.json").read_text())["studies"][0]["study_instance_uid"] == uid
     assert list(private_tmp.iterdir()) == []
+
+
+@needs_dicomweb
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed (apt-get install openssl)")
+def test_https_verifies_the_certificate_ca_bundle_trusts_a_private_ca(rsna_sample: Path, bundle: Path,  # type: ignore[no-untyped-def]
+                                                                     tmp_path: Path, private_tmp: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in CREDENTIALS:
+        monkeypatch.delenv(key, raising=False)
+    cert, ca = make_tls(tmp_path / "tls")
+    orthanc = Orthanc(tmp_path / "orthanc", free_port(), dicomweb=True, tls=(cert, ca)).start()
+    try:
+        (uid, files), = make_studies(rsna_sample, tmp_path / "dicom", n=1, slices=6, size=None).items()
+        orthanc.upload(files)
+        url = f"{orthanc.dicomweb}/studies/{uid}"
+        assert url.startswith("https://")
+        code, output = _invoke("predict-study", url, "--bundle", str(bundle), "--out", str(tmp_path / "r.json"))
+        assert (code, output.strip()) == (1, f"error: {orthanc.dicomweb}: the server's certificate could not be "
+                                             "verified; pass --ca-bundle (or ca_bundle in the serve config) with the "
+                                             "PEM file of the CA that signed it")
+        code, output = _invoke("predict-study", url, "--bundle", str(bundle), "--out", str(tmp_path / "r.json"),
+                               "--ca-bundle", str(ca), "--stow", orthanc.dicomweb)
+        assert code == 0, output
+        assert f"stored 4 DICOM objects (OT 3, SR 1) by STOW-RS at {orthanc.dicomweb}" in output
+        assert list(private_tmp.iterdir()) == []
+    finally:
+        orthanc.stop()
 
 
 # -- the temporary folder on Ctrl-C / SIGTERM -------------------------------------------------------------

@@ -45,8 +45,9 @@ _OS_REASON = re.compile(r"\[Errno -?\d+\] ([^'\")\]]+)")
 #: (connect, read) seconds: a dead server is found quickly, a large study may take a while.
 TIMEOUT = (15.0, 300.0)
 
-# dicomweb-client logs study UIDs (and at DEBUG request headers, Authorization included) on its own logger
-logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
+# dicomweb-client logs study and instance UIDs (INFO, and ERROR for a failed instance) and at DEBUG the request
+# headers, Authorization included; what went wrong reaches the user through this module's errors instead
+logging.getLogger("dicomweb_client").setLevel(logging.CRITICAL)
 
 
 class DicomWebError(RunFailed):
