@@ -4,6 +4,7 @@ child process, Orthanc as the PACS, dcmtk as a second client. Imported by tests/
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -255,6 +257,58 @@ def make_tls(folder: Path, host: str = "127.0.0.1") -> tuple[Path, Path]:
     return folder / "server-with-key.pem", folder / "ca.pem"
 
 
+class TlsProxy:
+    """TLS in front of a plain-HTTP server on loopback (what nginx or stunnel does in a deployment), with the
+    certificate of :func:`make_tls`. Debian 12's Orthanc 1.10.1 crashes (civetweb segfault) on its first HTTPS
+    request with its own ``SslEnabled``, so https tests put this in front of it."""
+
+    def __init__(self, cert_with_key: Path, target_port: int) -> None:
+        self.target_port = target_port
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(cert_with_key)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        try:
+            tls = self.context.wrap_socket(client, server_side=True)
+        except (OSError, ssl.SSLError):  # e.g. a client that does not trust the certificate
+            client.close()
+            return
+        upstream = socket.create_connection(("127.0.0.1", self.target_port))
+
+        def pipe(src: socket.socket, dst: socket.socket) -> None:
+            try:
+                while data := src.recv(65536):
+                    dst.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for sock in (src, dst):
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+        back = threading.Thread(target=pipe, args=(upstream, tls), daemon=True)
+        back.start()
+        pipe(tls, upstream)
+        back.join()
+        tls.close()
+        upstream.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self.listener.close()
+
+
 def storescu(port: int, files: list[Path], calling: str = "STORESCU", called: str = "ICHDET",
              check: bool = True) -> subprocess.CompletedProcess[str]:
     """dcmtk's storescu: send ``files`` in one association."""
@@ -267,13 +321,12 @@ class Orthanc:
     """Debian's Orthanc on free loopback ports with its own storage, knowing the node as modality "ichdet".
 
     ``dicomweb``: load the DICOMweb plugin (root ``/dicom-web/``); ``users``: basic auth on (user -> password)
-    for the REST API and DICOMweb alike; ``tls``: (PEM of the server's key and certificate, PEM of its CA):
-    https only.
+    for the REST API and DICOMweb alike.
     """
 
     def __init__(self, root: Path, node_port: int, aet: str = "ORTHANC", dicomweb: bool = False,
-                 users: dict[str, str] | None = None, tls: tuple[Path, Path] | None = None) -> None:
-        self.root, self.aet, self.users, self.tls = root, aet, users, tls
+                 users: dict[str, str] | None = None) -> None:
+        self.root, self.aet, self.users = root, aet, users
         self.http_port, self.dicom_port = free_port(), free_port()
         root.mkdir(parents=True, exist_ok=True)
         config = {"Name": "ichdet-test", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
@@ -287,8 +340,6 @@ class Orthanc:
             config.update(Plugins=[DICOMWEB_PLUGIN], DicomWeb={"Enable": True, "Root": "/dicom-web/"})
         if users:
             config.update(AuthenticationEnabled=True, RegisteredUsers=users)
-        if tls:
-            config.update(SslEnabled=True, SslCertificate=str(tls[0]))
         (root / "orthanc.json").write_text(json.dumps(config))
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -311,14 +362,13 @@ class Orthanc:
         if self.users:
             user, password = next(iter(self.users.items()))
             req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
-        context = ssl.create_default_context(cafile=str(self.tls[1])) if self.tls else None
-        with urllib.request.urlopen(req, timeout=300, context=context) as resp:
+        with urllib.request.urlopen(req, timeout=300) as resp:
             return json.loads(resp.read() or b"null")
 
     @property
     def base(self) -> str:
         """The REST API's URL."""
-        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.http_port}"
+        return f"http://127.0.0.1:{self.http_port}"
 
     @property
     def dicomweb(self) -> str:

@@ -28,11 +28,13 @@ from urllib.parse import urlsplit
 import pydicom
 import requests
 from dicomweb_client.api import DICOMwebClient
+from requests.adapters import HTTPAdapter
 
 from ichdet.errors import IchdetError, RunFailed
 
 __all__ = ["ENV_PASSWORD", "ENV_TOKEN", "ENV_USER", "DicomWebError", "StowResult", "WebAuth", "fetch_study",
-           "fetched_study", "is_web_url", "parse_base_url", "parse_study_url", "server_name", "store_files"]
+           "fetched_study", "is_web_url", "parse_base_url", "parse_study_url", "server_name", "store_files",
+           "verified_session"]
 
 #: The environment variables credentials are read from (a bearer token, or a user and password).
 ENV_TOKEN, ENV_USER, ENV_PASSWORD = "ICHDET_DICOMWEB_TOKEN", "ICHDET_DICOMWEB_USER", "ICHDET_DICOMWEB_PASSWORD"
@@ -86,13 +88,39 @@ class WebAuth:
 
     def session(self) -> requests.Session:
         """A requests session that sends these credentials and verifies certificates (with ``ca_bundle``)."""
-        session = requests.Session()
-        session.verify = str(self.ca_bundle) if self.ca_bundle is not None else True
+        session = verified_session(self.ca_bundle)
         if self.token:
             session.headers["Authorization"] = f"Bearer {self.token}"
         elif self.user and self.password:
             session.auth = (self.user, self.password)
         return session
+
+
+class _CaBundleAdapter(HTTPAdapter):
+    """Verifies https against one CA bundle whatever the environment says.
+
+    requests lets ``REQUESTS_CA_BUNDLE`` / ``CURL_CA_BUNDLE`` override a session's ``verify``
+    (psf/requests#3829), and dicomweb-client passes no per-request ``verify``: a ``--ca-bundle`` would be
+    ignored wherever those variables are set (most container images set them).
+    """
+
+    def __init__(self, ca_bundle: Path) -> None:
+        super().__init__()
+        self.ca_bundle = str(ca_bundle)
+
+    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+        kwargs["verify"] = self.ca_bundle
+        return super().send(request, **kwargs)
+
+
+def verified_session(ca_bundle: Path | None = None) -> requests.Session:
+    """A requests session that verifies https certificates: against ``ca_bundle`` when given (a private CA),
+    else the system's trust store."""
+    session = requests.Session()
+    session.verify = True
+    if ca_bundle is not None:
+        session.mount("https://", _CaBundleAdapter(Path(ca_bundle)))
+    return session
 
 
 def is_web_url(text: str) -> bool:

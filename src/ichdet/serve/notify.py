@@ -30,6 +30,7 @@ import pydicom
 import requests
 from hl7.mllp import open_hl7_connection
 
+from ichdet.dicom.web import verified_session
 from ichdet.io import write_json_atomic, write_text_atomic
 from ichdet.serve.config import ServeConfig
 from ichdet.serve.messages import diagnostic_report, finding_from_result, oru_r01
@@ -265,7 +266,6 @@ def notifier_for(spool: Spool, cfg: ServeConfig) -> Notifier:
     """The notifier of a node's settings (no channel configured: one that does nothing); https verifies
     certificates, with the config's ``ca_bundle`` for a private CA."""
     hl7_to = (cfg.notify_hl7.host, cfg.notify_hl7.port) if cfg.notify_hl7 is not None else None
-    session = requests.Session()
-    session.verify = str(cfg.ca_bundle) if cfg.ca_bundle is not None else True
+    session = verified_session(cfg.ca_bundle)
     return Notifier(spool, cfg.ae_title, hl7_to, cfg.notify_url, (cfg.retry_initial_seconds, cfg.retry_max_seconds),
                     session)
