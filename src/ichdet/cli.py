@@ -460,7 +460,7 @@ _CA_BUNDLE = typer.Option("--ca-bundle", help="PEM file of the CA(s) to trust fo
 
 
 @command
-def predict_study(path: Annotated[str, typer.Argument(help=_STUDY_PATH_HELP)],
+def predict_study(path: Annotated[str, typer.Argument(metavar="PATH", help=_STUDY_PATH_HELP)],
                   bundle: Annotated[Path | None, typer.Option(help="model bundle from `ichdet bundle`")] = None,
                   run: Annotated[list[Path] | None, typer.Option(help="run folder (instead of --bundle)")] = None,
                   out: Annotated[Path, typer.Option(help="result JSON to write")] = Path("result.json"),
@@ -502,7 +502,7 @@ def predict_study(path: Annotated[str, typer.Argument(help=_STUDY_PATH_HELP)],
 
 
 @command
-def report(path: Annotated[str, typer.Argument(help=_STUDY_PATH_HELP)],
+def report(path: Annotated[str, typer.Argument(metavar="PATH", help=_STUDY_PATH_HELP)],
            out: Annotated[Path, typer.Option(help="HTML report to write (an index page when several studies)")],
            bundle: Annotated[Path | None, typer.Option(help="model bundle from `ichdet bundle`")] = None,
            run: Annotated[list[Path] | None, typer.Option(help="run folder (instead of --bundle)")] = None,
