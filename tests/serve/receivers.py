@@ -26,6 +26,7 @@ class MLLPReceiver:
         self.messages: list[str] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: Any = None
+        self._main: asyncio.Task[None] | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
 
@@ -44,14 +45,22 @@ class MLLPReceiver:
             writer.close()
 
     def _run(self) -> None:
-        self._loop = asyncio.new_event_loop()
+        loop = self._loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
 
         async def serve() -> None:
             self._server = await start_hl7_server(self._client, "127.0.0.1", self.port)
             self._ready.set()
             await self._server.serve_forever()
+        self._main = loop.create_task(serve())
         with contextlib.suppress(asyncio.CancelledError):  # stop() cancels serve_forever
-            self._loop.run_until_complete(serve())
+            loop.run_until_complete(self._main)
+        # let the connections' handlers end (closing their transports) before the loop closes
+        others = asyncio.all_tasks(loop)
+        for task in others:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*others, return_exceptions=True))
+        loop.close()
 
     def start(self) -> MLLPReceiver:
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -60,10 +69,8 @@ class MLLPReceiver:
         return self
 
     def stop(self) -> None:
-        if self._loop is not None and self._server is not None:
-            self._loop.call_soon_threadsafe(self._server.close)
-            for task in asyncio.all_tasks(self._loop):
-                self._loop.call_soon_threadsafe(task.cancel)
+        if self._loop is not None and self._main is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._main.cancel)
         if self._thread is not None:
             self._thread.join(10)
 
