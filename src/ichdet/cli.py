@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 import gc
 import re
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, ParamSpec, TypeVar
 
@@ -296,7 +299,17 @@ def serve(bundle: Annotated[Path | None, typer.Option(help="model bundle (model.
           ae_title: Annotated[str | None, typer.Option(help="this node's AE title [ICHDET]")] = None,
           port: Annotated[int | None, typer.Option(help="DICOM port to listen on [11112]")] = None,
           allow: Annotated[list[str] | None, typer.Option(help="calling AE title allowed to send (repeat)")] = None,
-          send_to: Annotated[str | None, typer.Option(help="results destination AE@HOST:PORT")] = None,
+          send_to: Annotated[str | None, typer.Option(
+              help="results destination: AE@HOST:PORT (C-STORE) or a DICOMweb base URL http(s)://HOST/dicom-web "
+                   "(STOW-RS; credentials from ICHDET_DICOMWEB_TOKEN or ICHDET_DICOMWEB_USER/PASSWORD, or the "
+                   "config)")] = None,
+          notify_hl7: Annotated[str | None, typer.Option(
+              metavar="HOST:PORT", help="send an HL7 v2.5 ORU^R01 over MLLP per analysed study (RIS worklist)")]
+          = None,
+          notify_url: Annotated[str | None, typer.Option(
+              metavar="URL", help="POST a FHIR R4 DiagnosticReport per analysed study to this URL")] = None,
+          ca_bundle: Annotated[Path | None, typer.Option(help="PEM file of a private CA for https destinations")]
+          = None,
           quiet_seconds: Annotated[float | None, typer.Option(help="a study is complete after this quiet time [10]")]
           = None,
           max_age_days: Annotated[float | None, typer.Option(help="remove sent studies older than this")] = None,
@@ -326,7 +339,8 @@ def serve(bundle: Annotated[Path | None, typer.Option(help="model bundle (model.
     cfg = load_serve_config(config, dict(bundle=bundle, spool=spool, ae_title=ae_title, port=port, allow=allow,
                                          send_to=send_to, quiet_seconds=quiet_seconds, max_age_days=max_age_days,
                                          status_port=status_port, tls_cert=tls_cert, tls_key=tls_key,
-                                         tls_ca=tls_ca, send_tls=send_tls))
+                                         tls_ca=tls_ca, send_tls=send_tls, notify_hl7=notify_hl7,
+                                         notify_url=notify_url, ca_bundle=ca_bundle))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     run_node(cfg, bundle_analyser(cfg.bundle, tta=cfg.tta, device=cfg.device))
@@ -381,33 +395,104 @@ def bundle(run: Annotated[list[Path], typer.Option(help="run folder, 2D or seque
                + f" ({ens.manifest['thresholds_source']})")
 
 
-def _check_study_folder(path: Path, dicom_out: Path | None) -> None:
-    """Refuse, before any work, a PATH that is not a folder or (with --dicom-out) slices DICOM results
-    cannot refer to, and a --dicom-out that is a file."""
+def _check_study_folder(path: Path, dicom_out: Path | None, dicom_ready: bool = False) -> None:
+    """Refuse, before any work, a PATH that is not a folder or (with --dicom-out, or ``dicom_ready``) slices
+    DICOM results cannot refer to, and a --dicom-out that is a file."""
     from ichdet.study.outputs import check_dicom_out
 
     if not path.is_dir():
         raise IchdetError(f"{path}: not a folder; pass the folder that holds the study's DICOM files")
-    if dicom_out is not None:
-        if dicom_out.exists() and not dicom_out.is_dir():
-            raise IchdetError(f"--dicom-out {dicom_out} is a file; give a folder for the DICOM results")
+    _check_dicom_out_folder(dicom_out)
+    if dicom_out is not None or dicom_ready:
         check_dicom_out(path)
 
 
+def _check_dicom_out_folder(dicom_out: Path | None) -> None:
+    if dicom_out is not None and dicom_out.exists() and not dicom_out.is_dir():
+        raise IchdetError(f"--dicom-out {dicom_out} is a file; give a folder for the DICOM results")
+
+
+def _check_source(path: str, dicom_out: Path | None, stow: str | None) -> None:
+    """The checks that need no download: PATH a folder or a well-formed study URL, --stow a base URL."""
+    from ichdet.dicom.web import is_web_url, parse_base_url, parse_study_url
+
+    if stow is not None:
+        parse_base_url(stow, "--stow")
+    if is_web_url(path):
+        parse_study_url(path)
+        _check_dicom_out_folder(dicom_out)
+    else:
+        _check_study_folder(Path(path), dicom_out, dicom_ready=stow is not None)
+
+
+@contextlib.contextmanager
+def _study_source(path: str, ca_bundle: Path | None, dicom_ready: bool) -> Iterator[Path]:
+    """The folder to analyse: PATH itself, or a study URL fetched by WADO-RS into a private temporary folder
+    that is removed when the command ends (also on an error, Ctrl-C or SIGTERM)."""
+    from ichdet.dicom.web import WebAuth, fetched_study, is_web_url, parse_study_url
+    from ichdet.study.outputs import check_dicom_out
+
+    if not is_web_url(path):
+        yield Path(path)
+        return
+    with fetched_study(path, WebAuth.from_env(ca_bundle)) as (folder, count):
+        typer.echo(f"fetched {count} instances by WADO-RS from {parse_study_url(path)[0]}")
+        if dicom_ready:
+            check_dicom_out(folder)
+        yield folder
+
+
 def _dicom_results(prediction: StudyPrediction, dicom_out: Path | None, include_phi: bool,
-                   figures: dict[str, ReportFigures] | None = None) -> None:
-    """With --dicom-out: the SR and secondary captures of every analysed study (figures made if not given)."""
+                   figures: dict[str, ReportFigures] | None = None, stow: str | None = None,
+                   ca_bundle: Path | None = None) -> list[Path]:
+    """With --dicom-out: the SR and secondary captures of every analysed study (figures made if not given).
+    With --stow: the same objects (in a temporary folder when --dicom-out is not given) stored by STOW-RS."""
     from ichdet.study.outputs import prediction_figures, write_prediction_dicom
 
-    if dicom_out is None:
-        return
-    written = write_prediction_dicom(prediction, prediction_figures(prediction) if figures is None else figures,
-                                     dicom_out, include_phi)
-    typer.echo(f"{dicom_out}: {len(written)} DICOM objects (SR + secondary captures), not for diagnostic use")
+    if dicom_out is None and stow is None:
+        return []
+    with contextlib.ExitStack() as stack:
+        folder = dicom_out or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ichdet-stow-")))
+        written = write_prediction_dicom(prediction, prediction_figures(prediction) if figures is None else figures,
+                                         folder, include_phi)
+        if dicom_out is not None:
+            typer.echo(f"{dicom_out}: {len(written)} DICOM objects ({_kinds(written)}), not for diagnostic use")
+        if stow is not None:
+            _stow(stow, written, ca_bundle)
+    return written
+
+
+def _kinds(files: list[Path]) -> str:
+    """"SR 1, KO 1, OT 3": the DICOM objects in ``files`` counted by Modality."""
+    import pydicom
+
+    counts = collections.Counter(str(pydicom.dcmread(f, stop_before_pixels=True).Modality) for f in files)
+    return ", ".join(f"{kind} {n}" for kind, n in sorted(counts.items())) or "none"
+
+
+def _stow(base_url: str, files: list[Path], ca_bundle: Path | None) -> None:
+    """Store ``files`` by STOW-RS; RunFailed naming what was not stored (the result files are written)."""
+    from ichdet.dicom.web import WebAuth, server_name, store_files
+
+    result = store_files(base_url, files, WebAuth.from_env(ca_bundle))
+    if result.failed:
+        raise RunFailed(f"--stow {server_name(base_url)}: {len(result.failed)} of {len(files)} DICOM objects not "
+                        f"stored ({result.failed[0][1]}); the result JSON is written, run the command again to retry")
+    typer.echo(f"stored {len(result.stored)} DICOM objects ({_kinds(result.stored)}) by STOW-RS at "
+               f"{server_name(base_url)}")
+
+
+_STUDY_PATH_HELP = ("folder of DICOM files (any layout, any names), or a DICOMweb study URL "
+                    "http(s)://HOST/.../studies/<StudyInstanceUID> (fetched by WADO-RS; credentials from "
+                    "ICHDET_DICOMWEB_TOKEN or ICHDET_DICOMWEB_USER/ICHDET_DICOMWEB_PASSWORD)")
+_STOW = typer.Option("--stow", metavar="BASE_URL", help="store the DICOM results (SR, key images, secondary "
+                     "captures) by STOW-RS at this DICOMweb base URL, e.g. http://pacs:8042/dicom-web "
+                     "(credentials from the same environment variables)")
+_CA_BUNDLE = typer.Option("--ca-bundle", help="PEM file of the CA(s) to trust for https (default: the system's)")
 
 
 @command
-def predict_study(path: Annotated[Path, typer.Argument(help="folder of DICOM files (any layout, any names)")],
+def predict_study(path: Annotated[str, typer.Argument(metavar="PATH", help=_STUDY_PATH_HELP)],
                   bundle: Annotated[Path | None, typer.Option(help="model bundle from `ichdet bundle`")] = None,
                   run: Annotated[list[Path] | None, typer.Option(help="run folder (instead of --bundle)")] = None,
                   out: Annotated[Path, typer.Option(help="result JSON to write")] = Path("result.json"),
@@ -418,18 +503,22 @@ def predict_study(path: Annotated[Path, typer.Argument(help="folder of DICOM fil
                                             "result")] = False,
                   dicom_out: Annotated[Path | None, typer.Option(
                       help="also write a DICOM SR and Grad-CAM secondary captures into this folder")] = None,
+                  stow: Annotated[str | None, _STOW] = None,
+                  ca_bundle: Annotated[Path | None, _CA_BUNDLE] = None,
                   force: Annotated[bool, _FORCE] = False) -> None:
-    """Analyse every axial CT series of every study under PATH; write one result JSON."""
+    """Analyse every axial CT series of every study under PATH (a folder or a DICOMweb study URL); write one
+    result JSON."""
     from ichdet.infer.bundle import load_ensemble
     from ichdet.study.predict import predict_study as run_study
     from ichdet.study.result import write_result
 
-    _check_study_folder(path, dicom_out)
+    _check_source(path, dicom_out, stow)
     _output(out, force, (b"{",))  # a result JSON of ours starts with "{"; anything else needs --force
     ensemble = load_ensemble(bundle, list(run or []))
-    prediction = run_study(path, ensemble, tta=tta, device=device, include_phi=include_phi)
-    write_result(prediction.result, out)
-    _dicom_results(prediction, dicom_out, include_phi)
+    with _study_source(path, ca_bundle, dicom_out is not None or stow is not None) as folder:
+        prediction = run_study(folder, ensemble, tta=tta, device=device, include_phi=include_phi)
+        write_result(prediction.result, out)
+        _dicom_results(prediction, dicom_out, include_phi, stow=stow, ca_bundle=ca_bundle)
     for study in prediction.result["studies"]:
         summary = study["summary"]
         if not summary["analysed"]:
@@ -445,19 +534,22 @@ def predict_study(path: Annotated[Path, typer.Argument(help="folder of DICOM fil
 
 
 @command
-def report(path: Annotated[Path, typer.Argument(help="folder of DICOM files (any layout, any names)")],
+def report(path: Annotated[str, typer.Argument(metavar="PATH", help=_STUDY_PATH_HELP)],
            out: Annotated[Path, typer.Option(help="HTML report to write (an index page when several studies)")],
            bundle: Annotated[Path | None, typer.Option(help="model bundle from `ichdet bundle`")] = None,
            run: Annotated[list[Path] | None, typer.Option(help="run folder (instead of --bundle)")] = None,
            dicom_out: Annotated[Path | None, typer.Option(
                help="also write a DICOM SR and Grad-CAM secondary captures into this folder")] = None,
+           stow: Annotated[str | None, _STOW] = None,
+           ca_bundle: Annotated[Path | None, _CA_BUNDLE] = None,
            device: str = "auto",
            tta: Annotated[bool, typer.Option("--tta/--no-tta", help="average with a horizontal flip")] = True,
            top_k: Annotated[int, typer.Option(min=1, help="top slices shown with Grad-CAM per study")] = 3,
            include_phi: Annotated[bool, typer.Option(
                "--include-phi", help="show patient name, ID, birth date, accession and institution")] = False,
            force: Annotated[bool, _FORCE] = False) -> None:
-    """Analyse PATH as predict-study does and write a self-contained HTML report per study (Grad-CAM)."""
+    """Analyse PATH (a folder or a DICOMweb study URL) as predict-study does and write a self-contained HTML
+    report per study (Grad-CAM)."""
     from ichdet.infer.bundle import load_ensemble
     from ichdet.study.html import study_pages, write_report
     from ichdet.study.outputs import prediction_figures
@@ -467,14 +559,15 @@ def report(path: Annotated[Path, typer.Argument(help="folder of DICOM files (any
     for page in study_pages(out):  # several studies: a page per study next to --out, checked like it
         _output(page, force, _HTML, role=f"where a study page of --out {out.name} goes when PATH holds "
                                          "several studies")
-    _check_study_folder(path, dicom_out)
+    _check_source(path, dicom_out, stow)
     ensemble = load_ensemble(bundle, list(run or []))
-    prediction = run_study(path, ensemble, tta=tta, device=device, include_phi=include_phi)
-    figures = prediction_figures(prediction, top_k=top_k)
-    page = write_report(prediction.result, figures, out)
-    typer.echo(f"{page}: {len(prediction.result['studies'])} studies, "
-               f"{sum(len(f.slices) for f in figures.values())} slices with Grad-CAM; not for diagnostic use")
-    _dicom_results(prediction, dicom_out, include_phi, figures)
+    with _study_source(path, ca_bundle, dicom_out is not None or stow is not None) as folder:
+        prediction = run_study(folder, ensemble, tta=tta, device=device, include_phi=include_phi)
+        figures = prediction_figures(prediction, top_k=top_k)
+        page = write_report(prediction.result, figures, out)
+        typer.echo(f"{page}: {len(prediction.result['studies'])} studies, "
+                   f"{sum(len(f.slices) for f in figures.values())} slices with Grad-CAM; not for diagnostic use")
+        _dicom_results(prediction, dicom_out, include_phi, figures, stow=stow, ca_bundle=ca_bundle)
 
 
 def main() -> None:

@@ -3,14 +3,18 @@ child process, Orthanc as the PACS, dcmtk as a second client. Imported by tests/
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import os
 import resource
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -31,6 +35,10 @@ os.environ.setdefault("TCP_NODELAY", "1")
 ORTHANC = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").exists() else None)
 STORESCU, ECHOSCU, STORESCP = shutil.which("storescu"), shutil.which("echoscu"), shutil.which("storescp")
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
+#: Orthanc's DICOMweb plugin (Debian orthanc-dicomweb installs it here).
+DICOMWEB_PLUGIN = next((str(p) for p in (Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so"),
+                                         *sorted(Path("/usr/lib/orthanc").glob("libOrthancDicomWeb.so*")))
+                        if p.exists()), None)
 
 #: Type 2 elements of the CT image IOD's modules that the RSNA files lack: present, empty.
 TYPE2_EMPTY = ("PatientName", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "ReferringPhysicianName",
@@ -114,6 +122,18 @@ def _derived(ref: Dataset, sop_class: str, modality: str, series_uid: str) -> Da
     return ds
 
 
+#: The study summary every stand-in analysis reports (docs/study-result.md): subdural called, so the study is flagged.
+STAND_IN_SUMMARY = {
+    "analysed": True, "hemorrhage": True,
+    "probability": {"epidural": 0.01, "intraparenchymal": 0.02, "intraventricular": 0.03, "subarachnoid": 0.04,
+                    "subdural": 0.91, "any": 0.93},
+    "thresholds": {"epidural": 0.2, "intraparenchymal": 0.2, "intraventricular": 0.2, "subarachnoid": 0.2,
+                   "subdural": 0.3, "any": 0.5},
+    "called": {"epidural": False, "intraparenchymal": False, "intraventricular": False, "subarachnoid": False,
+               "subdural": True, "any": True},
+}
+
+
 def stand_in_analyser(log: Path | None = None, seconds: float = 0.0) -> Callable[[Path, Path], AnalysisResult]:
     """Writes a JSON result, a text SR and an 8x8 secondary capture per study; appends one line per call to
     ``log`` (study UID, instance count) so tests can count analyses; takes ``seconds`` (to be killed in)."""
@@ -137,7 +157,8 @@ def stand_in_analyser(log: Path | None = None, seconds: float = 0.0) -> Callable
         sr.save_as(paths[0], enforce_file_format=True)
         sc.save_as(paths[1], enforce_file_format=True)
         result = {"studies": [{"study_uid": str(ref.StudyInstanceUID), "n_instances": len(files),
-                               "series": [], "summary": {}}]}
+                               "study_instance_uid": str(ref.StudyInstanceUID), "series": [],
+                               "summary": STAND_IN_SUMMARY}]}
         (out_dir / "result.json").write_text(json.dumps(result))
         if log is not None:
             with log.open("a") as fh:
@@ -180,21 +201,24 @@ class NodeProcess:
     def __init__(self, spool: Path, port: int, allow: list[str], send_to: str | None = None,
                  log: Path | None = None, seconds: float = 0.0, quiet: float = 1.0,
                  status_port: int | None = None, file_size_limit: int | None = None,
-                 tls: dict[str, str] | None = None) -> None:
-        self.spool, self.port, self.status_port = spool, port, status_port
+                 tls: dict[str, str] | None = None, extra: dict[str, Any] | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.spool, self.port, self.status_port, self.env = spool, port, status_port, env or {}
         self.config = spool.parent / f"{spool.name}.serve.yaml"
         settings = {"bundle": "unused-by-the-stand-in", "spool": str(spool), "port": port, "allow": allow,
                     "quiet_seconds": quiet, "host": "127.0.0.1", "retry_initial_seconds": 0.5,
-                    "retry_max_seconds": 2.0, "send_to": send_to, "status_port": status_port, **(tls or {})}
+                    "retry_max_seconds": 2.0, "send_to": send_to, "status_port": status_port, **(tls or {}),
+                    **(extra or {})}
         self.config.write_text(yaml.safe_dump({k: v for k, v in settings.items() if v is not None}))
-        self.args = [sys.executable, str(REPO / "tests" / "serve" / "serve_node.py"), str(self.config),
+        self.args = [sys.executable, str(Path(__file__).with_name("serve_node.py")), str(self.config),
                      str(log or ""), str(seconds)]
         self.proc: subprocess.Popen[bytes] | None = None
         self.stderr = spool.parent / f"{spool.name}.stderr.log"
         self.file_size_limit = file_size_limit  # RLIMIT_FSIZE: every larger write fails as on a full disk
 
     def start(self) -> NodeProcess:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+        env = {**os.environ, **self.env,
+               "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
         limit = self.file_size_limit
         self.proc = subprocess.Popen(self.args, env=env, stderr=self.stderr.open("ab"), preexec_fn=None if limit is None
                                      else lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
@@ -220,6 +244,77 @@ class NodeProcess:
         return self.stderr.read_text(errors="replace") if self.stderr.exists() else ""
 
 
+def make_tls(folder: Path, host: str = "127.0.0.1") -> tuple[Path, Path]:
+    """A CA and a server certificate for ``host`` signed by it, made by openssl: (PEM of the server's key and
+    certificate, PEM of the CA)."""
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=60)
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=ichdet test CA")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj",
+            f"/CN={host}")
+    (folder / "san.ext").write_text(f"subjectAltName=IP:{host}\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out",
+            "server.pem", "-days", "2", "-extfile", "san.ext")
+    both = (folder / "server.key").read_text() + (folder / "server.pem").read_text()
+    (folder / "server-with-key.pem").write_text(both)  # Orthanc reads key and certificate from one file
+    return folder / "server-with-key.pem", folder / "ca.pem"
+
+
+class TlsProxy:
+    """TLS in front of a plain-HTTP server on loopback (what nginx or stunnel does in a deployment), with the
+    certificate of :func:`make_tls`. Debian 12's Orthanc 1.10.1 crashes (civetweb segfault) on its first HTTPS
+    request with its own ``SslEnabled``, so https tests put this in front of it."""
+
+    def __init__(self, cert_with_key: Path, target_port: int) -> None:
+        self.target_port = target_port
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(cert_with_key)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        try:
+            tls = self.context.wrap_socket(client, server_side=True)
+        except (OSError, ssl.SSLError):  # e.g. a client that does not trust the certificate
+            client.close()
+            return
+        upstream = socket.create_connection(("127.0.0.1", self.target_port))
+
+        def pipe(src: socket.socket, dst: socket.socket) -> None:
+            try:
+                while data := src.recv(65536):
+                    dst.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for sock in (src, dst):
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+        back = threading.Thread(target=pipe, args=(upstream, tls), daemon=True)
+        back.start()
+        pipe(tls, upstream)
+        back.join()
+        tls.close()
+        upstream.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self.listener.close()
+
+
 def storescu(port: int, files: list[Path], calling: str = "STORESCU", called: str = "ICHDET",
              check: bool = True, options: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
     """dcmtk's storescu: send ``files`` in one association (``options``: e.g. ``-v``, TLS switches)."""
@@ -229,10 +324,15 @@ def storescu(port: int, files: list[Path], calling: str = "STORESCU", called: st
 
 
 class Orthanc:
-    """Debian's Orthanc on free loopback ports with its own storage, knowing the node as modality "ichdet"."""
+    """Debian's Orthanc on free loopback ports with its own storage, knowing the node as modality "ichdet".
 
-    def __init__(self, root: Path, node_port: int, aet: str = "ORTHANC") -> None:
-        self.root, self.aet = root, aet
+    ``dicomweb``: load the DICOMweb plugin (root ``/dicom-web/``); ``users``: basic auth on (user -> password)
+    for the REST API and DICOMweb alike.
+    """
+
+    def __init__(self, root: Path, node_port: int, aet: str = "ORTHANC", dicomweb: bool = False,
+                 users: dict[str, str] | None = None) -> None:
+        self.root, self.aet, self.users = root, aet, users
         self.http_port, self.dicom_port = free_port(), free_port()
         root.mkdir(parents=True, exist_ok=True)
         config = {"Name": "ichdet-test", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
@@ -241,6 +341,11 @@ class Orthanc:
                   "DicomModalities": {"ichdet": {"AET": "ICHDET", "Host": "127.0.0.1", "Port": node_port}},
                   "DicomAlwaysAllowStore": True, "DicomCheckCalledAet": False, "HttpServerEnabled": True,
                   "StableAge": 1, "ConcurrentJobs": 2}
+        if dicomweb:
+            assert DICOMWEB_PLUGIN is not None
+            config.update(Plugins=[DICOMWEB_PLUGIN], DicomWeb={"Enable": True, "Root": "/dicom-web/"})
+        if users:
+            config.update(AuthenticationEnabled=True, RegisteredUsers=users)
         (root / "orthanc.json").write_text(json.dumps(config))
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -259,9 +364,22 @@ class Orthanc:
 
     def rest(self, method: str, path: str, body: bytes | dict[str, Any] | list[Any] | None = None) -> Any:
         data = json.dumps(body).encode() if isinstance(body, dict | list) else body
-        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data, method=method)
+        req = urllib.request.Request(f"{self.base}{path}", data=data, method=method)
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
         with urllib.request.urlopen(req, timeout=300) as resp:
             return json.loads(resp.read() or b"null")
+
+    @property
+    def base(self) -> str:
+        """The REST API's URL."""
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb(self) -> str:
+        """The DICOMweb base URL (with ``dicomweb=True``)."""
+        return f"{self.base}/dicom-web"
 
     def upload(self, files: list[Path]) -> set[str]:
         """POST every file to /instances; return Orthanc's study ids."""

@@ -6,19 +6,28 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from ichdet.cli import app
 from ichdet.errors import ConfigError
 from ichdet.serve import Spool
-from ichdet.serve.config import Destination, load_serve_config, parse_destination
+from ichdet.serve.config import (
+    Destination,
+    HL7Receiver,
+    WebDestination,
+    load_serve_config,
+    parse_destination,
+)
 
 
 @pytest.mark.parametrize(("text", "expected"), [
     ("PACS@127.0.0.1:4242", Destination(ae_title="PACS", host="127.0.0.1", port=4242)),
     (" ORTHANC@pacs.example.org:104 ", Destination(ae_title="ORTHANC", host="pacs.example.org", port=104)),
+    ("https://pacs.example.org/dicom-web", WebDestination(url="https://pacs.example.org/dicom-web")),
+    ("http://127.0.0.1:8042/dicom-web", WebDestination(url="http://127.0.0.1:8042/dicom-web")),
 ])
-def test_parse_destination(text: str, expected: Destination) -> None:
+def test_parse_destination(text: str, expected: Destination | WebDestination) -> None:
     assert parse_destination(text) == expected
     assert str(parse_destination(text)) == text.strip()
 
@@ -107,4 +116,43 @@ def test_serve_status_command(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert json.loads(result.output) == {"studies": 1, "receiving": 0, "waiting_analysis": 1, "analysed": 0,
                                          "failed": 0, "instances": 1, "pending_sends": 0, "quarantined": 1,
-                                         "outbox": 0, "empty_study_folders": 0}
+                                         "outbox": 0, "empty_study_folders": 0,
+                                         "pending_notifications": {"hl7": 0, "fhir": 0},
+                                         "failed_notifications": {"hl7": 0, "fhir": 0}}
+
+
+@pytest.mark.parametrize(("settings", "env", "auth"), [
+    ({}, {}, (None, None, None)),
+    ({}, {"ICHDET_DICOMWEB_TOKEN": "env-token"}, ("env-token", None, None)),
+    ({"dicomweb_user": "node", "dicomweb_password": "cfg-pw"}, {"ICHDET_DICOMWEB_TOKEN": "env-token"},
+     (None, "node", "cfg-pw")),  # the config's credentials win over the environment's
+    ({"dicomweb_token": "cfg-token"}, {}, ("cfg-token", None, None)),
+])
+def test_dicomweb_credentials_config_then_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     settings: dict[str, str], env: dict[str, str],
+                                                     auth: tuple[str | None, ...]) -> None:
+    for key in ("ICHDET_DICOMWEB_TOKEN", "ICHDET_DICOMWEB_USER", "ICHDET_DICOMWEB_PASSWORD"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({"bundle": "m.ichdet", "spool": "spool", "allow": ["A"],
+                                      "send_to": "http://pacs/dicom-web", **settings}))
+    cfg = load_serve_config(config, {})
+    found = cfg.web_auth()
+    assert (found.token, found.user, found.password) == auth
+    assert "cfg-pw" not in repr(cfg) and "cfg-token" not in repr(cfg)  # secrets stay out of reprs and logs
+
+
+def test_notify_and_ca_settings(tmp_path: Path) -> None:
+    (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({"bundle": "m.ichdet", "spool": "spool", "allow": ["A"], "ca_bundle": "ca.pem",
+                                      "notify_hl7": "ris.example.org:2575",
+                                      "notify_url": "https://fhir.example.org/fhir/DiagnosticReport"}))
+    cfg = load_serve_config(config, {})
+    assert cfg.notify_hl7 == HL7Receiver(host="ris.example.org", port=2575)
+    assert cfg.notify_url == "https://fhir.example.org/fhir/DiagnosticReport"
+    assert cfg.ca_bundle == tmp_path / "ca.pem"  # relative to the config file
+    with pytest.raises(ConfigError, match=r"ca_bundle: Value error, .*missing\.pem: no such file"):
+        load_serve_config(config, {"ca_bundle": tmp_path / "missing.pem"})

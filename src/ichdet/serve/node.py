@@ -8,16 +8,19 @@ import queue
 import signal
 import threading
 import time
+from datetime import datetime
 from typing import Any
 
 from ichdet.io import folder_lock
 from ichdet.serve.analysis import Analyser
 from ichdet.serve.config import ServeConfig
+from ichdet.serve.notify import notifier_for
 from ichdet.serve.scp import start_scp
-from ichdet.serve.sender import Backoff, send_files
+from ichdet.serve.sender import Backoff
 from ichdet.serve.spool import Spool, study_key
 from ichdet.serve.status import spool_status, start_status_server
 from ichdet.serve.tls import client_context, server_context
+from ichdet.serve.websend import deliver
 
 __all__ = ["Node"]
 
@@ -52,6 +55,7 @@ class Node:
         self._servers: list[Any] = []
         self._held: Any = None
         self._settled: dict[str, int] = {}  # study UID -> received/ mtime when it needed nothing
+        self.notifier = notifier_for(self.spool, cfg)  # HL7 / FHIR worklist notifications (none when not configured)
 
     # -- life cycle ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -67,6 +71,7 @@ class Node:
             thread = threading.Thread(target=target, name=f"ichdet-{target.__name__.strip('_')}", daemon=True)
             thread.start()
             self._threads.append(thread)
+        self._threads += self.notifier.start(self._stop)
         self._servers.append(start_scp(self.spool, self.cfg.ae_title, self.cfg.host, self.cfg.port,
                                        self.cfg.allow, lambda uid: None, ssl_context=self.server_tls))
         if self.cfg.status_port is not None:
@@ -76,11 +81,16 @@ class Node:
         log.info("listening as %s on port %d%s; allowed callers: %s; results to %s%s", self.cfg.ae_title,
                  self.cfg.port, tls, ", ".join(self.cfg.allow), self.cfg.send_to or "(none)",
                  " over TLS" if self.send_tls else "")
+        if self.notifier.channels:
+            log.info("notifications to %s", ", ".join(filter(None, (
+                f"HL7 {self.cfg.notify_hl7}" if self.cfg.notify_hl7 else None,
+                f"FHIR {self.cfg.notify_url}" if self.cfg.notify_url else None))))
 
     def stop(self) -> None:
         """Stop listening and the threads (an analysis in progress finishes first); release the lock."""
         self._stop.set()
         self._send_wake.set()
+        self.notifier.wake()
         for server in self._servers:
             server.shutdown()
         for thread in self._threads:
@@ -169,6 +179,8 @@ class Node:
             return
         finally:
             self.analysing = None
+        # the notifications are written into the work folder, so the commit's rename makes them due with it
+        self.notifier.prepare(work, uid, generation, result.json_path, datetime.now().astimezone())
         try:
             self.spool.commit(uid, generation, work, inputs, result.json_path, result.dicom_files)
         except (OSError, ValueError) as err:  # e.g. a result file outside the output folder, a full disk
@@ -178,6 +190,7 @@ class Node:
         log.info("study %s generation %d analysed (%d instances, %.1f s, %d result file(s))", study_key(uid),
                  generation, len(inputs), time.monotonic() - started, len(result.dicom_files))
         self._send_wake.set()
+        self.notifier.wake()
 
     def _send_loop(self) -> None:
         if self.cfg.send_to is None:
@@ -207,7 +220,7 @@ class Node:
             if not pending:
                 continue
             try:
-                _, error = send_files(pending, self.cfg.send_to, self.cfg.ae_title, tls=self.send_tls)
+                _, error = deliver(pending, self.cfg, tls=self.send_tls)
             except (OSError, RuntimeError, ValueError) as err:
                 error = _safe(err)
             self.last_send_error = error
@@ -223,6 +236,7 @@ class Node:
         status.update(running=True, uptime_seconds=round(time.time() - self.started, 1),
                       queued=self.queue.qsize(), analysing=study_key(self.analysing) if self.analysing else None,
                       last_send_error=self.last_send_error)
+        status.update(self.notifier.status())
         return status
 
 

@@ -314,6 +314,11 @@ class Spool:
                     pending.append(PendingSend(study_uid, gen, index, gen_dir / "out" / rel, marker))
         return pending
 
+    def unacknowledged_notifications(self, study_uid: str) -> list[Path]:
+        """The worklist notifications of a study's generations not acknowledged yet (:mod:`ichdet.serve.notify`)."""
+        return [p for p in self.study_dir(study_uid).glob("results/gen-*/notify/*.pending")
+                if not p.with_suffix(".acked").exists()]
+
     @staticmethod
     def mark_sent(send: PendingSend) -> None:
         """Record that the destination took ``send`` (an empty marker file)."""
@@ -324,7 +329,8 @@ class Spool:
     def clean(self, max_age_days: float, now: float | None = None) -> list[str]:
         """Delete studies analysed and fully sent whose last instance is older than the age, and old outbox files.
 
-        Returns the removed studies' UIDs. A study still waiting for analysis or a send is never removed.
+        Returns the removed studies' UIDs. A study still waiting for analysis, a send or the acknowledgement
+        of a notification is never removed.
         """
         now = time.time() if now is None else now
         limit = now - max_age_days * 86400
@@ -332,7 +338,8 @@ class Spool:
         for uid in self.study_uids():
             with self._gate.cleaning():  # no instance lands in the study between the check and the removal
                 state = self.state(uid)
-                if state.needs_analysis() or state.last_arrival > limit or self.pending_sends(uid):
+                if (state.needs_analysis() or state.last_arrival > limit or self.pending_sends(uid)
+                        or self.unacknowledged_notifications(uid)):
                     continue
                 shutil.rmtree(self.studies / uid)
             removed.append(uid)

@@ -8,6 +8,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
+from ichdet.serve.notify import notification_counts
 from ichdet.serve.spool import Spool
 
 __all__ = ["spool_status", "start_status_server"]
@@ -20,8 +21,8 @@ def spool_status(spool: Spool, quiet_seconds: float | None = None) -> dict[str, 
     is counted apart, never as a study analysed.
     """
     now = time.time()
-    counts = {"studies": 0, "receiving": 0, "waiting_analysis": 0, "analysed": 0, "failed": 0,
-              "instances": 0, "pending_sends": 0, "empty_study_folders": 0}
+    counts: dict[str, Any] = {"studies": 0, "receiving": 0, "waiting_analysis": 0, "analysed": 0, "failed": 0,
+                              "instances": 0, "pending_sends": 0, "empty_study_folders": 0}
     for uid in spool.study_uids():
         state = spool.state(uid)
         if not state.received and not state.generations:  # e.g. the disk was full before its first instance
@@ -39,6 +40,7 @@ def spool_status(spool: Spool, quiet_seconds: float | None = None) -> dict[str, 
         counts["pending_sends"] += len(spool.pending_sends(uid))
     counts["quarantined"] = len(list(spool.quarantine_dir.glob("*.reason.txt")))
     counts["outbox"] = len(list(spool.outbox.glob("*.json")))
+    counts.update(notification_counts(spool))
     return counts
 
 
