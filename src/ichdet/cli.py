@@ -398,13 +398,15 @@ def predict_study(path: Annotated[Path, typer.Argument(help="folder of DICOM fil
     prediction = run_study(path, ensemble, tta=tta, device=device, include_phi=include_phi)
     write_result(prediction.result, out)
     _dicom_results(prediction, dicom_out, include_phi)
-    for study in prediction.result["studies"]:
+    studies = prediction.result["studies"]
+    for k, study in enumerate(studies, start=1):
         summary = study["summary"]
+        name = f"study {k} of {len(studies)}"  # no UID on the terminal: it may end up in a log
         if not summary["analysed"]:
-            typer.echo(f"{study['study_instance_uid']}: no usable series")
+            typer.echo(f"{name}: no usable series")
             continue
         called = [k for k, v in summary["called"].items() if v and k != "any"]
-        typer.echo(f"{study['study_instance_uid']}: any {summary['probability']['any']:.3f} -> "
+        typer.echo(f"{name}: any {summary['probability']['any']:.3f} -> "
                    + ("hemorrhage suspected" + (f" ({', '.join(called)})" if called else "")
                       if summary["hemorrhage"] else "no hemorrhage called"))
     t = prediction.result["timings_s"]

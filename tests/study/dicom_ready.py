@@ -71,22 +71,27 @@ def make_dicom_ready(files: list[Path], out: Path, *, sop_class: bool = True, ui
     return written
 
 
-def study_result(files: list[Path], probs: list[float], threshold: float = 0.5) -> dict:
+def study_result(files: list[Path], probs: list[float] | list[list[float]], threshold: float | dict[str, float] = 0.5,
+                 include_phi: bool = False, manifest: dict | None = None) -> dict:
     """The result ``predict_study`` writes (docs/study-result.md) for DICOM-ready ``files``, the only files of
     their folder: made by ichdet.study.scan.scan_folder and ichdet.study.result.build_result, as predict_study
-    makes it, with ``probs[i]`` for every label of the i-th slice in slice order and one threshold."""
+    makes it. ``probs[i]`` is the i-th slice's (in slice order) probability of every label, or its 6
+    probabilities in LABELS order; ``threshold`` one for every label or one per label."""
     scan = scan_folder(files[0].parent, min_slices=1)
     (study,) = scan.studies
     (series,) = study.selected
-    slices = [StudySlice(study.study_uid, series.series_uid, i, ref.sop_uid, ref.path, ref.position_mm, i)
-              for i, ref in enumerate(series.slices)]
-    manifest = {"bundle_sha256": "ab" * 32, "runs": None, "ichdet_version": "0.1.0", "members": [],
-                "operating_points": None, "thresholds_source": f"test threshold {threshold}"}
-    ensemble = Ensemble((), dict.fromkeys(LABELS, threshold), manifest)
-    table = np.repeat(np.asarray(probs, np.float64)[:, None], len(LABELS), axis=1)
+    slices = [StudySlice(study.study_uid, series.series_uid, i, ref.sop_uid, ref.path, ref.position_mm, i,
+                         ref.instance_number) for i, ref in enumerate(series.slices)]
+    thresholds = threshold if isinstance(threshold, dict) else dict.fromkeys(LABELS, threshold)
+    manifest = manifest or {"bundle_sha256": "ab" * 32, "runs": None, "ichdet_version": "0.1.0", "members": [],
+                            "operating_points": None, "thresholds_source": f"test threshold {threshold}"}
+    ensemble = Ensemble((), thresholds, manifest)
+    table = np.asarray(probs, np.float64)
+    if table.ndim == 1:
+        table = np.repeat(table[:, None], len(LABELS), axis=1)
     return build_result(scan, slices, table, ensemble, {"read_headers_and_order": 0.1, "read_pixels": 0.1,
                                                         "inference": 0.2}, {"tta": False, "device": "cpu",
-                                                                            "min_slices": 1})
+                                                                            "min_slices": 1}, include_phi)
 
 
 def dciodvfy_errors(path: Path) -> list[str]:

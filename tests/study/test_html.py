@@ -33,6 +33,7 @@ from ichdet.study.html import (
     top_slices,
     write_report,
 )
+from ichdet.study.naming import range_name
 
 N_SLICES, TOP_K = 6, 2
 PROBS = [0.05, 0.2, 0.85, 0.6, 0.1, 0.02]
@@ -84,7 +85,10 @@ def test_page_content(case: tuple[dict, ReportFigures]) -> None:
     assert 'id="decision">Intracranial hemorrhage flagged' in page
     assert study["skipped_series"][0]["reason"] in page and "1.2.3.999" in page  # skipped series
     assert "localizer" in study["skipped_series"][0]["reason"]
-    assert re.search(r"<td>any</td><td>0\.850</td><td>0\.500</td><td class=\"pos\">positive</td><td>2-3</td>", page)
+    (called,) = study["summary"]["slice_ranges"]["any"]
+    assert (called["first_index"], called["last_index"]) == (2, 3)
+    assert re.search(r"<td>any</td><td>0\.850</td><td>0\.500</td><td class=\"pos\">positive</td><td>"
+                     + re.escape(range_name(called)) + "</td>", page)
     assert "ab" * 32 in page  # the manifest
 
 
@@ -191,8 +195,8 @@ def test_write_report_refuses_nothing_and_replaces_atomically(case: tuple[dict, 
 
 
 @pytest.mark.parametrize(("number", "expected"), [
-    (7, "series 2: 2-3, series 7: 0"),
-    (None, "series 2: 2-3, 1.2.3.77: 0"),  # no series number: the UID names it
+    (7, "series 2: {0}; series 7: image 5 (at 1.0 mm)"),
+    (None, "series 2: {0}; series without number: image 5 (at 1.0 mm)"),
 ])
 def test_ranges_of_several_series_name_the_series(case: tuple[dict, ReportFigures], number: int | None,
                                                   expected: str) -> None:
@@ -200,12 +204,14 @@ def test_ranges_of_several_series_name_the_series(case: tuple[dict, ReportFigure
     study = result["studies"][0]
     first = study["series"][0]
     other = {**first, "series_instance_uid": "1.2.3.77", "series_number": number}
-    ranges = [*study["summary"]["slice_ranges"]["any"],
-              {"series_instance_uid": "1.2.3.77", "first_index": 0, "last_index": 0}]
+    (called,) = study["summary"]["slice_ranges"]["any"]
+    ranges = [called, {"series_instance_uid": "1.2.3.77", "first_index": 0, "last_index": 0,
+                       "first_instance_number": 5, "last_instance_number": 5,
+                       "first_position_mm": 1.0, "last_position_mm": 1.0}]
     two = {**study, "series": [first, other],
            "summary": {**study["summary"], "slice_ranges": {**study["summary"]["slice_ranges"], "any": ranges}}}
     assert first["series_number"] == 2  # tests/dicom_ready.py gives the series number 2
-    assert f"<td>{expected}</td></tr>" in render_report(result, two, figures)
+    assert f"<td>{expected.format(range_name(called))}</td></tr>" in render_report(result, two, figures)
 
 
 def test_study_pages_are_the_names_write_report_gives(tmp_path: Path) -> None:

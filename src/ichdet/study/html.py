@@ -31,6 +31,8 @@ import numpy as np
 
 from ichdet.io import write_text_atomic
 from ichdet.names import LABELS
+from ichdet.study.decision import FLAG_RULE
+from ichdet.study.naming import ranges_text, slice_name
 
 __all__ = ["NOT_FOR_DIAGNOSIS", "REPORT_WINDOWS", "ReportFigures", "SliceFigure", "page_path", "png_data_uri",
            "probability_chart", "render_report", "study_pages", "study_slices", "top_slices", "write_report"]
@@ -161,18 +163,29 @@ pre{background:#f6f8fa;padding:8px;overflow:auto;font-size:12px;max-height:320px
 """
 
 
+def series_names(study: Mapping[str, Any]) -> dict[str, str]:
+    """Series UID -> ``"series 3"`` (its Series Number) when the study has several analysed series, else {}:
+    with one series the image numbers say all."""
+    if len(study["series"]) < 2:
+        return {}
+    return {s["series_instance_uid"]: f"series {s['series_number']}" if s["series_number"] is not None
+            else "series without number" for s in study["series"]}
+
+
 def _ranges_text(study: Mapping[str, Any], label: str) -> str:
-    """The slices where ``label`` is called (indices in series order; series number first when several)."""
-    ranges = study["summary"]["slice_ranges"][label]
-    numbers = {s["series_instance_uid"]: s["series_number"] for s in study["series"]}
-    several = len(study["series"]) > 1
-    parts = []
-    for r in ranges:
-        span = f"{r['first_index']}-{r['last_index']}" if r["first_index"] != r["last_index"] else f"{r['first_index']}"
-        number = numbers.get(r["series_instance_uid"])
-        name = f"series {number}" if number is not None else r["series_instance_uid"]
-        parts.append(f"{name}: {span}" if several else span)
-    return ", ".join(parts) or "-"
+    """Where ``label`` is called, by Instance Number and position (:func:`ichdet.study.naming.ranges_text`)."""
+    return ranges_text(study["summary"]["slice_ranges"][label], series_names(study)) or "-"
+
+
+def _headline(summary: Mapping[str, Any]) -> tuple[bool, str]:
+    """The study flag (:data:`ichdet.study.result.FLAG_RULE`) and its one-line text: never "no hemorrhage"
+    above a called label, whatever the result file says."""
+    called = [label for label in LABELS if summary["called"].get(label)]
+    flagged = bool(summary["hemorrhage"]) or bool(called)
+    if not flagged:
+        return False, "No intracranial hemorrhage flagged"
+    subtypes = [label for label in called if label != "any"]
+    return True, "Intracranial hemorrhage flagged" + (f" ({', '.join(subtypes)})" if subtypes else "")
 
 
 def _summary(study: Mapping[str, Any]) -> str:
@@ -187,24 +200,26 @@ def _summary(study: Mapping[str, Any]) -> str:
                     f'<td>{float(summary["thresholds"][label]):.3f}</td>'
                     f'<td class="{"pos" if pos else "neg"}">{"positive" if pos else "negative"}</td>'
                     f"<td>{_esc(_ranges_text(study, label))}</td></tr>")
-    flagged = bool(summary["hemorrhage"])
-    headline = "Intracranial hemorrhage flagged" if flagged else "No intracranial hemorrhage flagged"
-    return (f'<p class="{"pos" if flagged else "neg"}" id="decision">{headline} '
+    flagged, headline = _headline(summary)
+    return (f'<p class="{"pos" if flagged else "neg"}" id="decision">{_esc(headline)} '
             f'(probability of any hemorrhage {float(probs["any"]):.3f})</p>'
+            f'<p class="muted" id="flag-rule">Rule: {_esc(FLAG_RULE)}.</p>'
             "<table><tr><th>label</th><th>probability</th><th>threshold</th><th>decision at the operating point"
-            f"</th><th>slices where called</th></tr>{''.join(rows)}</table>")
+            f"</th><th>images where called</th></tr>{''.join(rows)}</table>")
 
 
-def _figures(figures: ReportFigures) -> str:
+def _figures(figures: ReportFigures, slices: Sequence[Mapping[str, Any]]) -> str:
     if not figures.slices:
         return '<p class="muted">No overlay images (no 2D model to explain, or no slice analysed).</p>'
     blocks = []
     for fig in figures.slices:
         probs = ", ".join(f"{k} {float(v):.2f}" for k, v in fig.probabilities.items())
-        cells = "".join(f'<figure><img class="overlay" alt="slice {fig.position} {name} window, Grad-CAM of '
+        entry = slices[fig.position]
+        name_ = slice_name(entry.get("instance_number"), entry["position_mm"])
+        cells = "".join(f'<figure><img class="overlay" alt="{_esc(name_)} {name} window, Grad-CAM of '
                         f'{_esc(fig.label)}" src="{png_data_uri(img)}"><figcaption>{_esc(name)} window'
                         "</figcaption></figure>" for name, img in fig.overlays.items())
-        blocks.append(f"<h3>Slice {fig.position} <span class=\"muted\">{_esc(fig.sop_uid)} &middot; "
+        blocks.append(f"<h3>{_esc(name_[0].upper() + name_[1:])} <span class=\"muted\">{_esc(fig.sop_uid)} &middot; "
                       f"{_esc(probs)}</span></h3><div class=\"slice\">{cells}</div>")
     names = _esc(", ".join(figures.cam_models))
     source = (f'<p class="muted" id="cam-source">Grad-CAM of the CNNs (every fold) of {names}; the probabilities, '
@@ -255,7 +270,7 @@ def render_report(result: Mapping[str, Any], study: Mapping[str, Any], figures: 
         f'<p class="muted">Study {_esc(study["study_instance_uid"])} &middot; {len(slices)} slices analysed '
         f"in {len(study['series'])} series</p>{patient_html}"
         f"<h2>Summary</h2>{_summary(study)}{chart}"
-        f"<h2>Top slices with Grad-CAM</h2>{_figures(figures)}"
+        f"<h2>Top slices with Grad-CAM</h2>{_figures(figures, slices)}"
         f"<h2>Skipped series</h2>{_skipped(study)}"
         f"<h2>Model</h2>{_model_note(result['model'])}"
         f"<pre>{_esc(json.dumps(result['model'], indent=2, sort_keys=True, default=str))}</pre>"
