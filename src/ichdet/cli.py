@@ -371,7 +371,8 @@ def _dicom_results(prediction: StudyPrediction, dicom_out: Path | None, include_
         return
     written = write_prediction_dicom(prediction, prediction_figures(prediction) if figures is None else figures,
                                      dicom_out, include_phi)
-    typer.echo(f"{dicom_out}: {len(written)} DICOM objects (SR + secondary captures), not for diagnostic use")
+    typer.echo(f"{dicom_out}: {len(written)} DICOM objects (secondary captures, key images, TID 1500 SR), "
+               "not for diagnostic use")
 
 
 @command
@@ -385,7 +386,8 @@ def predict_study(path: Annotated[Path, typer.Argument(help="folder of DICOM fil
                       "--include-phi", help="put patient name, ID, birth date, accession and institution in the "
                                             "result")] = False,
                   dicom_out: Annotated[Path | None, typer.Option(
-                      help="also write a DICOM SR and Grad-CAM secondary captures into this folder")] = None,
+                      help="also write a DICOM SR (TID 1500), a key object selection and Grad-CAM secondary captures "
+                           "into this folder")] = None,
                   force: Annotated[bool, _FORCE] = False) -> None:
     """Analyse every axial CT series of every study under PATH; write one result JSON."""
     from ichdet.infer.bundle import load_ensemble
@@ -420,7 +422,8 @@ def report(path: Annotated[Path, typer.Argument(help="folder of DICOM files (any
            bundle: Annotated[Path | None, typer.Option(help="model bundle from `ichdet bundle`")] = None,
            run: Annotated[list[Path] | None, typer.Option(help="run folder (instead of --bundle)")] = None,
            dicom_out: Annotated[Path | None, typer.Option(
-               help="also write a DICOM SR and Grad-CAM secondary captures into this folder")] = None,
+               help="also write a DICOM SR (TID 1500), a key object selection and Grad-CAM secondary captures "
+                           "into this folder")] = None,
            device: str = "auto",
            tta: Annotated[bool, typer.Option("--tta/--no-tta", help="average with a horizontal flip")] = True,
            top_k: Annotated[int, typer.Option(min=1, help="top slices shown with Grad-CAM per study")] = 3,
