@@ -64,7 +64,7 @@ import ichdet
 from ichdet.errors import IchdetError
 from ichdet.io import atomic_path
 from ichdet.names import LABELS
-from ichdet.study.html import NOT_FOR_DIAGNOSIS, study_slices, top_slices
+from ichdet.study.html import NOT_FOR_DIAGNOSIS, operating_point, study_slices, synthetic_training, top_slices
 from ichdet.study.naming import ranges_text, slice_name
 
 __all__ = ["FINDING_CODES", "KO_SERIES_NUMBER", "SC_SERIES_NUMBER", "SR_SERIES_NUMBER", "check_dicom_ready",
@@ -238,20 +238,8 @@ def _analysed_summary(study: Mapping[str, Any]) -> Mapping[str, Any]:
     return summary
 
 
-def _synthetic(model: Mapping[str, Any]) -> bool:
-    """Whether the bundle says it was trained on ichdet's synthetic data set (``model.training.synthetic``)."""
-    training = model.get("training")
-    return isinstance(training, Mapping) and bool(training.get("synthetic"))
-
-
 def _version(model: Mapping[str, Any]) -> str:
     return str(model.get("ichdet_version") or ichdet.__version__)
-
-
-def _operating_point(model: Mapping[str, Any], label: str) -> Mapping[str, Any]:
-    points = model.get("operating_points")
-    point = points.get(label) if isinstance(points, Mapping) else None
-    return point if isinstance(point, Mapping) else {}
 
 
 def _number(value: Any) -> str:
@@ -260,14 +248,14 @@ def _number(value: Any) -> str:
 
 def _parameters(model: Mapping[str, Any], summary: Mapping[str, Any], label: str) -> list[str]:
     """The algorithm parameters of one label's group: what a reader must know about the decision."""
-    point = _operating_point(model, label)
+    point = operating_point(model, label)
     out = [NOT_FOR_DIAGNOSIS, f"bundle sha256 {model.get('bundle_sha256') or 'none (run folders)'}",
            f"threshold {_number(summary['thresholds'][label])}: called when the probability is >= it; "
            "the study is flagged when any label is called",
            f"operating point sensitivity {_number(point.get('sensitivity'))}, "
            f"specificity {_number(point.get('specificity'))}"]
     out += [f"warning: {w}" for w in point.get("warnings") or [] if isinstance(w, str)]
-    if _synthetic(model):
+    if synthetic_training(model):
         out.append("trained on ichdet's synthetic data set only: a demonstration model, not a clinical one")
     return out
 
@@ -399,7 +387,7 @@ def patient_orientation(ref: Dataset) -> tuple[str, str]:
 def _description(what: str, model: Mapping[str, Any]) -> str:
     """A series description (LO, at most 64 characters) saying what it is, "not for diagnostic use" and,
     for a bundle trained on synthetic data, that it is a demonstration model."""
-    demo = " DEMO MODEL (synthetic training data)" if _synthetic(model) else ""
+    demo = " DEMO MODEL (synthetic training data)" if synthetic_training(model) else ""
     return f"ichdet {what}{demo} - NOT FOR DIAGNOSTIC USE"[:64]
 
 
@@ -414,7 +402,7 @@ def _secondary_capture(ref: Dataset, rgb: np.ndarray, uid: Callable[..., str], i
         series_description=_description("Grad-CAM overlays", model))
     sc.ImageType = ["DERIVED", "SECONDARY"]
     shows = f" Grad-CAM over {source[1]} of the source series." if source else ""
-    demo = " Demonstration model trained on synthetic data." if _synthetic(model) else ""
+    demo = " Demonstration model trained on synthetic data." if synthetic_training(model) else ""
     sc.ImageComments = f"{NOT_FOR_DIAGNOSIS}.{shows}{demo}"
     sc.BurnedInAnnotation = "NO"
     # Laterality (type 2C) is for paired body parts; naming the part tells validators the head is not one
@@ -433,7 +421,7 @@ def _key_objects(refs: Mapping[str, Dataset], keys: Sequence[Mapping[str, Any]],
     """The Key Object Selection of the key slices (``keys``: entries of ``study_slices``, most likely first)."""
     named = "; ".join(f"{slice_name(e.get('instance_number'), e['position_mm'])} "
                       f"(any {float(e['probabilities']['any']):.3f})" for e in keys)
-    demo = " Demonstration model trained on synthetic data." if _synthetic(model) else ""
+    demo = " Demonstration model trained on synthetic data." if synthetic_training(model) else ""
     objects = [refs[e["sop_instance_uid"]] for e in keys]
     content = hd.ko.KeyObjectSelection(
         document_title=codes.DCM.OfInterest, referenced_objects=objects,
