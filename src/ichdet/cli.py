@@ -383,8 +383,9 @@ def predict_study(path: Annotated[Path, typer.Argument(help="folder of DICOM fil
                   device: str = "auto",
                   tta: Annotated[bool, typer.Option("--tta/--no-tta", help="average with a horizontal flip")] = True,
                   include_phi: Annotated[bool, typer.Option(
-                      "--include-phi", help="put patient name, ID, birth date, accession and institution in the "
-                                            "result")] = False,
+                      "--include-phi", help="put patient name, ID, birth date, accession and institution, file paths "
+                                            "and series descriptions in the result (without it paths are opaque "
+                                            "ids and descriptions null)")] = False,
                   dicom_out: Annotated[Path | None, typer.Option(
                       help="also write a DICOM SR (TID 1500), a key object selection and Grad-CAM secondary captures "
                            "into this folder")] = None,
@@ -428,7 +429,8 @@ def report(path: Annotated[Path, typer.Argument(help="folder of DICOM files (any
            tta: Annotated[bool, typer.Option("--tta/--no-tta", help="average with a horizontal flip")] = True,
            top_k: Annotated[int, typer.Option(min=1, help="top slices shown with Grad-CAM per study")] = 3,
            include_phi: Annotated[bool, typer.Option(
-               "--include-phi", help="show patient name, ID, birth date, accession and institution")] = False,
+               "--include-phi", help="show patient name, ID, birth date, accession and institution, file "
+                                     "paths and series descriptions")] = False,
            force: Annotated[bool, _FORCE] = False) -> None:
     """Analyse PATH as predict-study does and write a self-contained HTML report per study (Grad-CAM)."""
     from ichdet.infer.bundle import load_ensemble
