@@ -232,3 +232,29 @@ def test_report_study_pages_are_checked_like_out(raw_export: Path, bundle: Path,
     assert code == 0, output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report-1.html", "report-2.html", "report.html"]
     assert page.read_text().startswith("<!DOCTYPE html><html") and NOT_FOR_DIAGNOSIS in page.read_text()
+
+
+@pytest.mark.parametrize("command", ["report", "predict-study"])
+def test_dicom_out_without_patient_name_and_with_a_bad_birth_date(ready_study: Path, bundle: Path, tmp_path: Path,
+                                                                  command: str) -> None:
+    """Type-2 values highdicom reads, missing or malformed, are written empty: the command succeeds (it
+    crashed after writing the HTML and three images, issue 17 items 9 and 14) and no message quotes them."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for f in ready_study.iterdir():
+        ds = _read(f, pixels=True)
+        del ds.PatientName
+        with warnings.catch_warnings(), pydicom.config.disable_value_validation():
+            warnings.simplefilter("ignore")
+            ds["PatientBirthDate"].value = "DOEJOHN1945"
+            ds.save_as(folder / f.name)
+    out = tmp_path / ("report.html" if command == "report" else "result.json")
+    code, output = _invoke(command, str(folder), "--bundle", str(bundle), "--out", str(out),
+                           "--dicom-out", str(tmp_path / "dicom"), *(["--top-k", "1"] if command == "report" else []))
+    assert code == 0, output
+    assert "DOEJOHN1945" not in output and "Traceback" not in output
+    objects = [_read(p) for p in (tmp_path / "dicom").iterdir()]
+    captures = ["OT"] * (1 if command == "report" else 3)
+    assert sorted(str(ds.Modality) for ds in objects) == sorted(["SR", "KO", *captures])
+    for ds in objects:
+        assert ds.PatientName == "" and ds.PatientBirthDate == ""
