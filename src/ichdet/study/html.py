@@ -297,7 +297,7 @@ def _skipped(study: Mapping[str, Any]) -> str:
     skipped = study["skipped_series"]
     if not skipped:
         return '<p class="muted">None: every series found was analysed.</p>'
-    rows = "".join(f"<tr><td>{_esc(s['series_number'])}</td><td>{_esc(s['description'])}</td>"
+    rows = "".join(f"<tr><td>{_cell(s['series_number'])}</td><td>{_cell(s['description'])}</td>"
                    f"<td>{_esc(s['series_instance_uid'])}</td><td>{_esc(s['n_files'])}</td>"
                    f"<td>{_esc(s['reason'])}</td></tr>" for s in skipped)
     head = "<tr><th>number</th><th>description</th><th>series</th><th>files</th><th>reason</th></tr>"
