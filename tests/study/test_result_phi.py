@@ -11,6 +11,7 @@ import pydicom
 import pytest
 from dicom_ready import make_dicom_ready, study_files, study_result
 
+from ichdet.study.html import ReportFigures, render_report
 from ichdet.study.result import opaque_path
 
 NAMED = "x_DOE_JOHN_MRN123"  # sorts after the slices: its copy is the duplicate left out
@@ -62,3 +63,10 @@ def test_paths_and_descriptions_only_with_include_phi(files: list[Path], include
 def test_opaque_path(a: str, b: str, same: bool) -> None:
     assert (opaque_path(a) == opaque_path(b)) == same
     assert opaque_path(a).startswith("file-") and len(opaque_path(a)) == 17 and "DOE" not in opaque_path(a)
+
+
+def test_report_without_phi_shows_no_description_and_no_none(files: list[Path]) -> None:
+    result = study_result(files, [0.1, 0.2, 0.3])
+    page = render_report(result, result["studies"][0], ReportFigures())
+    assert DESCRIPTION not in page and ">None<" not in page
+    assert "<td>-</td><td>1.2.3.999</td>" in page  # the skipped scout: its description left out
