@@ -456,7 +456,8 @@ def _dicom_results(prediction: StudyPrediction, dicom_out: Path | None, include_
         written = write_prediction_dicom(prediction, prediction_figures(prediction) if figures is None else figures,
                                          folder, include_phi)
         if dicom_out is not None:
-            typer.echo(f"{dicom_out}: {len(written)} DICOM objects ({_kinds(written)}), not for diagnostic use")
+            typer.echo(f"{dicom_out}: {len(written)} DICOM objects ({_kinds(written)}: secondary captures, "
+                       "key images, TID 1500 SR), not for diagnostic use")
         if stow is not None:
             _stow(stow, written, ca_bundle)
     return written
@@ -499,10 +500,12 @@ def predict_study(path: Annotated[str, typer.Argument(metavar="PATH", help=_STUD
                   device: str = "auto",
                   tta: Annotated[bool, typer.Option("--tta/--no-tta", help="average with a horizontal flip")] = True,
                   include_phi: Annotated[bool, typer.Option(
-                      "--include-phi", help="put patient name, ID, birth date, accession and institution in the "
-                                            "result")] = False,
+                      "--include-phi", help="put patient name, ID, birth date, accession and institution, file paths "
+                                            "and series descriptions in the result (without it paths are opaque "
+                                            "ids and descriptions null)")] = False,
                   dicom_out: Annotated[Path | None, typer.Option(
-                      help="also write a DICOM SR and Grad-CAM secondary captures into this folder")] = None,
+                      help="also write a DICOM SR (TID 1500), a key object selection and Grad-CAM "
+                           "secondary captures into this folder")] = None,
                   stow: Annotated[str | None, _STOW] = None,
                   ca_bundle: Annotated[Path | None, _CA_BUNDLE] = None,
                   force: Annotated[bool, _FORCE] = False) -> None:
@@ -519,13 +522,15 @@ def predict_study(path: Annotated[str, typer.Argument(metavar="PATH", help=_STUD
         prediction = run_study(folder, ensemble, tta=tta, device=device, include_phi=include_phi)
         write_result(prediction.result, out)
         _dicom_results(prediction, dicom_out, include_phi, stow=stow, ca_bundle=ca_bundle)
-    for study in prediction.result["studies"]:
+    studies = prediction.result["studies"]
+    for k, study in enumerate(studies, start=1):
         summary = study["summary"]
+        name = f"study {k} of {len(studies)}"  # no UID on the terminal: it may end up in a log
         if not summary["analysed"]:
-            typer.echo(f"{study['study_instance_uid']}: no usable series")
+            typer.echo(f"{name}: no usable series")
             continue
         called = [k for k, v in summary["called"].items() if v and k != "any"]
-        typer.echo(f"{study['study_instance_uid']}: any {summary['probability']['any']:.3f} -> "
+        typer.echo(f"{name}: any {summary['probability']['any']:.3f} -> "
                    + ("hemorrhage suspected" + (f" ({', '.join(called)})" if called else "")
                       if summary["hemorrhage"] else "no hemorrhage called"))
     t = prediction.result["timings_s"]
@@ -539,14 +544,16 @@ def report(path: Annotated[str, typer.Argument(metavar="PATH", help=_STUDY_PATH_
            bundle: Annotated[Path | None, typer.Option(help="model bundle from `ichdet bundle`")] = None,
            run: Annotated[list[Path] | None, typer.Option(help="run folder (instead of --bundle)")] = None,
            dicom_out: Annotated[Path | None, typer.Option(
-               help="also write a DICOM SR and Grad-CAM secondary captures into this folder")] = None,
+               help="also write a DICOM SR (TID 1500), a key object selection and Grad-CAM "
+                    "secondary captures into this folder")] = None,
            stow: Annotated[str | None, _STOW] = None,
            ca_bundle: Annotated[Path | None, _CA_BUNDLE] = None,
            device: str = "auto",
            tta: Annotated[bool, typer.Option("--tta/--no-tta", help="average with a horizontal flip")] = True,
            top_k: Annotated[int, typer.Option(min=1, help="top slices shown with Grad-CAM per study")] = 3,
            include_phi: Annotated[bool, typer.Option(
-               "--include-phi", help="show patient name, ID, birth date, accession and institution")] = False,
+               "--include-phi", help="show patient name, ID, birth date, accession and institution, file "
+                                     "paths and series descriptions")] = False,
            force: Annotated[bool, _FORCE] = False) -> None:
     """Analyse PATH (a folder or a DICOMweb study URL) as predict-study does and write a self-contained HTML
     report per study (Grad-CAM)."""

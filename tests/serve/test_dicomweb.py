@@ -176,9 +176,9 @@ def test_wado_url_analysed_and_results_stored_by_stow(pacs, bundle: Path, tmp_pa
                            "--stow", orthanc.dicomweb, *extra)
     assert code == 0, output
     assert f"fetched 10 instances by WADO-RS from {orthanc.dicomweb}" in output
-    assert f"stored 4 DICOM objects (OT 3, SR 1) by STOW-RS at {orthanc.dicomweb}" in output
+    assert f"stored 5 DICOM objects (KO 1, OT 3, SR 1) by STOW-RS at {orthanc.dicomweb}" in output
     after = orthanc.modalities(study_id)
-    assert sorted(after) == sorted([*before, "SR", "OT", "OT", "OT"])  # the SR and the captures, in the study
+    assert sorted(after) == sorted([*before, "SR", "KO", "OT", "OT", "OT"])  # the SR, key images and captures, in the study
     assert list(private_tmp.iterdir()) == []  # the fetched study and the temporary --dicom-out are gone
     assert USERS["ichdet"] not in output
     if command == "predict-study":
@@ -264,9 +264,9 @@ def test_https_verifies_the_certificate_ca_bundle_trusts_a_private_ca(rsna_sampl
         code, output = _invoke("predict-study", url, "--bundle", str(bundle), "--out", str(tmp_path / "r.json"),
                                "--ca-bundle", str(ca), "--stow", base)
         assert code == 0, output
-        assert f"stored 4 DICOM objects (OT 3, SR 1) by STOW-RS at {base}" in output
+        assert f"stored 5 DICOM objects (KO 1, OT 3, SR 1) by STOW-RS at {base}" in output
         assert sorted(orthanc.modalities(next(iter(orthanc.rest("GET", "/studies"))))) == sorted(
-            ["CT"] * 6 + ["OT"] * 3 + ["SR"])
+            ["CT"] * 6 + ["OT"] * 3 + ["KO", "SR"])
         assert list(private_tmp.iterdir()) == []
     finally:
         proxy.close()
@@ -352,7 +352,7 @@ def test_node_sends_to_dicomweb_destination_down_then_up(rsna_sample: Path, tmp_
         wait_for(lambda: len(list(node.spool.glob("studies/*/results/gen-*/sent/*"))) == 2, 60,
                  "both result files marked sent")
         found = orthanc.rest("POST", "/tools/find", {"Level": "Study", "Query": {"StudyInstanceUID": uid}})
-        assert len(found) == 1 and sorted(orthanc.modalities(found[0])) == ["OT", "SR"]
+        assert len(found) == 1 and sorted(orthanc.modalities(found[0])) == ["KO", "OT", "SR"]
         log = node.log_text()
         assert "sent 2 result file(s) to " + orthanc.dicomweb + " by STOW-RS" in log
         assert uid not in log and USERS["ichdet"] not in log

@@ -46,7 +46,7 @@ def test_analyse_study_real(tiny_bundle: Path, rsna_sample: Path, tmp_path: Path
     assert [s["study_instance_uid"] for s in studies] == [uid]
     objects = [pydicom.dcmread(p) for p in result.dicom_files]
     assert all(p.is_relative_to(out) for p in result.dicom_files)
-    assert sorted(str(ds.Modality) for ds in objects) == ["OT", "OT", "OT", "SR"]
+    assert sorted(str(ds.Modality) for ds in objects) == ["KO", "OT", "OT", "OT", "SR"]
     assert {str(ds.StudyInstanceUID) for ds in objects} == {uid}
     sources = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
     for ds in objects:
@@ -77,7 +77,7 @@ def test_malformed_optional_header_values_do_not_stop_the_analysis(
     result = analyse_study(files[0].parent, bundle.load_ensemble(tiny_bundle), out, tta=False, device="cpu")
     assert [s["study_instance_uid"] for s in json.loads(result.json_path.read_text())["studies"]] == [uid]
     modalities = [str(pydicom.dcmread(p).Modality) for p in result.dicom_files]
-    assert (modalities.count("SR"), modalities.count("OT")) == (1, 3)
+    assert (modalities.count("SR"), modalities.count("KO"), modalities.count("OT")) == (1, 1, 3)
 
 
 @pytest.mark.skipif(ORTHANC is None, reason="Orthanc not installed (apt-get install orthanc)")

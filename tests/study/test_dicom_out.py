@@ -10,11 +10,20 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from dicom_ready import PHI, dciodvfy_errors, make_dicom_ready, study_files, study_result
+from dicom_ready import (
+    PHI,
+    dciodvfy_errors,
+    make_dicom_ready,
+    needs_validators,
+    study_files,
+    study_result,
+    validation_problems,
+)
 
 from ichdet.errors import IchdetError
 from ichdet.names import LABELS
 from ichdet.study.dicom_out import (
+    KO_SERIES_NUMBER,
     SC_SERIES_NUMBER,
     SR_SERIES_NUMBER,
     check_dicom_ready,
@@ -22,6 +31,7 @@ from ichdet.study.dicom_out import (
     patient_orientation,
     write_dicom_results,
 )
+from ichdet.study.naming import range_name, slice_name
 
 N_SLICES = 3
 
@@ -50,13 +60,16 @@ def read(path: Path) -> pydicom.Dataset:
 @pytest.mark.parametrize(("sop_class", "uids", "match"), [
     (False, False, r"no SOP Class UID \(0008,0016\).*run without --dicom-out"),
     (False, True, r"no SOP Class UID"),
-    (True, False, r"StudyInstanceUID 'ID_[0-9a-f]+' is not a valid DICOM UID"),
+    (True, False, r"StudyInstanceUID is not a valid DICOM UID \(anonymised 'ID_\.\.\.' values"),
 ])
 def test_rsna_files_are_refused(raw_files: list[Path], tmp_path: Path, sop_class: bool, uids: bool,
                                 match: str) -> None:
     files = make_dicom_ready(raw_files[:1], tmp_path, sop_class=sop_class, uids=uids)
-    with pytest.raises(IchdetError, match=match):
+    with pytest.raises(IchdetError, match=match) as err:
         check_dicom_ready(files)
+    header = pydicom.dcmread(files[0], stop_before_pixels=True)
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):  # no UID in the message
+        assert str(header.get(keyword)) not in str(err.value)
 
 
 def test_raw_rsna_file_is_refused_by_name(raw_files: list[Path]) -> None:
@@ -78,69 +91,105 @@ def test_two_studies_and_nothing_are_refused(ready_files: list[Path], rsna_sampl
     check_dicom_ready(ready_files)  # ready: no error
 
 
-@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (Debian package dicom3tools) not installed")
-@pytest.mark.parametrize(("probs", "expected_slices"), [([0.1, 0.9, 0.6], "1-2"), ([0.9, 0.2, 0.7], "0, 2"),
-                                                       ([0.1, 0.2, 0.05], "")])
+@needs_validators
+@pytest.mark.parametrize(("probs", "called"), [([0.1, 0.9, 0.6], [(1, 2)]), ([0.9, 0.2, 0.7], [(0, 0), (2, 2)]),
+                                               ([0.1, 0.2, 0.05], [])])
 def test_results_are_valid_dicom_in_the_source_study(ready_files: list[Path], tmp_path: Path,
-                                                     probs: list[float], expected_slices: str) -> None:
+                                                     probs: list[float], called: list[tuple[int, int]]) -> None:
     result = study_result(ready_files, probs)
-    study, shown = result["studies"][0], result["studies"][0]["series"][0]["slices"][1]["sop_instance_uid"]
+    study = result["studies"][0]
+    entries = study["series"][0]["slices"]
+    shown = entries[1]["sop_instance_uid"]
     source = read(ready_files[0])
     paths = write_dicom_results(study, result["model"], ready_files, overlays(2), tmp_path / "out",
                                 overlay_sources=[shown] * 2)
-    assert len(paths) == 3 and all(p.parent == tmp_path / "out" for p in paths)
+    assert len(paths) == 4 and all(p.parent == tmp_path / "out" for p in paths)
     for path in paths:
-        assert dciodvfy_errors(path) == [], path
-    *scs, sr_path = (read(p) for p in paths)
-    for ds in (*scs, sr_path):
+        assert validation_problems(path) == [], path
+    *scs, ko, sr = (read(p) for p in paths)
+    for ds in (*scs, ko, sr):
         assert ds.StudyInstanceUID == source.StudyInstanceUID
         assert ds.SeriesInstanceUID != source.SeriesInstanceUID
-        assert "NOT FOR DIAGNOSTIC USE" in ds.SeriesDescription
+        assert "NOT FOR DIAGNOSTIC USE" in ds.SeriesDescription and "DEMO" not in ds.SeriesDescription
         assert (ds.PatientID, str(ds.PatientName)) == (PHI["PatientID"], PHI["PatientName"])  # patient module kept
         assert "InstitutionName" not in ds
         assert Path(paths[0]).name.count(".") > 3 and PHI["PatientID"] not in "".join(p.name for p in paths)
-    assert [ds.SeriesNumber for ds in (*scs, sr_path)] == [SC_SERIES_NUMBER, SC_SERIES_NUMBER, SR_SERIES_NUMBER]
+    assert [ds.SeriesNumber for ds in (*scs, ko, sr)] == [SC_SERIES_NUMBER, SC_SERIES_NUMBER, KO_SERIES_NUMBER,
+                                                          SR_SERIES_NUMBER]
     assert len({ds.SeriesInstanceUID for ds in scs}) == 1 and [ds.InstanceNumber for ds in scs] == [1, 2]
+    shown_name = slice_name(entries[1]["instance_number"], entries[1]["position_mm"])
     for ds, rgb in zip(scs, overlays(2), strict=True):
         assert list(ds.ImageType)[:2] == ["DERIVED", "SECONDARY"]
-        assert "NOT FOR DIAGNOSTIC USE" in ds.ImageComments
+        assert "NOT FOR DIAGNOSTIC USE" in ds.ImageComments and shown_name in ds.ImageComments
         np.testing.assert_array_equal(ds.pixel_array, rgb)
         assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == shown
         assert list(ds.PatientOrientation) == ["L", "P"]
-    assert sr_path.Modality == "SR" and sr_path.CompletionFlag == "COMPLETE"
-    assert sr_findings(sr_path) == {label: (max(probs) >= 0.5, pytest.approx(max(probs))) for label in LABELS}
-    assert sr_slices(sr_path) == ({label: expected_slices for label in LABELS} if max(probs) >= 0.5 else {})
+    assert [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in ko.ContentSequence
+            if i.ValueType == "IMAGE"] == [shown]  # the key image is the slice the captures show
+    assert sr.Modality == "SR" and sr.CompletionFlag == "COMPLETE" and sr.VerificationFlag == "UNVERIFIED"
+    assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    present = max(probs) >= 0.5
+    assert sr_findings(sr) == {label: (present, pytest.approx(max(probs))) for label in LABELS}
+    ranges = [{"first_instance_number": entries[a]["instance_number"],
+               "last_instance_number": entries[b]["instance_number"],
+               "first_position_mm": entries[a]["position_mm"], "last_position_mm": entries[b]["position_mm"]}
+              for a, b in called]
+    expected = f"called on {'; '.join(map(range_name, ranges))}" if called else "not called"
+    assert sr_tracking(sr) == {label: f"ichdet {label}: {expected}" for label in LABELS}
+    called_sops = sorted(entries[i]["sop_instance_uid"] for a, b in called for i in range(a, b + 1))
+    assert sr_sources(sr) == {label: called_sops for label in LABELS}
+
+
+def _groups(sr: pydicom.Dataset) -> list[pydicom.Dataset]:
+    measurements = next(i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010")
+    return list(measurements.ContentSequence)
+
+
+def _label(group: pydicom.Dataset) -> str:
+    finding = next(i for i in group.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121071")
+    code = finding.ConceptCodeSequence[0]
+    assert code.CodingSchemeDesignator == "SCT"
+    return next(lab for lab in LABELS if label_code(lab).value == code.CodeValue)
 
 
 def sr_findings(sr: pydicom.Dataset) -> dict[str, tuple[bool, float]]:
-    """label -> (present, probability) read back from the SR's Findings container."""
-    findings = next(item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "121070")
-    out = {}
-    for item in findings.ContentSequence:
-        code = item.ConceptNameCodeSequence[0]
-        label = next(lab for lab in LABELS if label_code(lab).value == code.CodeValue)
-        present = item.ConceptCodeSequence[0].CodeValue == "121053"
-        num = next(c for c in item.ContentSequence if c.ValueType == "NUM")
-        out[label] = (present, float(num.MeasuredValueSequence[0].NumericValue))
-    return out
+    """label -> (present, probability) read back from the TID 1500 report: the probability of each label's
+    measurement group and the decision in the report's Qualitative Evaluations."""
+    probs = {}
+    for group in _groups(sr):
+        num = next(c for c in group.ContentSequence if c.ValueType == "NUM")
+        assert num.ConceptNameCodeSequence[0].CodeValue == "122157"  # DCM Probability
+        assert num.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "1"
+        probs[_label(group)] = float(num.MeasuredValueSequence[0].NumericValue)
+    decisions = next(i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "C0034375")
+    present = {next(lab for lab in LABELS if label_code(lab).value == i.ConceptNameCodeSequence[0].CodeValue):
+               {"52101004": True, "272519000": False}[i.ConceptCodeSequence[0].CodeValue]
+               for i in decisions.ContentSequence}
+    return {label: (present[label], probs[label]) for label in LABELS}
 
 
-def sr_slices(sr: pydicom.Dataset) -> dict[str, str]:
-    """label -> the "Slices where called" text of the SR's findings (labels without one left out)."""
-    findings = next(item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "121070")
-    out = {}
-    for item in findings.ContentSequence:
-        label = next(lab for lab in LABELS if label_code(lab).value == item.ConceptNameCodeSequence[0].CodeValue)
-        for child in item.ContentSequence:
-            if child.ValueType == "TEXT":
-                out[label] = str(child.TextValue)
-    return out
+def sr_tracking(sr: pydicom.Dataset) -> dict[str, str]:
+    """label -> its measurement group's Tracking Identifier (what a viewer lists)."""
+    return {_label(g): next(str(c.TextValue) for c in g.ContentSequence
+                            if c.ConceptNameCodeSequence[0].CodeValue == "112039") for g in _groups(sr)}
+
+
+def sr_sources(sr: pydicom.Dataset) -> dict[str, list[str]]:
+    """label -> the SOP Instance UIDs of its group's source images, sorted."""
+    return {_label(g): sorted(str(c.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) for c in g.ContentSequence
+                              if c.ValueType == "IMAGE") for g in _groups(sr)}
+
+
+def sr_parameters(sr: pydicom.Dataset) -> dict[str, list[str]]:
+    """label -> its group's Algorithm Parameters texts."""
+    return {_label(g): [str(c.TextValue) for c in g.ContentSequence
+                        if c.ConceptNameCodeSequence[0].CodeValue == "111002"] for g in _groups(sr)}
 
 
 def test_unanalysed_study_is_refused(ready_files: list[Path], tmp_path: Path) -> None:
     result = study_result(ready_files, [0.1, 0.9, 0.3])
     study = {**result["studies"][0], "summary": {"analysed": False}}
-    with pytest.raises(IchdetError, match=r"no series was analysed"):
+    with pytest.raises(IchdetError, match=r"the study has no analysed series"):
         write_dicom_results(study, result["model"], ready_files, overlays(1), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -207,3 +256,101 @@ def test_patient_orientation(cosines: list[float] | None, expected: tuple[str, s
     if cosines is not None:
         ds.ImageOrientationPatient = cosines
     assert patient_orientation(ds) == expected
+
+
+BAD = "DOEJOHN1945"  # a malformed value that must reach no output and no message
+
+
+MALFORMED: list[tuple[str, str | None]] = [
+    ("PatientBirthDate", BAD),          # not a date
+    ("PatientName", None),              # type 2, absent: highdicom read it and crashed (issue 17 item 14)
+    ("PatientSex", "X" + BAD),          # not M/F/O
+    ("StudyDate", "2019-01-01"),        # not DICOM's DA form
+    ("StudyTime", BAD),
+    ("AccessionNumber", None),
+    ("ReferringPhysicianName", None),
+    ("PatientID", BAD * 7),             # 77 characters: too long for LO
+]
+
+
+def _with_values(files: list[Path], out: Path, values: list[tuple[str, str | None]]) -> list[Path]:
+    """Copies of ``files`` in ``out`` with each keyword set to its (malformed) value, or deleted for None."""
+    out.mkdir()
+    for f in files:
+        ds = read(f)
+        with warnings.catch_warnings(), pydicom.config.disable_value_validation():
+            warnings.simplefilter("ignore")
+            for keyword, value in values:
+                if value is None:
+                    del ds[keyword]
+                else:
+                    ds[keyword].value = value
+            ds.save_as(out / f.name)
+    return [out / f.name for f in files]
+
+
+def _write(files: list[Path], out: Path) -> list[Path]:
+    check_dicom_ready(files)  # nothing to refuse: every value is optional or type 2
+    result = study_result(files, [0.1, 0.9, 0.3])
+    study = result["studies"][0]
+    shown = study["series"][0]["slices"][1]["sop_instance_uid"]
+    return write_dicom_results(study, result["model"], files, overlays(1), out, overlay_sources=[shown])
+
+
+@needs_validators
+@pytest.mark.parametrize(("keyword", "value"), [*MALFORMED, ("PatientBirthDate", None)])
+def test_malformed_or_missing_header_values_are_written_empty(ready_files: list[Path], tmp_path: Path,
+                                                              keyword: str, value: str | None) -> None:
+    paths = _write(_with_values(ready_files, tmp_path / "in", [(keyword, value)]), tmp_path / "out")
+    assert len(paths) == 3
+    for path in paths:
+        ds = read(path)
+        assert keyword in ds and ds[keyword].value in ("", None), path  # type 2: present, empty
+        assert BAD.encode() not in path.read_bytes()
+        assert dciodvfy_errors(path) == [], path
+
+
+@needs_validators
+def test_every_malformed_value_at_once_passes_both_validators(ready_files: list[Path], tmp_path: Path) -> None:
+    paths = _write(_with_values(ready_files, tmp_path / "in", MALFORMED), tmp_path / "out")
+    for path in paths:
+        assert validation_problems(path) == [], path
+        assert all(read(path)[k].value in ("", None) for k, _ in MALFORMED)
+
+
+def test_synthetic_training_and_operating_points_are_said(ready_files: list[Path], tmp_path: Path) -> None:
+    """A result of a bundle that records its training data and operating points (model.training,
+    model.operating_points, added by the bundle's provenance): the SR, KOS and captures say so."""
+    manifest = {"bundle_sha256": "cd" * 32, "runs": None, "ichdet_version": "0.1.0", "members": [],
+                "thresholds_source": "out-of-fold operating points",
+                "training": {"synthetic": True, "data": "ichdet synth"},
+                "operating_points": {label: {"threshold": 0.5, "auc": 0.71, "sensitivity": 0.95, "specificity": 0.25,
+                                             "positives": 4, "warnings": ["only 4 positives"]} for label in LABELS}}
+    result = study_result(ready_files, [0.1, 0.9, 0.3], manifest=manifest)
+    study = result["studies"][0]
+    shown = study["series"][0]["slices"][1]["sop_instance_uid"]
+    paths = write_dicom_results(study, result["model"], ready_files, overlays(1), tmp_path / "out",
+                                overlay_sources=[shown])
+    sc, ko, sr = (read(p) for p in paths)
+    for ds in (sc, ko, sr):
+        assert "DEMO MODEL (synthetic training data)" in ds.SeriesDescription
+        assert len(ds.SeriesDescription) <= 64
+    assert "synthetic" in sc.ImageComments
+    for label, params in sr_parameters(sr).items():
+        assert "sensitivity 0.950, specificity 0.250" in " ".join(params), label
+        assert "warning: only 4 positives" in params
+        assert any("synthetic data set only" in p for p in params)
+        assert f"bundle sha256 {'cd' * 32}" in params
+    description = next(str(i.TextValue) for i in ko.ContentSequence
+                       if i.ConceptNameCodeSequence[0].CodeValue == "113012")  # Key Object Description
+    assert "synthetic" in description and "NOT FOR DIAGNOSTIC USE" in description
+
+
+def test_without_provenance_the_parameters_say_unknown(ready_files: list[Path], tmp_path: Path) -> None:
+    result = study_result(ready_files, [0.1, 0.9, 0.3])
+    paths = write_dicom_results(result["studies"][0], result["model"], ready_files, [], tmp_path / "out")
+    sr = read(paths[-1])
+    params = sr_parameters(sr)["any"]
+    assert "operating point sensitivity unknown, specificity unknown" in params
+    assert not any("synthetic" in p for p in params)
+    assert "DEMO" not in sr.SeriesDescription

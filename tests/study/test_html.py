@@ -33,6 +33,7 @@ from ichdet.study.html import (
     top_slices,
     write_report,
 )
+from ichdet.study.naming import range_name
 
 N_SLICES, TOP_K = 6, 2
 PROBS = [0.05, 0.2, 0.85, 0.6, 0.1, 0.02]
@@ -84,19 +85,41 @@ def test_page_content(case: tuple[dict, ReportFigures]) -> None:
     assert 'id="decision">Intracranial hemorrhage flagged' in page
     assert study["skipped_series"][0]["reason"] in page and "1.2.3.999" in page  # skipped series
     assert "localizer" in study["skipped_series"][0]["reason"]
-    assert re.search(r"<td>any</td><td>0\.850</td><td>0\.500</td><td class=\"pos\">positive</td><td>2-3</td>", page)
+    (called,) = study["summary"]["slice_ranges"]["any"]
+    assert (called["first_index"], called["last_index"]) == (2, 3)
+    assert re.search(r"<td>any</td><td>0\.850</td><td>0\.500</td><td class=\"pos\">positive</td>"
+                     r'<td class="op">-</td><td class="op">-</td><td>' + re.escape(range_name(called)) + "</td>", page)
     assert "ab" * 32 in page  # the manifest
 
 
 @pytest.mark.parametrize(("probs", "expected"), [
-    ([0.0, 1.0], ["44.0,226.0", "710.0,12.0"]),  # plot 44..710 x 12..226 px: 0 at the bottom left, 1 top right
-    ([0.5], ["44.0,119.0"]),  # one slice: at the left edge, half way up
+    ([0.0, 1.0], ["60.0,236.0", "710.0,12.0"]),  # plot 60..710 x 12..236 px: 0 at the bottom left, 1 top right
+    ([0.5], ["60.0,124.0"]),  # one slice: at the left edge, half way up
 ])
 def test_chart_coordinates(probs: list[float], expected: list[str]) -> None:
     slices = [{"probabilities": {label: p for label in LABELS}} for p in probs]
     svg = probability_chart(slices)
     points = re.findall(r'data-label="any"[^>]*points="([^"]+)"', svg)
     assert points == [" ".join(expected)]
+
+
+def test_chart_axis_names_the_pacs_images_thresholds_and_direction() -> None:
+    """x ticks: Instance Number and position of the slices (numbered head to foot here), feet left and head
+    right; each label's threshold drawn at its height; epidural and subdural in different colours and styles."""
+    slices = [{"probabilities": dict.fromkeys(LABELS, 0.1), "instance_number": 30 - i, "position_mm": 5.0 * i}
+              for i in range(20)]
+    svg = probability_chart(slices, thresholds=dict.fromkeys(LABELS, 0.5) | {"subdural": 0.25})
+    ticks = re.findall(r'class="xtick-label" x="([\d.]+)"[^>]*>([^<]+)<', svg)
+    assert ticks[0] == ("60.0", "30") and ticks[-1] == ("710.0", "11")  # first slice (feet) left, last right
+    assert [t for _, t in ticks] == [str(30 - i) for i in (0, 2, 5, 7, 10, 12, 14, 17, 19)]
+    assert re.findall(r'class="xtick-mm"[^>]*>([^<]+)<', svg)[:2] == ["0", "10"]
+    assert "&#8592; feet" in svg and "head &#8594;" in svg
+    lines = dict(re.findall(r'class="threshold" data-label="(\w+)"[^>]*y1="([\d.]+)"', svg))
+    assert lines == dict.fromkeys(LABELS, "124.0") | {"subdural": "180.0"}
+    style = dict((m[0], m[1:]) for m in re.findall(
+        r'<polyline class="series" data-label="(\w+)" fill="none" stroke="(#\w+)" stroke-width="[\d.]+"'
+        r'(?: stroke-dasharray="([^"]+)")?', svg))
+    assert style["epidural"][0] != style["subdural"][0] and style["epidural"][1] != style["subdural"][1]
 
 
 def chromium(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
@@ -191,8 +214,8 @@ def test_write_report_refuses_nothing_and_replaces_atomically(case: tuple[dict, 
 
 
 @pytest.mark.parametrize(("number", "expected"), [
-    (7, "series 2: 2-3, series 7: 0"),
-    (None, "series 2: 2-3, 1.2.3.77: 0"),  # no series number: the UID names it
+    (7, "series 2: {0}; series 7: image 5 (at 1.0 mm)"),
+    (None, "series 2: {0}; series without number: image 5 (at 1.0 mm)"),
 ])
 def test_ranges_of_several_series_name_the_series(case: tuple[dict, ReportFigures], number: int | None,
                                                   expected: str) -> None:
@@ -200,12 +223,14 @@ def test_ranges_of_several_series_name_the_series(case: tuple[dict, ReportFigure
     study = result["studies"][0]
     first = study["series"][0]
     other = {**first, "series_instance_uid": "1.2.3.77", "series_number": number}
-    ranges = [*study["summary"]["slice_ranges"]["any"],
-              {"series_instance_uid": "1.2.3.77", "first_index": 0, "last_index": 0}]
+    (called,) = study["summary"]["slice_ranges"]["any"]
+    ranges = [called, {"series_instance_uid": "1.2.3.77", "first_index": 0, "last_index": 0,
+                       "first_instance_number": 5, "last_instance_number": 5,
+                       "first_position_mm": 1.0, "last_position_mm": 1.0}]
     two = {**study, "series": [first, other],
            "summary": {**study["summary"], "slice_ranges": {**study["summary"]["slice_ranges"], "any": ranges}}}
     assert first["series_number"] == 2  # tests/dicom_ready.py gives the series number 2
-    assert f"<td>{expected}</td></tr>" in render_report(result, two, figures)
+    assert f"<td>{expected.format(range_name(called))}</td></tr>" in render_report(result, two, figures)
 
 
 def test_study_pages_are_the_names_write_report_gives(tmp_path: Path) -> None:
@@ -215,3 +240,55 @@ def test_study_pages_are_the_names_write_report_gives(tmp_path: Path) -> None:
     assert [p.name for p in study_pages(tmp_path / "report.html")] == ["report-1.html", "report-2.html",
                                                                        "report-10.html"]
     assert study_pages(tmp_path / "missing" / "report.html") == []
+
+
+PROVENANCE = {"training": {"synthetic": True, "data": "ichdet synth"},
+              "operating_points": {label: {"threshold": 0.5, "auc": 0.8, "sensitivity": 0.9 + 0.01 * i,
+                                           "specificity": 0.5 + 0.01 * i, "positives": 30,
+                                           "warnings": ["AUC below 0.5"] if label == "epidural" else []}
+                                   for i, label in enumerate(LABELS)}}
+
+
+@pytest.mark.parametrize(("extra", "synthetic", "operating"), [
+    (PROVENANCE, True, True),
+    ({"training": {"synthetic": False}}, False, False),
+    ({}, False, False),  # a result written before bundles recorded their provenance
+])
+def test_operating_points_and_training_data_are_shown(case: tuple[dict, ReportFigures], extra: dict,
+                                                      synthetic: bool, operating: bool) -> None:
+    result, figures = case
+    result = {**result, "model": {**result["model"], **extra}, "warnings": ["a warning of the result"]}
+    page = render_report(result, result["studies"][0], figures)
+    assert ('id="synthetic">DEMONSTRATION MODEL' in page) == synthetic
+    assert '<li>a warning of the result</li>' in page
+    cells = re.findall(r'<td class="op">([^<]+)</td><td class="op">([^<]+)</td>', page)
+    expected = [(f"{0.9 + 0.01 * i:.2f}", f"{0.5 + 0.01 * i:.2f}") if operating else ("-", "-")
+                for i in range(len(LABELS))]
+    assert cells == expected
+    assert ('<div class="warn">AUC below 0.5</div>' in page) == operating
+    model = re.search(r"<h2>Model</h2>(.*?)(?:<p class=\"muted\">Timings|</main>)", page, re.S)
+    assert model and "<pre>" not in model.group(1) and '"bundle_sha256"' not in model.group(1)  # no JSON dump
+    assert re.search(r"<th>bundle sha256</th><td>" + "ab" * 32 + "</td>", model.group(1))
+
+
+def test_index_is_a_worklist_flagged_first(case: tuple[dict, ReportFigures], tmp_path: Path) -> None:
+    result, _ = case
+    study = result["studies"][0]
+    summary = study["summary"]
+
+    def variant(uid: str, p_any: float, called: dict[str, bool]) -> dict:
+        return {**study, "study_instance_uid": uid,
+                "summary": {**summary, "probability": {**summary["probability"], "any": p_any},
+                            "called": dict.fromkeys(LABELS, False) | called, "hemorrhage": any(called.values())}}
+
+    studies = [variant("1.1", 0.2, {}), variant("1.2", 0.6, {"subdural": True, "any": True}),
+               variant("1.3", 0.4, {}), variant("1.4", 0.95, {"any": True}),
+               {**study, "study_instance_uid": "1.5", "summary": {"analysed": False}, "series": []}]
+    write_report({**result, "studies": studies}, {}, tmp_path / "index.html")
+    page = (tmp_path / "index.html").read_text()
+    rows = re.findall(r'<td class="flag[^"]*">([^<]+)</td><td>([^<]+)</td><td>(\d+)</td>.*?<a href="([^"]+)">', page)
+    assert rows == [("FLAGGED", "0.950", str(N_SLICES), "index-4.html"),
+                    ("FLAGGED: subdural", "0.600", str(N_SLICES), "index-2.html"),
+                    ("not flagged", "0.400", str(N_SLICES), "index-3.html"),
+                    ("not flagged", "0.200", str(N_SLICES), "index-1.html"),
+                    ("not analysed", "-", "0", "index-5.html")]

@@ -1,18 +1,18 @@
 """`ichdet report` and `ichdet predict-study --dicom-out` end to end on real RSNA studies with a tiny trained
-bundle: the HTML report rendered in headless Chromium, the DICOM results passing dciodvfy in the source
-study, the refusal of RSNA-style ``ID_...`` UIDs before anything is written, and no patient data leaks."""
+bundle: the HTML report rendered in headless Chromium, the DICOM results passing dciodvfy and pixelmed's SR
+validator in the source study, the refusal of RSNA-style ``ID_...`` UIDs before anything is written, and no
+patient data leaks."""
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
 import warnings
 from pathlib import Path
 
 import pydicom
 import pytest
-from dicom_ready import PHI, dciodvfy_errors, make_dicom_ready
+from dicom_ready import PHI, make_dicom_ready, needs_validators, validation_problems
 from study_support import copy_study, study_files, tiny_runs
 from test_html import CHROMIUM, PROBE, chromium, data_uri_images
 from typer.testing import CliRunner
@@ -26,8 +26,6 @@ from ichdet.study.outputs import cam_members
 
 N_SLICES = 12
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium (Debian package chromium) not installed")
-needs_dciodvfy = pytest.mark.skipif(shutil.which("dciodvfy") is None,
-                                    reason="dciodvfy (Debian package dicom3tools) not installed")
 
 
 @pytest.fixture(scope="module")
@@ -129,16 +127,18 @@ def test_report_on_ready_study_has_no_patient_data(ready_study: Path, bundle: Pa
 
 
 def _sr_probabilities(sr: pydicom.Dataset) -> dict[str, float]:
-    findings = next(item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "121070")
+    """label -> probability of the TID 1500 report's measurement group of the label's finding."""
+    measurements = next(i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010")
     out = {}
-    for item in findings.ContentSequence:
-        label = next(lab for lab in LABELS if label_code(lab).value == item.ConceptNameCodeSequence[0].CodeValue)
-        num = next(c for c in item.ContentSequence if c.ValueType == "NUM")
+    for group in measurements.ContentSequence:
+        finding = next(i for i in group.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121071")
+        label = next(lab for lab in LABELS if label_code(lab).value == finding.ConceptCodeSequence[0].CodeValue)
+        num = next(c for c in group.ContentSequence if c.ValueType == "NUM")
         out[label] = float(num.MeasuredValueSequence[0].NumericValue)
     return out
 
 
-@needs_dciodvfy
+@needs_validators
 def test_predict_study_dicom_out_is_valid_dicom_in_the_source_study(ready_study: Path, bundle: Path,
                                                                     tmp_path: Path) -> None:
     code, output = _invoke("predict-study", str(ready_study), "--bundle", str(bundle), "--out",
@@ -149,9 +149,9 @@ def test_predict_study_dicom_out_is_valid_dicom_in_the_source_study(ready_study:
     source = {str(_read(f).SOPInstanceUID): _read(f) for f in ready_study.iterdir()}
     first = next(iter(source.values()))
     objects = [(p, _read(p, pixels=True)) for p in sorted((tmp_path / "dicom").iterdir())]
-    assert sorted(str(ds.Modality) for _, ds in objects) == ["OT", "OT", "OT", "SR"]
+    assert sorted(str(ds.Modality) for _, ds in objects) == ["KO", "OT", "OT", "OT", "SR"]
     for path, ds in objects:
-        assert dciodvfy_errors(path) == [], path
+        assert validation_problems(path) == [], path
         assert ds.StudyInstanceUID == first.StudyInstanceUID and ds.SeriesInstanceUID != first.SeriesInstanceUID
         assert path.name == f"{ds.SOPInstanceUID}.dcm" and "NOT FOR DIAGNOSTIC USE" in ds.SeriesDescription
         assert "InstitutionName" not in ds and PHI["InstitutionName"].encode() not in path.read_bytes()
@@ -162,6 +162,9 @@ def test_predict_study_dicom_out_is_valid_dicom_in_the_source_study(ready_study:
     scs.sort(key=lambda ds: int(ds.InstanceNumber))
     shown = [str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID) for ds in scs]
     assert shown == [s["sop_instance_uid"] for s in top]
+    ko = next(ds for _, ds in objects if ds.Modality == "KO")
+    assert [str(i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) for i in ko.ContentSequence
+            if i.ValueType == "IMAGE"] == shown  # the key images are the slices the captures show
     assert {ds.SeriesNumber for ds in scs} == {SC_SERIES_NUMBER} and sr.SeriesNumber == SR_SERIES_NUMBER
     assert _sr_probabilities(sr) == {k: pytest.approx(v, abs=1e-6) for k, v in study["summary"]["probability"].items()}
     assert all(str(ds.SOPInstanceUID) not in source for _, ds in objects)
@@ -180,7 +183,7 @@ def test_predict_study_dicom_out_is_valid_dicom_in_the_source_study(ready_study:
 ])
 @pytest.mark.parametrize(("prepare", "match"), [
     ("raw", r"no SOP Class UID \(0008,0016\).*run without --dicom-out"),
-    ("ids", r"StudyInstanceUID 'ID_[0-9a-f]+' is not a valid DICOM UID.*run without --dicom-out"),
+    ("ids", r"StudyInstanceUID is not a valid DICOM UID.*run without --dicom-out"),
 ])
 def test_dicom_out_refuses_rsna_uids_before_writing(raw_export: Path, bundle: Path, tmp_path: Path, command: str,
                                                     out_name: str, earlier: str, prepare: str, match: str) -> None:
@@ -229,3 +232,29 @@ def test_report_study_pages_are_checked_like_out(raw_export: Path, bundle: Path,
     assert code == 0, output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report-1.html", "report-2.html", "report.html"]
     assert page.read_text().startswith("<!DOCTYPE html><html") and NOT_FOR_DIAGNOSIS in page.read_text()
+
+
+@pytest.mark.parametrize("command", ["report", "predict-study"])
+def test_dicom_out_without_patient_name_and_with_a_bad_birth_date(ready_study: Path, bundle: Path, tmp_path: Path,
+                                                                  command: str) -> None:
+    """Type-2 values highdicom reads, missing or malformed, are written empty: the command succeeds (it
+    crashed after writing the HTML and three images, issue 17 items 9 and 14) and no message quotes them."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for f in ready_study.iterdir():
+        ds = _read(f, pixels=True)
+        del ds.PatientName
+        with warnings.catch_warnings(), pydicom.config.disable_value_validation():
+            warnings.simplefilter("ignore")
+            ds["PatientBirthDate"].value = "DOEJOHN1945"
+            ds.save_as(folder / f.name)
+    out = tmp_path / ("report.html" if command == "report" else "result.json")
+    code, output = _invoke(command, str(folder), "--bundle", str(bundle), "--out", str(out),
+                           "--dicom-out", str(tmp_path / "dicom"), *(["--top-k", "1"] if command == "report" else []))
+    assert code == 0, output
+    assert "DOEJOHN1945" not in output and "Traceback" not in output
+    objects = [_read(p) for p in (tmp_path / "dicom").iterdir()]
+    captures = ["OT"] * (1 if command == "report" else 3)
+    assert sorted(str(ds.Modality) for ds in objects) == sorted(["SR", "KO", *captures])
+    for ds in objects:
+        assert ds.PatientName == "" and ds.PatientBirthDate == ""

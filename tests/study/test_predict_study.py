@@ -283,10 +283,13 @@ def test_result_json_schema_and_write_timing(study: list[Path], runs: tuple[Path
     summary = result["studies"][0]["summary"]
     assert summary["called"] == {k: k != "epidural" for k in LABELS} and summary["hemorrhage"] is True
     series_uid = result["studies"][0]["series"][0]["series_instance_uid"]
+    slices = result["studies"][0]["series"][0]["slices"]
     assert summary["slice_ranges"]["subdural"] == [
         {"series_instance_uid": series_uid, "first_index": 0, "last_index": 6,
-         "first_sop_instance_uid": result["studies"][0]["series"][0]["slices"][0]["sop_instance_uid"],
-         "last_sop_instance_uid": result["studies"][0]["series"][0]["slices"][6]["sop_instance_uid"]}]
+         "first_sop_instance_uid": slices[0]["sop_instance_uid"],
+         "last_sop_instance_uid": slices[6]["sop_instance_uid"],
+         "first_instance_number": slices[0]["instance_number"], "last_instance_number": slices[6]["instance_number"],
+         "first_position_mm": slices[0]["position_mm"], "last_position_mm": slices[6]["position_mm"]}]
     assert summary["slice_ranges"]["epidural"] == []
     probs = np.array([[s["probabilities"][k] for k in LABELS] for s in result["studies"][0]["series"][0]["slices"]])
     assert [summary["probability"][k] for k in LABELS] == probs.max(axis=0).tolist()

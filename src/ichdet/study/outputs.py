@@ -10,8 +10,9 @@ from a :class:`ichdet.study.predict.StudyPrediction`:
   the first one's input settings;
 - :func:`check_dicom_out`: before any work, refuse a folder whose analysed slices cannot be referred to
   (RSNA-style ``ID_...`` UIDs, no SOP Class UID);
-- :func:`write_prediction_dicom`: per analysed study, an SR and one secondary capture per top slice
-  (its overlay in the brain window), in the source study.
+- :func:`write_prediction_dicom`: per analysed study, one secondary capture per top slice (its overlay in
+  the brain window), a Key Object Selection of those slices and a TID 1500 SR, in the source study
+  (:mod:`ichdet.study.dicom_out`).
 """
 
 from __future__ import annotations
@@ -118,10 +119,12 @@ def check_dicom_out(path: Path) -> None:
 
 def write_prediction_dicom(prediction: StudyPrediction, figures: Mapping[str, ReportFigures], out_dir: Path,
                            include_phi: bool = False) -> list[Path]:
-    """Write every analysed study's SR and secondary captures into ``out_dir``; return the files written.
+    """Write every analysed study's secondary captures, key object selection and SR into ``out_dir``;
+    return the files written.
 
     Each top slice of ``figures`` becomes one secondary capture (its :data:`SC_WINDOW` overlay) whose
-    Source Image Sequence names the slice. File names are new SOP Instance UIDs (no patient value).
+    Source Image Sequence names the slice; the key object selection names the same slices. File names are
+    new SOP Instance UIDs (no patient value).
     """
     from ichdet.study.dicom_out import write_dicom_results
 

@@ -156,7 +156,7 @@ def predict_study(path: Path, ensemble: Ensemble, tta: bool = True, device: str 
     for number, (study, series) in enumerate(selected):
         for i, ref in enumerate(series.slices):
             slices.append(StudySlice(study.study_uid, series.series_uid, i, ref.sop_uid, ref.path,
-                                     ref.position_mm, len(slices)))
+                                     ref.position_mm, len(slices), ref.instance_number))
             series_of_row.append(number)
     if not slices:
         raise _no_usable_series(scan)

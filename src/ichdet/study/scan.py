@@ -145,6 +145,7 @@ class StudySlice:
     path: Path
     position_mm: float
     row: int  # row in the prediction's in-memory stack
+    instance_number: int | None = None  # InstanceNumber (0020,0013): how a PACS numbers the slice
 
     def hu(self) -> np.ndarray:
         """The slice's pixels in HU, float32 (H, W), as :func:`ichdet.dicom.read.read_hu` reads them."""
