@@ -1,4 +1,4 @@
-"""Run the DICOM node with the stand-in analyser: ``python tests/serve_node.py CONFIG [LOG] [SECONDS]``.
+"""Run the DICOM node with the stand-in analyser: ``python tests/serve/serve_node.py CONFIG [LOG] [SECONDS]``.
 
 The network tests start this as a child process so that they can SIGKILL it; the real command
 (``ichdet serve``, with a bundle) is exercised in test_serve_e2e.py."""
