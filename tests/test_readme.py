@@ -44,7 +44,7 @@ def _shown() -> dict[str, set[str]]:
     for match in COMMAND_LINE.finditer(README):
         command, rest = match.group(1), match.group(2)
         if command in _commands():
-            shown.setdefault(command, set()).update(re.findall(r"(?<![\w-])--[a-z][a-z-]*", rest))
+            shown.setdefault(command, set()).update(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", rest))
     return shown
 
 
