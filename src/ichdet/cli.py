@@ -314,8 +314,9 @@ def seq_train(run: Annotated[list[Path], typer.Option(
               set_: Annotated[list[str] | None, typer.Option("--set", help="override: key=value")] = None) -> None:
     """Train a sequence model over out-of-fold features of trained 2D runs (predict it like any run)."""
     from ichdet.models.config import load_seq_config
-    from ichdet.train.seq import train_seq
+    from ichdet.train.seq import check_seq_out, train_seq
 
+    check_seq_out(out)  # a 2D run or a file as --out is named before its config.yaml is read as a sequence config
     if config is None and resume and (out / "config.yaml").exists():
         config = out / "config.yaml"
     results = train_seq(load_seq_config(config, set_ or []), run, data, out, fold=fold, resume=resume,
