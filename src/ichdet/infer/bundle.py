@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
@@ -43,7 +42,7 @@ from ichdet.cache.labels import LABELS, read_labels
 from ichdet.cache.provenance import UNKNOWN, training_summary
 from ichdet.errors import CheckpointError, IchdetError
 from ichdet.evaluate.ensembling import ensemble
-from ichdet.evaluate.metrics import operating_points
+from ichdet.evaluate.quality import point_quality
 from ichdet.infer.manifest import BUNDLE_FORMAT, MEMBER_FILE, BundleManifest, ManifestEntry, parse_manifest
 from ichdet.infer.members import (
     DEFAULT_THRESHOLD,
@@ -89,32 +88,26 @@ def ensemble_oof(members: Sequence[Member]) -> pd.DataFrame:
     return ensemble(pd.concat(parts, ignore_index=True), {m.name: m.weight for m in members})
 
 
-def oof_operating_points(members: Sequence[Member], labels_csv: Path, sensitivity: float) -> pd.DataFrame:
-    """Per label, the threshold reaching ``sensitivity`` on the ensembled out-of-fold predictions."""
+def oof_operating_points(members: Sequence[Member], labels_csv: Path, sensitivity: float
+                         ) -> dict[str, dict[str, Any]]:
+    """Per label, the threshold reaching ``sensitivity`` on the ensembled out-of-fold predictions, with
+    its quality (AUC, sensitivity, specificity, positives, warnings: :func:`ichdet.evaluate.quality.point_quality`)."""
     oof = ensemble_oof(members)
     truth = read_labels(labels_csv)
     common = oof.index.intersection(truth.index)
     if len(common) == 0:
         raise IchdetError(f"{labels_csv} labels none of the runs' out-of-fold images; pass the label CSV "
                           "of the cache the runs were trained on")
-    return operating_points(truth.loc[common, list(LABELS)].to_numpy(np.float64),
-                            oof.loc[common, list(LABELS)].to_numpy(np.float64), sensitivity)
+    return point_quality(truth.loc[common, list(LABELS)].to_numpy(np.float64),
+                         oof.loc[common, list(LABELS)].to_numpy(np.float64), sensitivity)
 
 
-def _thresholds(points: pd.DataFrame | None) -> dict[str, float]:
+def _thresholds(points: Mapping[str, Mapping[str, Any]] | None) -> dict[str, float]:
+    """Each label's threshold: its operating point's, or the default (no --labels, or no positive case)."""
     if points is None:
         return dict.fromkeys(LABELS, DEFAULT_THRESHOLD)
-    return {str(label): float(t) if math.isfinite(t) else DEFAULT_THRESHOLD
-            for label, t in points["threshold"].items()}
-
-
-def _points_json(points: pd.DataFrame) -> dict[str, dict[str, float | int | None]]:
-    """The operating-point table as JSON (NaN, where a label had no positive case, as null)."""
-    out: dict[str, dict[str, float | int | None]] = {}
-    for label, row in points.iterrows():
-        out[str(label)] = {str(k): (None if isinstance(v, float) and not math.isfinite(v) else
-                                    int(v) if str(k).startswith("n_") else float(v)) for k, v in row.items()}
-    return out
+    return {label: DEFAULT_THRESHOLD if points[label]["threshold"] is None else float(points[label]["threshold"])
+            for label in LABELS}
 
 
 # --------------------------------------------------------------------------------------------- writing
@@ -150,7 +143,8 @@ def write_bundle(runs: Sequence[Path], out: Path, weights: dict[str, float] | No
     def packed(m: Member) -> dict[str, Any]:
         files = _member_files(m)
         entries.update(files)
-        return member_manifest(m, {name: sha256_bytes(data) for name, data in files.items()})
+        return member_manifest(m, {name: sha256_bytes(data) for name, data in files.items()},
+                               {name: len(data) for name, data in files.items()})
 
     members_json = [packed(m) for m in ens.members]
     bases_json = [packed(b) for b in distinct_bases(ens.members)]
@@ -158,9 +152,10 @@ def write_bundle(runs: Sequence[Path], out: Path, weights: dict[str, float] | No
     manifest: dict[str, Any] = {
         "format": BUNDLE_FORMAT, "format_version": 2 if has_seq else 1, "ichdet_version": __version__,
         "labels": list(LABELS), "members": members_json, "thresholds": _thresholds(points),
-        "operating_points": None if points is None else _points_json(points),
+        "operating_points": points,
         "thresholds_source": (f"default {DEFAULT_THRESHOLD} (bundled without --labels)" if points is None else
                               f"out-of-fold operating points at sensitivity {sensitivity}"),
+        "training": ens.manifest["training"],
     }
     if has_seq:
         manifest["bases"] = bases_json

@@ -34,6 +34,8 @@ from torch import nn
 from ichdet import __version__
 from ichdet.cache.provenance import read_run_record, training_summary
 from ichdet.errors import CheckpointError, IchdetError
+from ichdet.evaluate.ensembling import shares
+from ichdet.infer.manifest import MAX_WEIGHT
 from ichdet.models.backbones import build_model
 from ichdet.models.config import Config, SeqConfig, load_seq_config
 from ichdet.models.rundir import SEQ_FILE, check_2d_run, fold_weights, is_seq_run, run_config
@@ -254,11 +256,10 @@ class Ensemble:
 
 
 def normalised(weights: Sequence[float]) -> np.ndarray:
-    """``weights`` (finite, >= 0, not all 0) divided by their sum, computed without overflow: scaled by
-    their largest first (a sum of weights near the float maximum would be inf and every share 0)."""
-    w = np.asarray(weights, dtype=np.float64)
-    scaled = w / w.max()
-    return np.asarray(scaled / math.fsum(scaled))
+    """``weights`` (finite, >= 0, not all 0) divided by their sum, computed without overflow by the rule
+    ``ichdet ensemble`` uses (:func:`ichdet.evaluate.ensembling.shares`)."""
+    share = shares({str(i): float(w) for i, w in enumerate(weights)})
+    return np.array([share[str(i)] for i in range(len(weights))], dtype=np.float64)
 
 
 # --------------------------------------------------------------------------------------------- run folders
@@ -314,9 +315,9 @@ def resolve_weights(names: Sequence[str], weights: Mapping[str, float] | None) -
     if set(weights) != set(names):
         raise IchdetError(f"--weight names {sorted(weights)}, but the members are {sorted(names)}; "
                           "give one weight per member (or none for equal weights)")
-    bad = {k: v for k, v in weights.items() if not (math.isfinite(v) and v > 0)}
+    bad = {k: v for k, v in weights.items() if not (math.isfinite(v) and 0 < v <= MAX_WEIGHT)}
     if bad:
-        raise IchdetError(f"ensemble weights must be finite and > 0, got {bad}")
+        raise IchdetError(f"ensemble weights must be finite, > 0 and <= {MAX_WEIGHT:g} (they are relative), got {bad}")
     return {n: float(weights[n]) for n in names}
 
 

@@ -103,10 +103,11 @@ def _ready_headers(source_files: Sequence[Path]) -> list[Dataset]:
     if not source_files:
         raise IchdetError("DICOM results: no source slice given; they refer to the analysed series")
     headers = []
-    for path in map(Path, source_files):
-        headers.append(_read_header(path))
-        _check_header(headers[-1], path)
-    studies = {str(ds.StudyInstanceUID) for ds in headers}
+    with _quiet_reading():  # pydicom converts values when first read, here: its UI warning would precede the refusal
+        for path in map(Path, source_files):
+            headers.append(_read_header(path))
+            _check_header(headers[-1], path)
+        studies = {str(ds.StudyInstanceUID) for ds in headers}
     if len(studies) > 1:
         raise IchdetError(f"DICOM results: the source slices belong to {len(studies)} studies; write the "
                           "results of one study at a time")
