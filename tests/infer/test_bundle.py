@@ -136,7 +136,8 @@ def test_predict_bundle_then_ensemble_gives_the_bundles_probabilities(bundle: Pa
                                equal.loc[ids, list(LABELS)].to_numpy(), atol=1e-6)
 
 
-def test_predict_with_both_bundle_and_run_is_refused(bundle: Path, runs: tuple[Path, Path, Path], tmp_path: Path) -> None:
+def test_predict_with_both_bundle_and_run_is_refused(bundle: Path, runs: tuple[Path, Path, Path],
+                                                     tmp_path: Path) -> None:
     out = tmp_path / "p.parquet"
     res = CliRunner().invoke(app, ["predict", "--data", str(runs[0].parents[1] / "cache"), "--bundle", str(bundle),
                                    "--run", str(runs[0]), "--out", str(out)])

@@ -72,7 +72,8 @@ BAD = [
     ({k: v for k, v in _manifest().items() if k != "members"}, r"manifest members: missing"),
     (_manifest(runtime="tensorrt"), r"runtime = 'tensorrt': Input should be 'torch' or 'onnx'"),
     (_manifest(calibration=[1]), r"calibration = \[1\]: Input should be a valid dictionary"),
-    (_manifest(bases=[{**_manifest()["members"][0], "weight": -1}]), r"bases\[0\]\.weight = -1: Input should be greater"),
+    (_manifest(bases=[{**_manifest()["members"][0], "weight": -1}]),
+     r"bases\[0\]\.weight = -1: Input should be greater"),
     (_manifest(format_version="1"), r"bundle format version '1'; this ichdet .* reads versions \[1, 2\]"),
     (_manifest(format_version=True), r"bundle format version True; this ichdet .* reads versions \[1, 2\]"),
 ]
