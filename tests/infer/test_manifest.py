@@ -4,6 +4,7 @@ of a bundle's files (size caps before reading, hashing while streaming): issue 1
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -242,3 +243,28 @@ def test_bundle_files_are_hashed_in_bounded_blocks(seq_bundle: Path, monkeypatch
     assert len(weights) == 4 and all(reads.bytes[name] > 4096 for name in weights)  # read whole, in blocks
     assert max(reads.largest[name] for name in weights) == 4096
     assert ens.members[0].name == "seq"
+
+
+# --------------------------------------------------------------------------------------------- --bundle paths
+
+
+@pytest.mark.parametrize(("kind", "says"), [
+    ("folder", "is a folder, not a bundle file; pass the model.ichdet file that `ichdet bundle` wrote (a run "
+               "folder goes to --run)"),
+    ("fifo", "is not a regular file (a FIFO, socket or device); pass the model.ichdet file that `ichdet bundle` "
+             "wrote"),
+    ("missing", "bundle not found; write one with `ichdet bundle --run RUN --out {path}`"),
+    ("text", "not a bundle (not a zip archive)"),
+])
+def test_a_bundle_path_that_is_no_bundle_file_says_what_it_is(tmp_path: Path, kind: str, says: str) -> None:
+    path = tmp_path / "m.ichdet"
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)  # opening it would block: it must be refused unopened
+    elif kind == "text":
+        path.write_text("notes")
+    res = CliRunner().invoke(app, ["predict-study", str(tmp_path), "--bundle", str(path), "--out",
+                                   str(tmp_path / "r.json")])
+    assert res.exit_code == 2
+    assert res.output == f"error: {path}: {says.format(path=path)}\n"
