@@ -27,7 +27,7 @@ def rsna_style(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_check_dicom_ready_refuses_without_a_pydicom_warning(rsna_style: Path,
                                                              caplog: pytest.LogCaptureFixture) -> None:
-    with warnings.catch_warnings(record=True) as seen, caplog.at_level(logging.DEBUG, logger="pydicom"):
+    with warnings.catch_warnings(record=True) as seen, caplog.at_level(logging.WARNING, logger="pydicom"):
         warnings.simplefilter("always")
         with pytest.raises(IchdetError, match=r"is not a valid DICOM UID"):
             check_dicom_ready(sorted(rsna_style.iterdir()))
