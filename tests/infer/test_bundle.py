@@ -57,6 +57,7 @@ def _rewrite(src: Path, dest: Path, replace: dict[str, bytes] | None = None, add
             for name in member["sha256"]:
                 if name in replace:
                     member["sha256"][name] = sha256_bytes(replace[name])
+                    member.get("bytes", {})[name] = len(replace[name])
         entries["manifest.json"] = json.dumps(manifest).encode()
     with zipfile.ZipFile(dest, "w") as zout:
         for name, data in {**entries, **add}.items():
@@ -121,7 +122,7 @@ def test_predict_bundle_then_ensemble_gives_the_bundles_probabilities(bundle: Pa
     assert res.exit_code == 0, res.output
     ens = load_ensemble(bundle)
     probs = ensemble_probs(ens.members, PixelCache(cache), torch.device("cpu"))
-    expected = ens.combine([p.mean(axis=0) for p in probs])  # predict-study's rule, in cache order
+    expected = ens.combine([p.astype(np.float64).mean(axis=0) for p in probs])  # predict-study's, in cache order
     ids = PixelCache(cache).index["image_id"]
     wide = ensemble(read_predictions([table]))
     np.testing.assert_allclose(wide.loc[ids, list(LABELS)].to_numpy(), expected, rtol=0, atol=1e-12)
@@ -301,7 +302,8 @@ def test_seq_bundle_layout_names_base_runs_by_member_name(seq_bundle: Path, seq_
 def test_seq_bundle_round_trips_to_the_seq_runs_predictions(seq_bundle: Path, seq_runs: SeqRuns) -> None:
     from_run = predict_runs([seq_runs.seq], seq_runs.cache, device="cpu")
     from_bundle = predict_runs([], seq_runs.cache, device="cpu", bundle=seq_bundle)
-    pd.testing.assert_frame_equal(from_run, from_bundle)  # the same code path: exactly equal
+    assert from_bundle["weight"].tolist() == [1.0] * len(from_bundle)  # the bundle's weight of its one member
+    pd.testing.assert_frame_equal(from_run, from_bundle.drop(columns="weight"))  # the same code path: exactly equal
     assert sorted(set(from_run["fold"])) == [0, 1] and set(from_run["model"]) == {"seq"}
     folds = [from_run[from_run["fold"] == k][list(LABELS)].to_numpy() for k in (0, 1)]
     assert np.abs(folds[0] - folds[1]).max() > 1e-4  # each fold its own CNN and sequence model
@@ -319,8 +321,9 @@ def test_mixed_bundle_stores_each_run_once(seq_runs: SeqRuns, tmp_path: Path) ->
     assert manifest["bases"] == []  # the base is a member: stored once, under its member name
     ens = load_ensemble(out)
     assert ens.members[0].bases[0] is ens.members[1] and ens.members[2].bases[0] is ens.members[1]
-    pd.testing.assert_frame_equal(predict_runs(runs, seq_runs.cache, device="cpu"),
-                                  predict_runs([], seq_runs.cache, device="cpu", bundle=out))
+    from_bundle = predict_runs([], seq_runs.cache, device="cpu", bundle=out)
+    assert from_bundle.groupby("model")["weight"].first().to_dict() == weights
+    pd.testing.assert_frame_equal(predict_runs(runs, seq_runs.cache, device="cpu"), from_bundle.drop(columns="weight"))
     # operating points from the ensembled out-of-fold predictions, the sequence runs' oof.parquet included
     oof = sum(w * pd.read_parquet(r / "oof.parquet").set_index("image_id")[list(LABELS)]
               for r, w in zip(runs, weights.values(), strict=True)) / 6

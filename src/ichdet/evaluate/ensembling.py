@@ -155,7 +155,9 @@ def ensemble(preds: pd.DataFrame, weights: Mapping[str, float] | None = None) ->
     """
     check_probabilities(preds, "predictions")
     _check_folds(preds)
-    per_model = preds.groupby(["model", "image_id"], sort=True)[list(LABELS)].mean()
+    # in float64 (tables hold float32), as predict-study combines members: the two give the same numbers
+    values = preds[["model", "image_id"]].join(preds[list(LABELS)].astype(np.float64))
+    per_model = values.groupby(["model", "image_id"], sort=True)[list(LABELS)].mean()
     models = list(per_model.index.get_level_values("model").unique())
     w = _weights(models, weights if weights is not None else table_weights(preds))
     images = [set(per_model.loc[m].index) for m in models]
