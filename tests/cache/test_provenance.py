@@ -86,8 +86,10 @@ def test_is_synthetic(synth_dir: Path, rsna_sample: Path, tmp_path: Path) -> Non
     at = edited.find(b"ICHDET_SYNTH")
     edited[at:at + 12] = b"OTHER_WRITER"
     (tmp_path / "edited").write_bytes(bytes(edited))
+    edited[at:at + 12] = b"ICHDET_OTHER"
+    (tmp_path / "other").write_bytes(bytes(edited))
     cases = {synth_file: True, real_file: False, tmp_path / "short": False, tmp_path / "text": False,
-             tmp_path / "edited": False, tmp_path / "missing": False}
+             tmp_path / "edited": False, tmp_path / "other": False, tmp_path / "missing": False}
     assert {path: is_synthetic(path) for path in cases} == cases
 
 
