@@ -53,13 +53,13 @@ def test_a_bundle_records_what_its_runs_were_trained_on(seq_bundle: Path, seq_ru
 
 
 def test_runs_from_before_provenance_say_unknown(seq_runs: SeqRuns, tmp_path: Path) -> None:
-    old = tmp_path / "base"
+    old = tmp_path / "old"
     shutil.copytree(seq_runs.base, old, ignore=shutil.ignore_patterns("features", RUN_DATA_FILE))
     out = write_bundle([old], tmp_path / "old.ichdet")
     manifest = _manifest(out)
     assert manifest["members"][0]["training"] == UNKNOWN
     assert (manifest["training"]["synthetic"], manifest["training"]["runs_unknown"]) == (UNKNOWN, 1)
-    mixed = write_bundle([old, seq_runs.seq2], tmp_path / "mixed.ichdet")  # seq2's base is another "base"
+    mixed = write_bundle([old, seq_runs.seq2], tmp_path / "mixed.ichdet")
     assert _manifest(mixed)["training"]["synthetic"] is True  # one run on synthetic data is enough
 
 
