@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tracemalloc
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -238,9 +239,18 @@ def test_a_member_whose_size_differs_from_the_manifest_is_refused_unread(seq_bun
 
 
 def test_bundle_files_are_hashed_in_bounded_blocks(seq_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading checks every fold's weights without keeping them: memory stays well below the largest file."""
+    largest = max(size for entry in _read_manifest(seq_bundle)["members"] + _read_manifest(seq_bundle)["bases"]
+                   for name, size in entry["bytes"].items() if name.endswith(".safetensors"))
     monkeypatch.setattr(members_module, "READ_BLOCK", 4096)
     reads = _Reads(monkeypatch)
-    ens = load_ensemble(seq_bundle)
+    tracemalloc.start()
+    try:
+        ens = load_ensemble(seq_bundle)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < largest / 2, (peak, largest)
     weights = [name for name in reads.bytes if name.endswith(".safetensors")]
     assert len(weights) == 4 and all(reads.bytes[name] > 4096 for name in weights)  # read whole, in blocks
     assert max(reads.largest[name] for name in weights) == 4096
