@@ -280,3 +280,14 @@ def test_a_bundle_path_that_is_no_bundle_file_says_what_it_is(tmp_path: Path, ki
                                    str(tmp_path / "r.json")])
     assert res.exit_code == 2
     assert res.output == f"error: {path}: {says.format(path=path)}\n"
+
+
+def test_a_deflated_manifest_over_its_cap_is_refused_unread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bad = tmp_path / "big.ichdet"
+    with zipfile.ZipFile(bad, "w") as zf:
+        zf.writestr("manifest.json", b" " * (17 << 20), zipfile.ZIP_DEFLATED)  # 17 MiB of blanks: ~17 kB stored
+    reads = _Reads(monkeypatch)
+    with pytest.raises(CheckpointError, match=r"big.ichdet: member manifest.json declares 17825792 bytes uncompressed, "
+                                              r"over the 16777216 a bundle file may hold; refusing it unread"):
+        load_ensemble(bad)
+    assert reads.bytes == {}

@@ -68,14 +68,18 @@ def sha256_file(path: str | Path) -> str:
 #: weights or graph (seresnext50's are 100 MB; none of the configs approaches 1 GiB), a config or layout.
 MAX_WEIGHTS_BYTES = 1 << 30
 MAX_SMALL_BYTES = 1 << 20
+#: ... and the manifest (one of a hundred members with their provenance records is ~100 kB).
+MAX_MANIFEST_BYTES = 16 << 20
 #: Bytes read (and hashed) at a time: reading a file of a bundle never holds more than this beyond the
 #: file's own declared size, and checking a file without loading it holds only this.
 READ_BLOCK = 1 << 20
 
 
 def entry_cap(entry: str) -> int:
-    """The size cap of bundle file ``entry``: :data:`MAX_WEIGHTS_BYTES` for weights and graphs, else
-    :data:`MAX_SMALL_BYTES` (the manifest, configs, sequence layouts)."""
+    """The size cap of bundle file ``entry``: :data:`MAX_WEIGHTS_BYTES` for weights and graphs,
+    :data:`MAX_MANIFEST_BYTES` for the manifest, else :data:`MAX_SMALL_BYTES` (configs, sequence layouts)."""
+    if entry == "manifest.json":
+        return MAX_MANIFEST_BYTES
     return MAX_WEIGHTS_BYTES if entry.endswith((".safetensors", ".onnx")) else MAX_SMALL_BYTES
 
 
