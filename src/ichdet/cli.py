@@ -207,8 +207,9 @@ _FORCE = typer.Option("--force", help="replace an existing output file that ichd
 def predict(data: Annotated[Path, typer.Option(help="cache folder to predict")],
             out: Annotated[Path, typer.Option(help="predictions parquet to write")],
             run: Annotated[list[Path] | None, typer.Option(help="run folder (repeat for several models)")] = None,
-            bundle: Annotated[Path | None, typer.Option(help="model bundle from `ichdet bundle` (instead of --run)")]
-            = None,
+            bundle: Annotated[Path | None, typer.Option(
+                help="model bundle from `ichdet bundle` (instead of --run); the table carries its member "
+                     "weights for `ichdet ensemble`")] = None,
             tta: Annotated[bool, typer.Option("--tta/--no-tta", help="average with a horizontal flip")] = True,
             device: str = "auto",
             force: Annotated[bool, _FORCE] = False) -> None:
@@ -239,9 +240,15 @@ def _model_weight(item: str) -> tuple[str, float]:
 def ensemble(preds: Annotated[list[Path], typer.Argument(help="prediction parquets from `ichdet predict`")],
              out: Annotated[Path, typer.Option(help="submission CSV (or wide prediction CSV) to write")],
              sample_submission: Annotated[Path | None, typer.Option(help="Kaggle sample submission")] = None,
-             weight: Annotated[list[str] | None, typer.Option(help="model=weight (default: equal)")] = None,
+             weight: Annotated[list[str] | None, typer.Option(
+                 help="model=weight for every model; overrides the weights a bundle's predictions carry "
+                      "(default: those, else equal)")] = None,
              force: Annotated[bool, _FORCE] = False) -> None:
     """Mean over folds per model, then over models -> a Kaggle submission (validated if a sample is given).
+
+    Predictions of `ichdet predict --bundle` carry the bundle's member weights (column ``weight``), so
+    the ensemble gives the bundle's probabilities, as predict-study and report compute them; --weight
+    replaces them. Tables of a bundle mixed with tables of runs need --weight for every model.
 
     Image ids that are not Kaggle ids (``ID_<hex>``), e.g. hospital UIDs, give a wide prediction CSV
     instead: image_id and the six probabilities.
@@ -360,8 +367,9 @@ def seq_train(run: Annotated[list[Path], typer.Option(
               set_: Annotated[list[str] | None, typer.Option("--set", help="override: key=value")] = None) -> None:
     """Train a sequence model over out-of-fold features of trained 2D runs (predict it like any run)."""
     from ichdet.models.config import load_seq_config
-    from ichdet.train.seq import train_seq
+    from ichdet.train.seq import check_seq_out, train_seq
 
+    check_seq_out(out)  # a 2D run or a file as --out is named before its config.yaml is read as a sequence config
     if config is None and resume and (out / "config.yaml").exists():
         config = out / "config.yaml"
     results = train_seq(load_seq_config(config, set_ or []), run, data, out, fold=fold, resume=resume,
@@ -381,7 +389,13 @@ def bundle(run: Annotated[list[Path], typer.Option(help="run folder, 2D or seque
            sensitivity: Annotated[float, typer.Option(help="target sensitivity of the thresholds")] = 0.95,
            force: Annotated[bool, _FORCE] = False,
            ) -> None:
-    """Pack runs into one model file: weights (safetensors), configs, weights, thresholds, sha256 manifest."""
+    """Pack runs into one model file: weights (safetensors), configs, weights, thresholds, sha256 manifest.
+
+    With --labels, each label's threshold is the out-of-fold operating point at --sensitivity; a warning
+    line per label (stderr) says when it means little: out-of-fold AUC below 0.5, specificity below
+    0.05 at the threshold, or fewer than 10 positive images. The manifest records each label's AUC,
+    sensitivity, specificity, positives and warnings, and what the runs were trained on.
+    """
     from ichdet.infer.bundle import load_ensemble, write_bundle
 
     _output(out, force, (b"PK\x03\x04",))  # a bundle is a zip: another kind of file only with --force
@@ -393,6 +407,12 @@ def bundle(run: Annotated[list[Path], typer.Option(help="run folder, 2D or seque
                f"sha256 {ens.manifest['bundle_sha256']}")
     typer.echo("thresholds: " + ", ".join(f"{k} {v:.4g}" for k, v in ens.thresholds.items())
                + f" ({ens.manifest['thresholds_source']})")
+    for label, point in (ens.manifest["operating_points"] or {}).items():
+        if point.get("warnings"):
+            typer.secho(f"warning: {label}: " + "; ".join(point["warnings"]), fg=typer.colors.YELLOW, err=True)
+    if ens.manifest["training"]["synthetic"] is True:
+        typer.secho("warning: trained on ichdet's synthetic data: every result of this bundle says so",
+                    fg=typer.colors.YELLOW, err=True)
 
 
 def _check_study_folder(path: Path, dicom_out: Path | None, dicom_ready: bool = False) -> None:

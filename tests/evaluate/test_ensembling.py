@@ -164,3 +164,61 @@ def test_read_wide_csv_refuses(tmp_path: Path, text: str, match: str) -> None:
     (tmp_path / "p.csv").write_text(text)
     with pytest.raises(IchdetError, match=match):
         read_wide_csv(tmp_path / "p.csv")
+
+
+# --------------------------------------------------------------------------------------------- bundle weights
+
+
+def _weighted(rows: list[tuple[str, str, int, float]], weights: dict[str, float | None]) -> pd.DataFrame:
+    """The table ``ichdet predict --bundle`` writes: each row with its model's ensemble weight."""
+    table = preds(rows)
+    table["weight"] = table["model"].map(weights).astype(float)
+    return table
+
+
+# The ensembling rule's numbers, fixed exactly (binary fractions, so every step is exact in float64):
+# model a folds 0.25, 0.75 -> 0.5; model b folds 0.125, 0.375 -> 0.25; c one fold 1.0.
+EXACT = [("ID_1", "a", 0, 0.25), ("ID_1", "a", 1, 0.75), ("ID_1", "b", 0, 0.125), ("ID_1", "b", 1, 0.375),
+         ("ID_1", "c", 0, 1.0)]
+
+
+@pytest.mark.parametrize(("weights", "override", "expected"), [
+    ({"a": 1.0, "b": 1.0, "c": 2.0}, None, (0.5 + 0.25 + 2 * 1.0) / 4),  # 0.6875: the table's weights
+    ({"a": 6.0, "b": 1.0, "c": 1.0}, None, (6 * 0.5 + 0.25 + 1.0) / 8),  # 0.53125
+    ({"a": 1.7e308, "b": 1.7e308, "c": 1.7e308}, None, (0.5 + 0.25 + 1.0) / 3),  # their sum overflows
+    ({"a": 6.0, "b": 1.0, "c": 1.0}, {"a": 1.0, "b": 0.0, "c": 1.0}, 0.75),  # --weight overrides the table's
+    (None, None, (0.5 + 0.25 + 1.0) / 3),  # run tables carry no weights: equal
+])
+def test_ensemble_rule_numbers_for_a_weighted_bundle(weights: dict[str, float] | None,
+                                                     override: dict[str, float] | None, expected: float) -> None:
+    table = preds(EXACT) if weights is None else _weighted(EXACT, dict(weights))
+    out = ensemble(table, override)
+    assert out.loc["ID_1"].tolist() == pytest.approx([expected] * len(LABELS), rel=1e-15, abs=0)
+
+
+@pytest.mark.parametrize(("weights", "match"), [
+    ({"a": 2.0, "b": None}, r"models \['b'\] carry no ensemble weight, the others their bundle's; pass --weight"),
+    ({"a": 2.0, "b": -1.0}, r"ensemble weights must be finite numbers >= 0; got \{'b': -1.0\}"),
+    ({"a": float("inf"), "b": 1.0}, r"ensemble weights must be finite numbers >= 0; got \{'a': inf\}"),
+    ({"a": 0.0, "b": 0.0}, r"weights are all zero"),
+])
+def test_bad_or_mixed_table_weights_are_refused(weights: dict[str, float | None], match: str) -> None:
+    with pytest.raises(IchdetError, match=match):
+        ensemble(_weighted(ROWS, weights))
+
+
+def test_a_model_with_two_weights_is_refused() -> None:
+    table = _weighted(ROWS, {"a": 2.0, "b": 1.0})
+    table.loc[0, "weight"] = 3.0
+    with pytest.raises(IchdetError, match=r"models carry more than one ensemble weight: \{'a': \[2.0, 3.0\]\}"):
+        ensemble(table)
+
+
+def test_bundle_and_run_tables_mixed_need_weights(tmp_path: Path) -> None:
+    bundle_part = _weighted([r for r in ROWS if r[1] == "a"], {"a": 3.0})
+    bundle_part.to_parquet(tmp_path / "bundle.parquet")
+    preds([r for r in ROWS if r[1] == "b"]).to_parquet(tmp_path / "run.parquet")
+    both = read_predictions([tmp_path / "bundle.parquet", tmp_path / "run.parquet"])
+    with pytest.raises(IchdetError, match=r"models \['b'\] carry no ensemble weight"):
+        ensemble(both)
+    np.testing.assert_allclose(ensemble(both, {"a": 3.0, "b": 1.0}).loc["ID_1"].to_numpy(), 0.45)

@@ -19,10 +19,11 @@ from seq_support import SeqRuns, StemImages
 from study_support import copy_study, study_files, tiny_runs
 from typer.testing import CliRunner
 
-from ichdet.cache.labels import LABELS, read_labels
+from ichdet.cache.labels import LABELS, read_labels, read_submission
 from ichdet.cache.store import PixelCache
 from ichdet.cli import app
 from ichdet.errors import CheckpointError, IchdetError
+from ichdet.evaluate.ensembling import ensemble, read_predictions
 from ichdet.evaluate.metrics import operating_points
 from ichdet.infer.bundle import load_ensemble, sha256_bytes, write_bundle
 from ichdet.infer.predict import ensemble_probs, predict_runs
@@ -56,6 +57,7 @@ def _rewrite(src: Path, dest: Path, replace: dict[str, bytes] | None = None, add
             for name in member["sha256"]:
                 if name in replace:
                     member["sha256"][name] = sha256_bytes(replace[name])
+                    member.get("bytes", {})[name] = len(replace[name])
         entries["manifest.json"] = json.dumps(manifest).encode()
     with zipfile.ZipFile(dest, "w") as zout:
         for name, data in {**entries, **add}.items():
@@ -104,8 +106,45 @@ def test_bundle_round_trips_to_the_runs_predictions(bundle: Path, runs: tuple[Pa
     from_bundle = predict_study(tmp_path / "in", load_ensemble(bundle), device="cpu")
     assert from_runs.result["studies"][0]["series"] == from_bundle.result["studies"][0]["series"]
     cache = a.parents[1] / "cache"
-    pd.testing.assert_frame_equal(predict_runs([a, b], cache, device="cpu"),
-                                  predict_runs([], cache, device="cpu", bundle=bundle))
+    from_bundle_table = predict_runs([], cache, device="cpu", bundle=bundle)
+    assert from_bundle_table.groupby("model")["weight"].unique().map(list).to_dict() == {"a": [2.0], "b": [1.0]}
+    pd.testing.assert_frame_equal(predict_runs([a, b], cache, device="cpu"), from_bundle_table.drop(columns="weight"))
+
+
+def test_predict_bundle_then_ensemble_gives_the_bundles_probabilities(bundle: Path, runs: tuple[Path, Path, Path],
+                                                                     tmp_path: Path) -> None:
+    """`predict --bundle` + `ensemble` = the bundle's own ensemble (Ensemble.combine, as predict-study and
+    report compute it), with the bundle's unequal weights (a: 2, b: 1), not an equal mean."""
+    cache = runs[0].parents[1] / "cache"
+    table, sub = tmp_path / "p.parquet", tmp_path / "s.csv"
+    res = CliRunner().invoke(app, ["predict", "--data", str(cache), "--bundle", str(bundle), "--out", str(table),
+                                   "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    ens = load_ensemble(bundle)
+    probs = ensemble_probs(ens.members, PixelCache(cache), torch.device("cpu"))
+    expected = ens.combine([p.astype(np.float64).mean(axis=0) for p in probs])  # predict-study's, in cache order
+    ids = PixelCache(cache).index["image_id"]
+    wide = ensemble(read_predictions([table]))
+    np.testing.assert_allclose(wide.loc[ids, list(LABELS)].to_numpy(), expected, rtol=0, atol=1e-12)
+    equal = ensemble(read_predictions([table]).drop(columns="weight"))  # what ensemble did before
+    assert np.abs(equal.loc[ids, list(LABELS)].to_numpy() - expected).max() > 1e-4
+    res = CliRunner().invoke(app, ["ensemble", str(table), "--out", str(sub)])
+    assert res.exit_code == 0, res.output
+    np.testing.assert_allclose(read_submission(sub).loc[ids, list(LABELS)].to_numpy(), expected, atol=1e-6)
+    res = CliRunner().invoke(app, ["ensemble", str(table), "--out", str(sub), "--weight", "a=1", "--weight", "b=1"])
+    assert res.exit_code == 0, res.output  # --weight overrides the bundle's
+    np.testing.assert_allclose(read_submission(sub).loc[ids, list(LABELS)].to_numpy(),
+                               equal.loc[ids, list(LABELS)].to_numpy(), atol=1e-6)
+
+
+def test_predict_with_both_bundle_and_run_is_refused(bundle: Path, runs: tuple[Path, Path, Path],
+                                                     tmp_path: Path) -> None:
+    out = tmp_path / "p.parquet"
+    res = CliRunner().invoke(app, ["predict", "--data", str(runs[0].parents[1] / "cache"), "--bundle", str(bundle),
+                                   "--run", str(runs[0]), "--out", str(out)])
+    assert res.exit_code == 2
+    assert res.output == "error: give either --bundle or --run, not both: a bundle already holds its runs\n"
+    assert not out.exists()
 
 
 def test_tampered_member_is_refused_by_name(bundle: Path, tmp_path: Path) -> None:
@@ -164,7 +203,7 @@ def test_a_pickle_with_a_matching_hash_is_never_unpickled(bundle: Path, tmp_path
 
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"weights": {"a": 1.0}}, r"--weight names \['a'\], but the members are \['a', 'b'\]"),
-    ({"weights": {"a": 1.0, "b": 0.0}}, r"weights must be finite and > 0"),
+    ({"weights": {"a": 1.0, "b": 0.0}}, r"weights must be finite, > 0 and <= 1e\+06"),
     ({"sensitivity": 0.0}, r"sensitivity 0.0 must be in \(0, 1\]"),
 ])
 def test_bad_bundle_arguments(runs: tuple[Path, Path, Path], tmp_path: Path, kwargs: dict[str, object],
@@ -263,7 +302,8 @@ def test_seq_bundle_layout_names_base_runs_by_member_name(seq_bundle: Path, seq_
 def test_seq_bundle_round_trips_to_the_seq_runs_predictions(seq_bundle: Path, seq_runs: SeqRuns) -> None:
     from_run = predict_runs([seq_runs.seq], seq_runs.cache, device="cpu")
     from_bundle = predict_runs([], seq_runs.cache, device="cpu", bundle=seq_bundle)
-    pd.testing.assert_frame_equal(from_run, from_bundle)  # the same code path: exactly equal
+    assert from_bundle["weight"].tolist() == [1.0] * len(from_bundle)  # the bundle's weight of its one member
+    pd.testing.assert_frame_equal(from_run, from_bundle.drop(columns="weight"))  # the same code path: exactly equal
     assert sorted(set(from_run["fold"])) == [0, 1] and set(from_run["model"]) == {"seq"}
     folds = [from_run[from_run["fold"] == k][list(LABELS)].to_numpy() for k in (0, 1)]
     assert np.abs(folds[0] - folds[1]).max() > 1e-4  # each fold its own CNN and sequence model
@@ -281,8 +321,9 @@ def test_mixed_bundle_stores_each_run_once(seq_runs: SeqRuns, tmp_path: Path) ->
     assert manifest["bases"] == []  # the base is a member: stored once, under its member name
     ens = load_ensemble(out)
     assert ens.members[0].bases[0] is ens.members[1] and ens.members[2].bases[0] is ens.members[1]
-    pd.testing.assert_frame_equal(predict_runs(runs, seq_runs.cache, device="cpu"),
-                                  predict_runs([], seq_runs.cache, device="cpu", bundle=out))
+    from_bundle = predict_runs([], seq_runs.cache, device="cpu", bundle=out)
+    assert from_bundle.groupby("model")["weight"].first().to_dict() == weights
+    pd.testing.assert_frame_equal(predict_runs(runs, seq_runs.cache, device="cpu"), from_bundle.drop(columns="weight"))
     # operating points from the ensembled out-of-fold predictions, the sequence runs' oof.parquet included
     oof = sum(w * pd.read_parquet(r / "oof.parquet").set_index("image_id")[list(LABELS)]
               for r, w in zip(runs, weights.values(), strict=True)) / 6

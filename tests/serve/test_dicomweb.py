@@ -178,7 +178,7 @@ def test_wado_url_analysed_and_results_stored_by_stow(pacs, bundle: Path, tmp_pa
     assert f"fetched 10 instances by WADO-RS from {orthanc.dicomweb}" in output
     assert f"stored 5 DICOM objects (KO 1, OT 3, SR 1) by STOW-RS at {orthanc.dicomweb}" in output
     after = orthanc.modalities(study_id)
-    assert sorted(after) == sorted([*before, "SR", "KO", "OT", "OT", "OT"])  # the SR, key images and captures, in the study
+    assert sorted(after) == sorted([*before, "SR", "KO", "OT", "OT", "OT"])  # SR, key images, captures
     assert list(private_tmp.iterdir()) == []  # the fetched study and the temporary --dicom-out are gone
     assert USERS["ichdet"] not in output
     if command == "predict-study":

@@ -22,6 +22,7 @@ import numpy.lib.format as npy
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ichdet.cache.provenance import DataRecord
 from ichdet.errors import IchdetError
 
 #: Integer HU kept in the store: air (-1024) to dense bone (3071), the 12-bit CT range.
@@ -79,6 +80,8 @@ class CacheManifest(CacheSettings):
     generation: int = Field(ge=1)
     shards: list[int]  # images stored in shard k of the generation, for every k
     summary: CacheSummary
+    #: What the cache holds (ichdet.cache.provenance); None in caches written before it was recorded.
+    provenance: DataRecord | None = None
 
 
 def read_manifest(root: str | Path) -> CacheManifest | None:

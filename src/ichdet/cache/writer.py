@@ -56,10 +56,12 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm import tqdm
 
+from ichdet import __version__
 from ichdet.cache.folder import check_compatible, check_out, start_generation
 from ichdet.cache.folder import commit as _commit
 from ichdet.cache.index import FileKey, build_index, default_workers, scan_dicom_files
 from ichdet.cache.labels import read_labels
+from ichdet.cache.provenance import SYNTH_IMPLEMENTATION_VERSION, cache_record
 from ichdet.cache.store import (
     CACHE_VERSION,
     STORE_RANGE,
@@ -200,6 +202,7 @@ def _process_chunk(chunk: _Chunk) -> _Rows:
             else:
                 row["offset"] = n_stored
                 row.update(meta.as_row())
+                row["synthetic"] = is_synthetic(Path(chunk.root) / rel)
                 fh.write(image.data)
                 n_stored += 1
             rows.append(row)
@@ -210,6 +213,32 @@ def _process_chunk(chunk: _Chunk) -> _Rows:
         fh.write(final)
     _write_manifest(chunk, rows)
     return rows
+
+
+#: Where the Implementation Version Name element starts in an explicit-VR little-endian file meta group.
+_IMPLEMENTATION_VERSION_TAG = b"\x02\x00\x13\x00SH"
+#: The file meta group (0002) of a Part 10 file lies in its first bytes: preamble, "DICM", ~200 bytes.
+_META_HEAD_BYTES = 1024
+
+
+def is_synthetic(path: Path) -> bool:
+    """Whether ``path`` was written by ``ichdet synth``: its file meta header's Implementation Version
+    Name (0002,0013) is :data:`~ichdet.cache.provenance.SYNTH_IMPLEMENTATION_VERSION`.
+
+    Read from the file's first kilobyte (the meta group is always explicit VR little endian), which
+    costs a few microseconds where parsing it with pydicom costs ~230 per file.
+    """
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(_META_HEAD_BYTES)
+    except OSError:
+        return False
+    at = head.find(_IMPLEMENTATION_VERSION_TAG, 132)
+    if at < 0:
+        return False
+    length = int.from_bytes(head[at + 6:at + 8], "little")
+    value = head[at + 8:at + 8 + length].rstrip(b" \x00")
+    return value == SYNTH_IMPLEMENTATION_VERSION.encode()
 
 
 def _write_manifest(chunk: _Chunk, rows: _Rows) -> None:
@@ -289,8 +318,9 @@ def _run_chunks(todo: list[_Chunk], workers: int, progress: bool, total: int, do
 
 
 def _collect(chunks: list[_Chunk], rows: dict[int, _Rows],
-             problems: list[tuple[str, str]]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Merge the chunks' manifest rows: (good rows with shard/offset, error rows with path/reason).
+             problems: list[tuple[str, str]]) -> tuple[pd.DataFrame, pd.DataFrame, tuple[int, int]]:
+    """Merge the chunks' manifest rows: (good rows with shard/offset, error rows with path/reason, and
+    how many good rows came from ``ichdet synth`` and how many are of unknown origin).
 
     ``problems`` (entries the folder scan could not list as files) come first in the error rows.
     """
@@ -314,7 +344,8 @@ def _collect(chunks: list[_Chunk], rows: dict[int, _Rows],
                                   "offset": np.array([r["offset"] for r in good], np.int32)}
     columns.update({name: [r[name] for r in good] for name in _META_FIELDS})
     columns["shard"] = np.array(shard, np.int32)
-    return pd.DataFrame(columns), pd.DataFrame(bad + duplicates, columns=["path", "reason"])
+    origin = ([r.get("synthetic") for r in good].count(True), sum("synthetic" not in r for r in good))
+    return pd.DataFrame(columns), pd.DataFrame(bad + duplicates, columns=["path", "reason"]), origin
 
 
 def _reuse(chunk: _Chunk, old_dir: Path) -> _Rows | None:
@@ -377,7 +408,7 @@ def preprocess(images: str | Path, out: str | Path, labels_csv: str | Path | Non
         n_files = sum(len(c.files) for c in chunks)
         rows.update(_run_chunks(todo, opts.workers or default_workers(), opts.progress, n_files,
                                 n_files - sum(len(c.files) for c in todo)))
-        good, errors = _collect(chunks, rows, problems)
+        good, errors, (n_synthetic, n_unknown) = _collect(chunks, rows, problems)
         index, missing = build_index(good, labels, n_folds=opts.n_folds, seed=opts.seed)
         summary = PreprocessSummary(
             cache=str(out), n_files=n_files + len(problems), n_images=len(index), n_errors=len(errors),
@@ -385,7 +416,7 @@ def preprocess(images: str | Path, out: str | Path, labels_csv: str | Path | Non
             n_unlabelled=int((index["fold"] < 0).sum()), labelled_without_image=missing,
             seconds=time.perf_counter() - start)
         shards = [sum(isinstance(r["offset"], int) and r["offset"] >= 0 for r in rows[c.number]) for c in chunks]
-        manifest = CacheManifest(**settings.model_dump(), generation=current + 1,
-                                 shards=shards, summary=summary)
+        manifest = CacheManifest(**settings.model_dump(), generation=current + 1, shards=shards, summary=summary,
+                                 provenance=cache_record(index, opts.size, n_synthetic, n_unknown, __version__))
         _commit(out, index, errors, manifest, previous)
     return summary

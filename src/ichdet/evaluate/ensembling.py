@@ -8,6 +8,7 @@ Kaggle id, and as a plain wide CSV (``image_id`` + the six labels) otherwise.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from ichdet.errors import IchdetError
 from ichdet.io import atomic_path
 
 __all__ = ["OOF_FOLD", "check_probabilities", "ensemble", "is_kaggle_ids", "load_prediction_table",
-           "read_predictions", "read_wide_csv", "write_ensemble"]
+           "read_predictions", "read_wide_csv", "shares", "table_weights", "write_ensemble"]
 
 _KEYS = ("image_id", "model", "fold")
 OOF_FOLD = -1
@@ -103,6 +104,35 @@ def _check_folds(preds: pd.DataFrame) -> None:
                                   f"({len(ids ^ first)} differ, e.g. {only}); predict every fold on the same cache")
 
 
+def table_weights(preds: pd.DataFrame) -> dict[str, float] | None:
+    """The ensemble weight of each model carried by the predictions (column ``weight``, written by
+    ``ichdet predict --bundle``), or None when they carry none.
+
+    IchdetError when some models carry a weight and others none (tables of a bundle mixed with tables
+    of runs), or a model carries several: then the weights must be given (``--weight``)."""
+    if "weight" not in preds.columns:
+        return None
+    per_model = preds.groupby("model", sort=True)["weight"]
+    missing = sorted(str(m) for m, n in per_model.count().items() if n == 0)
+    if missing:
+        raise IchdetError(f"models {missing} carry no ensemble weight, the others their bundle's; pass "
+                          "--weight model=number for every model to ensemble tables of different sources")
+    several = {str(m): sorted(set(v.dropna())) for m, v in per_model if v.isna().any() or v.nunique() > 1}
+    if several:
+        raise IchdetError(f"models carry more than one ensemble weight: {several}; pass --weight model=number "
+                          "for every model")
+    return {str(m): float(v) for m, v in per_model.first().items()}
+
+
+def shares(weights: Mapping[str, float]) -> dict[str, float]:
+    """Each weight's share of their sum, without overflow: scaled by the largest first (weights near the
+    float maximum would sum to inf and every share be 0)."""
+    top = max(weights.values())
+    scaled = {m: v / top for m, v in weights.items()}
+    total = math.fsum(scaled.values())
+    return {m: v / total for m, v in scaled.items()}
+
+
 def _weights(models: Sequence[str], weights: Mapping[str, float] | None) -> dict[str, float]:
     """Validated model weights: one per model, finite and >= 0, not all zero."""
     w = dict.fromkeys(models, 1.0) if weights is None else dict(weights)
@@ -119,19 +149,22 @@ def _weights(models: Sequence[str], weights: Mapping[str, float] | None) -> dict
 def ensemble(preds: pd.DataFrame, weights: Mapping[str, float] | None = None) -> pd.DataFrame:
     """Wide table image_id x LABELS: mean over folds per model, then (weighted) mean over models.
 
-    Every model must cover the same images, and every fold of a model the same images as its other
-    folds, so no image is averaged over fewer members than another.
+    The weights are ``weights`` if given, else those the predictions carry (:func:`table_weights`: a
+    bundle's), else equal. Every model must cover the same images, and every fold of a model the same
+    images as its other folds, so no image is averaged over fewer members than another.
     """
     check_probabilities(preds, "predictions")
     _check_folds(preds)
-    per_model = preds.groupby(["model", "image_id"], sort=True)[list(LABELS)].mean()
+    # in float64 (tables hold float32), as predict-study combines members: the two give the same numbers
+    values = preds[["model", "image_id"]].join(preds[list(LABELS)].astype(np.float64))
+    per_model = values.groupby(["model", "image_id"], sort=True)[list(LABELS)].mean()
     models = list(per_model.index.get_level_values("model").unique())
-    w = _weights(models, weights)
+    w = _weights(models, weights if weights is not None else table_weights(preds))
     images = [set(per_model.loc[m].index) for m in models]
     if any(s != images[0] for s in images):
         raise IchdetError("models predicted different image sets; predict every model on the same cache")
-    total = sum(w.values())
-    out = sum(per_model.loc[m] * (w[m] / total) for m in models)
+    share = shares(w)
+    out = sum(per_model.loc[m] * share[m] for m in models)
     assert isinstance(out, pd.DataFrame)
     out.index.name = "image_id"
     return out

@@ -25,14 +25,12 @@ weighted mean over members.
 
 from __future__ import annotations
 
-import io
+import hashlib
 import json
-import math
-import re
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -41,14 +39,17 @@ from pydantic import ValidationError
 
 from ichdet import __version__
 from ichdet.cache.labels import LABELS, read_labels
+from ichdet.cache.provenance import UNKNOWN, training_summary
 from ichdet.errors import CheckpointError, IchdetError
 from ichdet.evaluate.ensembling import ensemble
-from ichdet.evaluate.metrics import operating_points
+from ichdet.evaluate.quality import point_quality
+from ichdet.infer.manifest import BUNDLE_FORMAT, MEMBER_FILE, BundleManifest, ManifestEntry, parse_manifest
 from ichdet.infer.members import (
     DEFAULT_THRESHOLD,
-    NAME,
+    READ_BLOCK,
     Ensemble,
     Member,
+    check_entry_size,
     distinct_bases,
     member_manifest,
     resolve_weights,
@@ -59,17 +60,13 @@ from ichdet.infer.members import (
     verified,
 )
 from ichdet.io import atomic_path
-from ichdet.models.config import SeqConfig, build_config, config_to_yaml
+from ichdet.models.config import Config, SeqConfig, build_config, config_to_yaml
 
 __all__ = ["BUNDLE_FORMAT", "BUNDLE_VERSION", "DEFAULT_THRESHOLD", "Ensemble", "Member", "load_ensemble",
            "run_names", "sha256_bytes", "sha256_file", "write_bundle"]
 
-BUNDLE_FORMAT = "ichdet-bundle"
 #: The newest format written: 2 (sequence members and ``bases``). 2D-only bundles are written as 1.
 BUNDLE_VERSION = 2
-_READS = (1, 2)
-_MEMBER_FILE = re.compile(
-    r"^members/([A-Za-z0-9][A-Za-z0-9._-]{0,99})/(config\.yaml|seq\.json|fold(\d{1,3})\.safetensors)$")
 
 
 # --------------------------------------------------------------------------------------------- operating points
@@ -89,32 +86,26 @@ def ensemble_oof(members: Sequence[Member]) -> pd.DataFrame:
     return ensemble(pd.concat(parts, ignore_index=True), {m.name: m.weight for m in members})
 
 
-def oof_operating_points(members: Sequence[Member], labels_csv: Path, sensitivity: float) -> pd.DataFrame:
-    """Per label, the threshold reaching ``sensitivity`` on the ensembled out-of-fold predictions."""
+def oof_operating_points(members: Sequence[Member], labels_csv: Path, sensitivity: float
+                         ) -> dict[str, dict[str, Any]]:
+    """Per label, the threshold reaching ``sensitivity`` on the ensembled out-of-fold predictions, with
+    its quality (AUC, sensitivity, specificity, positives, warnings: :func:`ichdet.evaluate.quality.point_quality`)."""
     oof = ensemble_oof(members)
     truth = read_labels(labels_csv)
     common = oof.index.intersection(truth.index)
     if len(common) == 0:
         raise IchdetError(f"{labels_csv} labels none of the runs' out-of-fold images; pass the label CSV "
                           "of the cache the runs were trained on")
-    return operating_points(truth.loc[common, list(LABELS)].to_numpy(np.float64),
-                            oof.loc[common, list(LABELS)].to_numpy(np.float64), sensitivity)
+    return point_quality(truth.loc[common, list(LABELS)].to_numpy(np.float64),
+                         oof.loc[common, list(LABELS)].to_numpy(np.float64), sensitivity)
 
 
-def _thresholds(points: pd.DataFrame | None) -> dict[str, float]:
+def _thresholds(points: Mapping[str, Mapping[str, Any]] | None) -> dict[str, float]:
+    """Each label's threshold: its operating point's, or the default (no --labels, or no positive case)."""
     if points is None:
         return dict.fromkeys(LABELS, DEFAULT_THRESHOLD)
-    return {str(label): float(t) if math.isfinite(t) else DEFAULT_THRESHOLD
-            for label, t in points["threshold"].items()}
-
-
-def _points_json(points: pd.DataFrame) -> dict[str, dict[str, float | int | None]]:
-    """The operating-point table as JSON (NaN, where a label had no positive case, as null)."""
-    out: dict[str, dict[str, float | int | None]] = {}
-    for label, row in points.iterrows():
-        out[str(label)] = {str(k): (None if isinstance(v, float) and not math.isfinite(v) else
-                                    int(v) if str(k).startswith("n_") else float(v)) for k, v in row.items()}
-    return out
+    return {label: DEFAULT_THRESHOLD if points[label]["threshold"] is None else float(points[label]["threshold"])
+            for label in LABELS}
 
 
 # --------------------------------------------------------------------------------------------- writing
@@ -150,7 +141,8 @@ def write_bundle(runs: Sequence[Path], out: Path, weights: dict[str, float] | No
     def packed(m: Member) -> dict[str, Any]:
         files = _member_files(m)
         entries.update(files)
-        return member_manifest(m, {name: sha256_bytes(data) for name, data in files.items()})
+        return member_manifest(m, {name: sha256_bytes(data) for name, data in files.items()},
+                               {name: len(data) for name, data in files.items()})
 
     members_json = [packed(m) for m in ens.members]
     bases_json = [packed(b) for b in distinct_bases(ens.members)]
@@ -158,9 +150,10 @@ def write_bundle(runs: Sequence[Path], out: Path, weights: dict[str, float] | No
     manifest: dict[str, Any] = {
         "format": BUNDLE_FORMAT, "format_version": 2 if has_seq else 1, "ichdet_version": __version__,
         "labels": list(LABELS), "members": members_json, "thresholds": _thresholds(points),
-        "operating_points": None if points is None else _points_json(points),
+        "operating_points": points,
         "thresholds_source": (f"default {DEFAULT_THRESHOLD} (bundled without --labels)" if points is None else
                               f"out-of-fold operating points at sensitivity {sensitivity}"),
+        "training": ens.manifest["training"],
     }
     if has_seq:
         manifest["bases"] = bases_json
@@ -174,9 +167,10 @@ def write_bundle(runs: Sequence[Path], out: Path, weights: dict[str, float] | No
 # --------------------------------------------------------------------------------------------- loading
 
 
-def _check_entry_names(zf: zipfile.ZipFile, bundle: Path) -> None:
-    """Refuse absolute paths, ``..``, any name outside the bundle layout (no path traversal) and a name
-    stored twice (a zip may hold two entries of one name, and tools disagree on which one counts)."""
+def _check_entries(zf: zipfile.ZipFile, bundle: Path) -> None:
+    """Refuse absolute paths, ``..``, any name outside the bundle layout (no path traversal), a name
+    stored twice (a zip may hold two entries of one name, and tools disagree on which one counts) and
+    any file over its size cap (:func:`ichdet.infer.members.check_entry_size`), all before reading one."""
     names = zf.namelist()
     if len(set(names)) != len(names):
         twice = sorted({n for n in names if names.count(n) > 1})
@@ -184,45 +178,50 @@ def _check_entry_names(zf: zipfile.ZipFile, bundle: Path) -> None:
     for name in names:
         parts = PurePosixPath(name).parts
         if name.startswith(("/", "\\")) or "\\" in name or ".." in parts or (
-                name != "manifest.json" and not _MEMBER_FILE.match(name)):
+                name != "manifest.json" and not MEMBER_FILE.match(name)):
             raise CheckpointError(f"{bundle}: refused member name {name!r} (outside the bundle layout "
                                   "manifest.json, members/<name>/...); the file is not a safe bundle")
+    for info in zf.infolist():
+        check_entry_size(info, bundle)
 
 
-def _read_manifest(zf: zipfile.ZipFile, bundle: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads(zf.read("manifest.json"))
-    except KeyError:
-        raise CheckpointError(f"{bundle}: no manifest.json; not a bundle written by `ichdet bundle`") from None
-    except (ValueError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{bundle}: manifest.json is not valid JSON ({err})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
-        raise CheckpointError(f"{bundle}: manifest.json is not an {BUNDLE_FORMAT} manifest")
-    if manifest.get("format_version") not in _READS:
-        raise CheckpointError(f"{bundle}: bundle format version {manifest.get('format_version')!r}; this ichdet "
-                              f"{__version__} reads versions {list(_READS)}. Upgrade ichdet or rebuild the bundle")
-    return manifest
+def _read_manifest(zf: zipfile.ZipFile, bundle: Path) -> BundleManifest:
+    if "manifest.json" not in zf.namelist():
+        raise CheckpointError(f"{bundle}: no manifest.json; not a bundle written by `ichdet bundle`")
+    with zf.open("manifest.json") as f:  # its size was checked against its cap (check_entry_size)
+        data = f.read()
+    return parse_manifest(data, bundle)
 
 
-def _entry_files(zf: zipfile.ZipFile, bundle: Path, entry: Mapping[str, Any], kind: str
-                 ) -> tuple[str, tuple[int, ...], dict[str, str], dict[str, bytes]]:
-    """Name, folds, hashes and the verified small files (config, layout) of one manifest entry of ``kind``.
+def _entry_files(zf: zipfile.ZipFile, bundle: Path, entry: ManifestEntry, kind: str) -> dict[str, bytes]:
+    """The verified small files (config, layout) of one manifest entry of ``kind``.
 
-    Every fold's weights are verified here too (and again when loaded), so a tampered file is refused
-    before any work, by name."""
-    name = str(entry.get("name", ""))
-    if not NAME.match(name) or entry.get("kind") != kind:
-        raise CheckpointError(f"{bundle}: member {name!r} of kind {entry.get('kind')!r} is not supported here "
+    Every other file it lists (each fold's weights, ONNX graphs) is verified here too, streamed
+    without being kept (and the weights again when loaded), so a tampered file is refused before any
+    work, by name."""
+    name = entry.name
+    if entry.kind != kind:
+        raise CheckpointError(f"{bundle}: member {name!r} of kind {entry.kind!r} is not supported here "
                               f"(expected kind {kind!r}; this ichdet loads 2d and seq members)")
-    hashes = {str(k): str(v) for k, v in dict(entry.get("sha256", {})).items()}
-    folds = tuple(int(f) for f in entry.get("folds", []))
     small = [f"members/{name}/config.yaml", *([f"members/{name}/seq.json"] if kind == "seq" else [])]
-    wanted = [*small, *(f"members/{name}/fold{k}.safetensors" for k in folds)]
-    if not folds or sorted(hashes) != sorted(wanted):
-        raise CheckpointError(f"{bundle}: member {name!r} lists files {sorted(hashes)}, expected {wanted}")
-    for path in wanted[len(small):]:
-        verified(zf, path, hashes[path], bundle)
-    return name, folds, hashes, {path: verified(zf, path, hashes[path], bundle) for path in small}
+    wanted = [*small, *(f"members/{name}/fold{k}.safetensors" for k in entry.folds)]
+    graphs = sorted(f for f in entry.sha256 if f.endswith(".onnx"))
+    if sorted(set(entry.sha256) - set(graphs)) != sorted(wanted) or any(_owner(g) != name for g in graphs):
+        raise CheckpointError(f"{bundle}: member {name!r} lists files {sorted(entry.sha256)}, expected {wanted}"
+                              + (" and ONNX graphs of its own" if graphs else ""))
+    sizes = entry.sizes or {}
+    unknown = sorted(set(sizes) - set(entry.sha256))
+    if unknown:
+        raise CheckpointError(f"{bundle}: member {name!r} gives sizes of files it does not list: {unknown}")
+    for path in [*wanted[len(small):], *graphs]:
+        verified(zf, path, entry.sha256[path], bundle, sizes.get(path), keep=False)
+    return {path: verified(zf, path, entry.sha256[path], bundle, sizes.get(path)) for path in small}
+
+
+def _owner(path: str) -> str | None:
+    """The member folder name of archive path ``path`` (None outside the layout)."""
+    found = MEMBER_FILE.match(path)
+    return None if found is None else found[1]
 
 
 def _yaml_tree(data: bytes, where: str) -> dict[str, Any]:
@@ -235,17 +234,25 @@ def _yaml_tree(data: bytes, where: str) -> dict[str, Any]:
     return tree
 
 
-def _bundle_member(zf: zipfile.ZipFile, bundle: Path, entry: Mapping[str, Any], weight: float) -> Member:
-    name, folds, hashes, small = _entry_files(zf, bundle, entry, "2d")
-    where = f"{bundle}:members/{name}/config.yaml"
-    cfg = build_config(_yaml_tree(small[f"members/{name}/config.yaml"], where), ["model.pretrained=false"],
+def _member(entry: ManifestEntry, weight: float, kind: str, cfg: Config | SeqConfig, bundle: Path,
+            bases: tuple[Member, ...] = ()) -> Member:
+    training = entry.training if entry.training is not None else UNKNOWN
+    return Member(entry.name, weight, kind, cfg, tuple(entry.folds), bundle, dict(entry.sha256), bases,
+                  dict(entry.sizes or {}), training)
+
+
+def _bundle_member(zf: zipfile.ZipFile, bundle: Path, entry: ManifestEntry, weight: float) -> Member:
+    small = _entry_files(zf, bundle, entry, "2d")
+    where = f"{bundle}:members/{entry.name}/config.yaml"
+    cfg = build_config(_yaml_tree(small[f"members/{entry.name}/config.yaml"], where), ["model.pretrained=false"],
                        source=where)
-    return Member(name, weight, "2d", cfg, folds, bundle, hashes)
+    return _member(entry, weight, "2d", cfg, bundle)
 
 
-def _bundle_seq_member(zf: zipfile.ZipFile, bundle: Path, entry: Mapping[str, Any], weight: float,
+def _bundle_seq_member(zf: zipfile.ZipFile, bundle: Path, entry: ManifestEntry, weight: float,
                        runs: Mapping[str, Member]) -> Member:
-    name, folds, hashes, small = _entry_files(zf, bundle, entry, "seq")
+    name = entry.name
+    small = _entry_files(zf, bundle, entry, "seq")
     where = f"{bundle}:members/{name}/config.yaml"
     try:  # the stored SeqConfig, validated as load_seq_config validates a file (unknown keys are errors)
         cfg = SeqConfig.model_validate(_yaml_tree(small[f"members/{name}/config.yaml"], where))
@@ -255,60 +262,79 @@ def _bundle_seq_member(zf: zipfile.ZipFile, bundle: Path, entry: Mapping[str, An
         base_names = [str(b) for b in json.loads(small[f"members/{name}/seq.json"])["bases"]]
     except (ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{bundle}: members/{name}/seq.json is not a sequence layout ({err})") from None
-    if base_names != list(entry.get("bases", [])) or not base_names:
+    if base_names != list(entry.bases) or not base_names:
         raise CheckpointError(f"{bundle}: member {name!r}: seq.json names base runs {base_names}, the manifest "
-                              f"{entry.get('bases')}; the bundle is inconsistent, write it again")
+                              f"{entry.bases}; the bundle is inconsistent, write it again")
     unknown = [b for b in base_names if b not in runs]
     if unknown:
         raise CheckpointError(f"{bundle}: member {name!r} needs base runs {unknown}, which the bundle does not hold")
+    folds = entry.folds
     short = {b: sorted(set(folds) - set(runs[b].folds)) for b in base_names if set(folds) - set(runs[b].folds)}
     if short:
         raise CheckpointError(f"{bundle}: member {name!r}: base runs lack the folds of its sequence model: {short}")
-    return Member(name, weight, "seq", cfg, folds, bundle, hashes, tuple(runs[b] for b in base_names))
+    return _member(entry, weight, "seq", cfg, bundle, tuple(runs[b] for b in base_names))
 
 
-def _bundle_members(zf: zipfile.ZipFile, bundle: Path, manifest: Mapping[str, Any],
+def _bundle_members(zf: zipfile.ZipFile, bundle: Path, manifest: BundleManifest,
                     weights: Mapping[str, float] | None) -> tuple[tuple[Member, ...], list[Member]]:
     """The ensemble's members (in manifest order) and the base runs that are not members."""
-    entries, base_entries = list(manifest.get("members", [])), list(manifest.get("bases", []))
-    names = [str(e.get("name")) for e in entries]
-    every = names + [str(e.get("name")) for e in base_entries]
+    names = [e.name for e in manifest.members]
+    every = names + [e.name for e in manifest.bases]
     if len(set(every)) != len(every):
         raise CheckpointError(f"{bundle}: member names {every} are not distinct; the bundle is inconsistent")
-    w = resolve_weights(names, weights) if weights is not None else {
-        str(e.get("name")): float(e.get("weight", 1.0)) for e in entries}
-    runs = {str(e.get("name")): _bundle_member(zf, bundle, e, w[str(e.get("name"))])
-            for e in entries if e.get("kind") != "seq"}
-    bases = {str(e.get("name")): _bundle_member(zf, bundle, e, 0.0) for e in base_entries}
+    w = resolve_weights(names, weights) if weights is not None else {e.name: e.weight for e in manifest.members}
+    runs = {e.name: _bundle_member(zf, bundle, e, w[e.name]) for e in manifest.members if e.kind != "seq"}
+    bases = {e.name: _bundle_member(zf, bundle, e, 0.0) for e in manifest.bases}
     runs.update(bases)
-    members = tuple(runs[n] if e.get("kind") != "seq" else _bundle_seq_member(zf, bundle, e, w[n], runs)
-                    for e, n in zip(entries, names, strict=True))
+    members = tuple(runs[e.name] if e.kind != "seq" else _bundle_seq_member(zf, bundle, e, w[e.name], runs)
+                    for e in manifest.members)
     return members, list(bases.values())
 
 
-def _bundle_ensemble(bundle: Path, weights: Mapping[str, float] | None) -> Ensemble:
-    if not bundle.is_file():
+def _open_bundle(bundle: Path) -> BinaryIO:
+    """The bundle file opened for reading; CheckpointError saying what ``bundle`` is when it is not a file."""
+    if bundle.is_dir():
+        raise CheckpointError(f"{bundle}: is a folder, not a bundle file; pass the model.ichdet file that "
+                              "`ichdet bundle` wrote (a run folder goes to --run)")
+    if bundle.exists() and not bundle.is_file():
+        raise CheckpointError(f"{bundle}: is not a regular file (a FIFO, socket or device); pass the model.ichdet "
+                              "file that `ichdet bundle` wrote")
+    if not bundle.exists():
         raise CheckpointError(f"{bundle}: bundle not found; write one with `ichdet bundle --run RUN --out {bundle}`")
-    data = bundle.read_bytes()
-    try:
-        zf = zipfile.ZipFile(io.BytesIO(data))
-    except zipfile.BadZipFile:
-        raise CheckpointError(f"{bundle}: not a bundle (not a zip archive)") from None
-    with zf:
-        _check_entry_names(zf, bundle)
-        manifest = _read_manifest(zf, bundle)
-        members, bases = _bundle_members(zf, bundle, manifest, weights)
-        listed = {f for m in (*members, *bases) for f in m.sha256} | {"manifest.json"}
-        extra = sorted(set(zf.namelist()) - listed)
-        if extra:
-            raise CheckpointError(f"{bundle}: files {extra} are not in the manifest; refusing a modified bundle")
-    if not members:
-        raise CheckpointError(f"{bundle}: the manifest lists no members")
-    thresholds = {label: float(manifest.get("thresholds", {}).get(label, DEFAULT_THRESHOLD)) for label in LABELS}
-    info = {"bundle_sha256": sha256_bytes(data), "ichdet_version": manifest.get("ichdet_version"), "runs": None,
+    return open(bundle, "rb")
+
+
+def _file_sha256(f: BinaryIO) -> str:
+    digest = hashlib.sha256()
+    f.seek(0)
+    for block in iter(lambda: f.read(READ_BLOCK), b""):
+        digest.update(block)
+    f.seek(0)
+    return digest.hexdigest()
+
+
+def _bundle_ensemble(bundle: Path, weights: Mapping[str, float] | None) -> Ensemble:
+    with _open_bundle(bundle) as f:
+        bundle_sha256 = _file_sha256(f)  # streamed: a bundle of many networks is never held in memory whole
+        try:
+            zf = zipfile.ZipFile(f)
+        except (zipfile.BadZipFile, OSError, EOFError):
+            raise CheckpointError(f"{bundle}: not a bundle (not a zip archive)") from None
+        with zf:
+            _check_entries(zf, bundle)
+            manifest = _read_manifest(zf, bundle)
+            members, bases = _bundle_members(zf, bundle, manifest, weights)
+            listed = {f for m in (*members, *bases) for f in m.sha256} | {"manifest.json"}
+            extra = sorted(set(zf.namelist()) - listed)
+            if extra:
+                raise CheckpointError(f"{bundle}: files {extra} are not in the manifest; refusing a modified bundle")
+    thresholds = {label: manifest.thresholds.get(label, DEFAULT_THRESHOLD) for label in LABELS}
+    info = {"bundle_sha256": bundle_sha256, "ichdet_version": manifest.ichdet_version, "runs": None,
             "members": [member_manifest(m) for m in members], "bases": [member_manifest(b) for b in bases],
-            "operating_points": manifest.get("operating_points"),
-            "thresholds_source": manifest.get("thresholds_source")}
+            "operating_points": manifest.operating_points, "thresholds_source": manifest.thresholds_source,
+            "runtime": manifest.runtime,
+            "training": manifest.training if manifest.training is not None else training_summary(
+                [m.training for m in (*members, *bases)])}
     return Ensemble(members, thresholds, info)
 
 

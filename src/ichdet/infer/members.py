@@ -14,12 +14,14 @@ always means one set of weights (in the ensemble, in the result's manifest and i
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import re
 import zipfile
+import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,10 @@ from safetensors.torch import load as load_safetensors
 from torch import nn
 
 from ichdet import __version__
+from ichdet.cache.provenance import read_run_record, training_summary
 from ichdet.errors import CheckpointError, IchdetError
+from ichdet.evaluate.ensembling import shares
+from ichdet.infer.manifest import MAX_WEIGHT
 from ichdet.models.backbones import build_model
 from ichdet.models.config import Config, SeqConfig, load_seq_config
 from ichdet.models.rundir import SEQ_FILE, check_2d_run, fold_weights, is_seq_run, run_config
@@ -58,19 +63,64 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def verified(zf: zipfile.ZipFile, entry: str, expected: str, bundle: Path) -> bytes:
-    """The bytes of bundle ``entry``; CheckpointError naming it when missing or when its sha256 differs."""
+#: The largest uncompressed size of one bundle file, by kind, checked against the zip directory before a
+#: byte is read (zipfile itself never inflates past the size the directory declares): a network's
+#: weights or graph (seresnext50's are 100 MB; none of the configs approaches 1 GiB), a config or layout.
+MAX_WEIGHTS_BYTES = 1 << 30
+MAX_SMALL_BYTES = 1 << 20
+#: ... and the manifest (one of a hundred members with their provenance records is ~100 kB).
+MAX_MANIFEST_BYTES = 16 << 20
+#: Bytes read (and hashed) at a time: reading a file of a bundle never holds more than this beyond the
+#: file's own declared size, and checking a file without loading it holds only this.
+READ_BLOCK = 1 << 20
+
+
+def entry_cap(entry: str) -> int:
+    """The size cap of bundle file ``entry``: :data:`MAX_WEIGHTS_BYTES` for weights and graphs,
+    :data:`MAX_MANIFEST_BYTES` for the manifest, else :data:`MAX_SMALL_BYTES` (configs, sequence layouts)."""
+    if entry == "manifest.json":
+        return MAX_MANIFEST_BYTES
+    return MAX_WEIGHTS_BYTES if entry.endswith((".safetensors", ".onnx")) else MAX_SMALL_BYTES
+
+
+def check_entry_size(info: zipfile.ZipInfo, bundle: Path, declared: int | None = None) -> None:
+    """Refuse, before reading it, a bundle file larger than its cap or than the manifest declares."""
+    cap = entry_cap(info.filename)
+    if info.file_size > cap:
+        raise CheckpointError(f"{bundle}: member {info.filename} declares {info.file_size} bytes uncompressed, over "
+                              f"the {cap} a bundle file may hold; refusing it unread (not a bundle ichdet wrote)")
+    if declared is not None and info.file_size != declared:
+        raise CheckpointError(f"{bundle}: member {info.filename} holds {info.file_size} bytes uncompressed, the "
+                              f"manifest says {declared}; refusing a modified bundle")
+
+
+def verified(zf: zipfile.ZipFile, entry: str, expected: str, bundle: Path, declared: int | None = None,
+             keep: bool = True) -> bytes:
+    """The bytes of bundle ``entry`` (``b""`` with ``keep=False``: only checked); CheckpointError naming it
+    when missing, over its size cap or its ``declared`` size, or when its sha256 differs from ``expected``.
+
+    The size is checked before reading and the file is hashed while streamed in :data:`READ_BLOCK`
+    pieces, so a deflated "zip bomb" is refused unread and memory stays within the declared size.
+    """
     try:
-        data = zf.read(entry)
+        info = zf.getinfo(entry)
     except KeyError:
         raise CheckpointError(f"{bundle}: member {entry} is listed in the manifest but missing; "
                               "the bundle is incomplete, write it again with `ichdet bundle`") from None
-    except (zipfile.BadZipFile, OSError) as err:
+    check_entry_size(info, bundle, declared)
+    digest, kept = hashlib.sha256(), io.BytesIO() if keep else None
+    try:
+        with zf.open(info) as f:
+            for block in iter(lambda: f.read(READ_BLOCK), b""):
+                digest.update(block)
+                if kept is not None:
+                    kept.write(block)
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as err:
         raise CheckpointError(f"{bundle}: member {entry} cannot be read ({err})") from None
-    if sha256_bytes(data) != expected:
+    if digest.hexdigest() != expected:
         raise CheckpointError(f"{bundle}: member {entry} was modified (its sha256 differs from the "
                               "manifest); refusing to load it. Use an untampered copy of the bundle")
-    return data
+    return b"" if kept is None else kept.getvalue()
 
 
 # --------------------------------------------------------------------------------------------- members
@@ -95,6 +145,8 @@ class Member:
     source: Path = field(repr=False)
     sha256: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
     bases: tuple[Member, ...] = field(default=(), repr=False)
+    sizes: Mapping[str, int] = field(default_factory=dict, repr=False, compare=False)
+    training: Mapping[str, Any] | str = field(default="unknown", repr=False, compare=False)
 
     @property
     def run_config(self) -> Config:
@@ -121,7 +173,7 @@ class Member:
             return (self.source / f"fold{fold}" / "best.safetensors").read_bytes()
         entry = f"members/{self.name}/fold{fold}.safetensors"
         with zipfile.ZipFile(self.source) as zf:
-            return verified(zf, entry, self.sha256[entry], self.source)
+            return verified(zf, entry, self.sha256[entry], self.source, self.sizes.get(entry))
 
     def load_fold(self, fold: int, device: torch.device) -> nn.Module:
         """A 2D member's network of one fold, weights loaded, on ``device``, in eval mode."""
@@ -162,8 +214,10 @@ def distinct_bases(members: Sequence[Member]) -> list[Member]:
     return list(out.values())
 
 
-def member_manifest(m: Member, files: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """A member's manifest entry: name, kind, weight, folds, what it is, and a sha256 per file.
+def member_manifest(m: Member, files: Mapping[str, str] | None = None,
+                    sizes: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """A member's manifest entry: name, kind, weight, folds, what it is, a sha256 per file, the files'
+    sizes (``bytes``, where known) and what the run was trained on (``training``, or "unknown").
 
     2D: ``backbone`` and ``image_size``; sequence: ``sequence_model`` and ``bases`` (member names).
     """
@@ -173,6 +227,10 @@ def member_manifest(m: Member, files: Mapping[str, str] | None = None) -> dict[s
     else:
         entry.update(backbone=m.run_config.model.backbone, image_size=m.run_config.data.image_size)
     entry["sha256"] = dict(files if files is not None else m.sha256)
+    known = sizes if sizes is not None else m.sizes
+    if known:
+        entry["bytes"] = dict(known)
+    entry["training"] = m.training if isinstance(m.training, str) else dict(m.training)
     return entry
 
 
@@ -192,14 +250,20 @@ class Ensemble:
 
     @property
     def weights(self) -> np.ndarray:
-        """The members' weights, normalised to sum to 1."""
-        w = np.array([m.weight for m in self.members], dtype=np.float64)
-        return w / w.sum()
+        """The members' weights, normalised to sum to 1 (see :func:`normalised`)."""
+        return normalised([m.weight for m in self.members])
 
     def combine(self, member_probs: Sequence[np.ndarray]) -> np.ndarray:
         """The ensemble's (N, 6) probabilities from each member's fold-mean (N, 6) probabilities."""
         stacked = np.stack([np.asarray(p, dtype=np.float64) for p in member_probs])
         return np.clip(np.tensordot(self.weights, stacked, axes=1), 0.0, 1.0)
+
+
+def normalised(weights: Sequence[float]) -> np.ndarray:
+    """``weights`` (finite, >= 0, not all 0) divided by their sum, computed without overflow by the rule
+    ``ichdet ensemble`` uses (:func:`ichdet.evaluate.ensembling.shares`)."""
+    share = shares({str(i): float(w) for i, w in enumerate(weights)})
+    return np.array([share[str(i)] for i in range(len(weights))], dtype=np.float64)
 
 
 # --------------------------------------------------------------------------------------------- run folders
@@ -214,7 +278,7 @@ def _run_files(run: Path, names: Sequence[str], folds: Sequence[tuple[int, Path]
 def _two_d_member(run: Path, weight: float) -> Member:
     folds = fold_weights(run)
     return Member(run.name, weight, "2d", run_config(run), tuple(k for k, _ in folds), run,
-                  _run_files(run, ["config.yaml"], folds))
+                  _run_files(run, ["config.yaml"], folds), training=read_run_record(run))
 
 
 def _seq_member(run: Path, weight: float, known: dict[Path, Member]) -> Member:
@@ -229,7 +293,7 @@ def _seq_member(run: Path, weight: float, known: dict[Path, Member]) -> Member:
         raise CheckpointError(f"{run}: its base runs lack the folds its sequence model needs: {missing}; "
                               "fold k's sequence model reads fold k's CNNs")
     return Member(run.name, weight, "seq", load_seq_config(run / "config.yaml"), tuple(k for k, _ in folds), run,
-                  _run_files(run, ["config.yaml", SEQ_FILE], folds), tuple(bases))
+                  _run_files(run, ["config.yaml", SEQ_FILE], folds), tuple(bases), training=read_run_record(run))
 
 
 def run_member(run: str | Path, weight: float, known: dict[Path, Member] | None = None) -> Member:
@@ -255,9 +319,9 @@ def resolve_weights(names: Sequence[str], weights: Mapping[str, float] | None) -
     if set(weights) != set(names):
         raise IchdetError(f"--weight names {sorted(weights)}, but the members are {sorted(names)}; "
                           "give one weight per member (or none for equal weights)")
-    bad = {k: v for k, v in weights.items() if not (math.isfinite(v) and v > 0)}
+    bad = {k: v for k, v in weights.items() if not (math.isfinite(v) and 0 < v <= MAX_WEIGHT)}
     if bad:
-        raise IchdetError(f"ensemble weights must be finite and > 0, got {bad}")
+        raise IchdetError(f"ensemble weights must be finite, > 0 and <= {MAX_WEIGHT:g} (they are relative), got {bad}")
     return {n: float(weights[n]) for n in names}
 
 
@@ -293,20 +357,21 @@ def runs_ensemble(runs: Sequence[Path], weights: Mapping[str, float] | None) -> 
         members.append(member)
     _check_one_run_per_name(known)
     members = [_with_bases(m, known) for m in members]
+    bases = distinct_bases(members)
     manifest = {"bundle_sha256": None, "ichdet_version": __version__, "runs": [str(m.source) for m in members],
                 "members": [member_manifest(m) for m in members],
-                "bases": [member_manifest(b) for b in distinct_bases(members)], "operating_points": None,
-                "thresholds_source": f"default {DEFAULT_THRESHOLD} (run folders carry no operating points)"}
+                "bases": [member_manifest(b) for b in bases], "operating_points": None,
+                "thresholds_source": f"default {DEFAULT_THRESHOLD} (run folders carry no operating points)",
+                "runtime": "torch", "training": training_summary([m.training for m in (*members, *bases)])}
     return Ensemble(tuple(members), dict.fromkeys(LABELS, DEFAULT_THRESHOLD), manifest)
 
 
 def _reweighted(m: Member, weight: float) -> Member:
-    return Member(m.name, weight, m.kind, m.config, m.folds, m.source, m.sha256, m.bases)
+    return replace(m, weight=weight)
 
 
 def _with_bases(m: Member, known: Mapping[Path, Member]) -> Member:
     """``m`` with each base the one object of that run (a base given as a member too is that member)."""
     if not m.bases:
         return m
-    return Member(m.name, m.weight, m.kind, m.config, m.folds, m.source, m.sha256,
-                  tuple(known[b.source] for b in m.bases))
+    return replace(m, bases=tuple(known[b.source] for b in m.bases))

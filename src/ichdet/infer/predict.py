@@ -1,7 +1,9 @@
 """Batched inference of trained runs on a cache, with test-time augmentation.
 
 The output is one long table: ``image_id, model, fold`` and the six probabilities, one row per image
-per fold of each run, which :mod:`ichdet.evaluate.ensembling` averages (folds first, then models).
+per fold of each run, which :mod:`ichdet.evaluate.ensembling` averages (folds first, then models). A
+bundle's table also carries each member's ensemble weight (column ``weight``), which ``ichdet
+ensemble`` uses, so its probabilities are the bundle's own, as ``predict-study`` computes them.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def _is_prediction_table(path: Path) -> bool:
         names = set(pq.read_schema(path).names)
     except (pa.ArrowException, OSError):
         return False
-    return names == {"image_id", "model", "fold", *LABELS}
+    return names - {"weight"} == {"image_id", "model", "fold", *LABELS}
 
 
 def check_predictions(preds: pd.DataFrame) -> pd.DataFrame:
@@ -135,11 +137,17 @@ def predict_run(run: str | Path, cache: PixelCache, tta: bool = True, batch_size
 
 def predict_runs(runs: Sequence[str | Path], data: str | Path, tta: bool = True, device: str = "auto",
                  progress: bool = False, bundle: str | Path | None = None) -> pd.DataFrame:
-    """Every member of a bundle, or every run folder (2D or sequence), over one cache; one long table."""
+    """Every member of a bundle, or every run folder (2D or sequence), over one cache; one long table.
+
+    A bundle's table has a ``weight`` column: each member's ensemble weight, as the bundle holds it.
+    Giving both a bundle and runs is refused (IchdetError) before any work.
+    """
+    if bundle is not None and runs:
+        raise IchdetError("give either --bundle or --run, not both: a bundle already holds its runs")
+    run_names(runs)  # refuses two runs of one name before any work
     cache = PixelCache(data)
+    members = load_ensemble(None if bundle is None else Path(bundle), [Path(r) for r in runs]).members
+    table = check_predictions(member_tables(members, cache, tta, device=device, progress=progress))
     if bundle is not None:
-        members = load_ensemble(Path(bundle)).members
-    else:
-        run_names(runs)  # refuses two runs of one name before any work
-        members = load_ensemble(runs=[Path(r) for r in runs]).members
-    return check_predictions(member_tables(members, cache, tta, device=device, progress=progress))
+        table["weight"] = table["model"].map({m.name: m.weight for m in members}).astype(np.float64)
+    return table

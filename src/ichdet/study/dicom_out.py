@@ -209,10 +209,11 @@ def _ready_references(source_files: Sequence[Path], include_phi: bool = False) -
     if not source_files:
         raise IchdetError("DICOM results: no source slice given; they refer to the analysed series")
     refs = []
-    for path in map(Path, source_files):
-        header = _read_header(path)
-        _check_header(header, path)
-        refs.append(_reference(header, include_phi))
+    with _quiet_reading():  # pydicom converts values when first read, here: its UI warning would precede the refusal
+        for path in map(Path, source_files):
+            header = _read_header(path)
+            _check_header(header, path)
+            refs.append(_reference(header, include_phi))
     studies = {str(ds.StudyInstanceUID) for ds in refs}
     if len(studies) > 1:
         raise IchdetError(f"DICOM results: the source slices belong to {len(studies)} studies; write the "

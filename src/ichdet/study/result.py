@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 
 from ichdet import __version__
+from ichdet.cache.provenance import SYNTHETIC_WARNING, UNKNOWN, training_summary
+from ichdet.evaluate.quality import quality_warnings
 from ichdet.infer.bundle import Ensemble
 from ichdet.io import atomic_path
 from ichdet.names import LABELS
@@ -137,6 +139,40 @@ def _study_json(study: StudyEntry, slices: Sequence[StudySlice], probs: np.ndarr
     return out
 
 
+#: Said of a label whose threshold was not measured (run folders, or a bundle written without --labels).
+NO_OPERATING_POINT = "no out-of-fold operating point: the threshold is the default, not measured"
+
+
+def _operating_point(point: Mapping[str, Any] | None, threshold: float) -> dict[str, Any]:
+    """One label's operating point as the result states it (see docs/study-result.md, ``model``).
+
+    Bundles written before the quality fields existed have ``n_pos`` and no AUC: their warnings are
+    derived from what they hold."""
+    if point is None:
+        return {"threshold": threshold, "auc": None, "sensitivity": None, "specificity": None, "positives": None,
+                "warnings": [NO_OPERATING_POINT]}
+    positives = point.get("positives", point.get("n_pos"))
+    auc, specificity = point.get("auc"), point.get("specificity")
+    warnings = point.get("warnings")
+    if warnings is None:
+        warnings = quality_warnings(auc, specificity, int(positives)) if positives is not None else []
+    return {"threshold": threshold, "auc": auc, "sensitivity": point.get("sensitivity"), "specificity": specificity,
+            "positives": positives, "warnings": list(warnings)}
+
+
+def _model_json(ensemble: Ensemble) -> dict[str, Any]:
+    """The result's ``model``: the ensemble's manifest, its thresholds, each label's operating point with
+    its quality, and what the members were trained on (``training``)."""
+    model = dict(ensemble.manifest)
+    model["thresholds"] = dict(ensemble.thresholds)
+    points = model.get("operating_points") or {}
+    model["operating_points"] = {label: _operating_point(points.get(label), ensemble.thresholds[label])
+                                 for label in LABELS}
+    if not isinstance(model.get("training"), dict):
+        model["training"] = training_summary([UNKNOWN for _ in ensemble.members])
+    return model
+
+
 def build_result(scan: StudyScan, slices: Sequence[StudySlice], probs: np.ndarray, ensemble: Ensemble,
                  timings: dict[str, float], settings: dict[str, Any], include_phi: bool = False) -> dict[str, Any]:
     """The result dict of one :func:`ichdet.study.predict.predict_study` call (see docs/study-result.md).
@@ -144,12 +180,12 @@ def build_result(scan: StudyScan, slices: Sequence[StudySlice], probs: np.ndarra
     ``probs`` (N, 6) are the ensemble's probabilities of ``slices`` (same order). Timings are in seconds;
     ``write`` is filled in by :func:`write_result`.
     """
-    model = dict(ensemble.manifest)
-    model["thresholds"] = dict(ensemble.thresholds)
+    model = _model_json(ensemble)
     return {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "ichdet_version": __version__,
         "created_utc": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "labels": list(LABELS), "settings": dict(settings), "model": model,
+        "warnings": [SYNTHETIC_WARNING] if model["training"]["synthetic"] is True else [],
         "source": {"n_files": scan.n_files, "n_studies": len(scan.studies), "n_skipped_files": len(scan.skipped_files)},
         "studies": [_study_json(st, slices, probs, ensemble, scan.root, include_phi) for st in scan.studies],
         "skipped_files": [{"path": _path_out(f.path, scan.root, include_phi), "reason": f.reason}

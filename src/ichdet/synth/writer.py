@@ -23,6 +23,7 @@ from pydicom.uid import (
 )
 
 from ichdet.cache.labels import LABELS, write_labels, write_submission
+from ichdet.cache.provenance import SYNTH_IMPLEMENTATION_VERSION
 from ichdet.errors import IchdetError
 from ichdet.io import atomic_path, folder_lock, remove_stale_temps, write_text_atomic
 from ichdet.synth.phantom import phantom_slice
@@ -76,7 +77,7 @@ def build_dataset(plan: StudyPlan, k: int, hu: np.ndarray) -> Dataset:
     meta.MediaStorageSOPInstanceUID = UID(plan.media_uids[k])
     meta.TransferSyntaxUID = UID(ExplicitVRLittleEndian if st.transfer_syntax == RLELossless else st.transfer_syntax)
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = "ICHDET_SYNTH"
+    meta.ImplementationVersionName = SYNTH_IMPLEMENTATION_VERSION  # how preprocess knows synthetic data
     ds = FileDataset("", Dataset(), file_meta=meta, preamble=b"\0" * 128)
     _identity(ds, plan, k)
     _geometry(ds, plan, k)

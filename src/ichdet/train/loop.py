@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from ichdet.cache.provenance import write_run_record
 from ichdet.cache.store import PixelCache
 from ichdet.errors import IchdetError, RunFailed
 from ichdet.evaluate.metrics import LABEL_WEIGHTS, expected_calibration_error, per_label_auc, weighted_log_loss
@@ -452,6 +453,7 @@ def train(cfg: Config, data: str | Path, out: str | Path, fold: str = "all", res
                 folds = plan_run(cfg, cache, run, fold, resume)  # again: another writer may have finished meanwhile
                 if rt.is_main:
                     write_text_atomic(run / "config.yaml", config_to_yaml(cfg))
+                    write_run_record(run, cache.manifest.provenance)  # what the run is trained on
             for k in folds:
                 results.append(train_fold(cfg, cache, run / f"fold{k}", k, rt, resume, progress))
             with all_ranks_or_none(rt):

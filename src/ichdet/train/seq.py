@@ -33,10 +33,12 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
+import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
+from ichdet.cache.provenance import write_run_record
 from ichdet.cache.store import PixelCache
 from ichdet.errors import ConfigError, IchdetError
 from ichdet.io import atomic_path, folder_lock, write_parquet_atomic, write_text_atomic
@@ -51,7 +53,15 @@ from ichdet.models.engine import (
     make_loader,
     precision,
 )
-from ichdet.models.rundir import SEQ_FILE, check_2d_run, fold_weights, folds_to_train, load_run_model, run_config
+from ichdet.models.rundir import (
+    SEQ_FILE,
+    check_2d_run,
+    fold_weights,
+    folds_to_train,
+    is_seq_run,
+    load_run_model,
+    run_config,
+)
 from ichdet.models.sequence import SeriesDataset, series_loader, series_probs, series_rows
 from ichdet.names import LABELS
 from ichdet.train.loop import Batch, Trainer, WeightedBCE, optimisation, train_fold
@@ -207,9 +217,33 @@ def build_seq_trainer(cfg: SeqConfig, cache: PixelCache, features: np.ndarray, l
                    autocast, train_loader, val_loader, cache, to_batch=series_batch, infer=_infer)
 
 
+def check_seq_out(run: str | Path) -> None:
+    """Refuse an ``--out`` that holds something other than a sequence run (a 2D run, a file), naming it.
+
+    A folder with ``config.yaml`` but no ``seq.json`` is a sequence run only if its config has a
+    ``features`` section (a run stopped between writing the two); a 2D run's has ``data`` instead.
+    """
+    run = Path(run)
+    if run.exists() and not run.is_dir():
+        raise IchdetError(f"--out {run} is a file, not a run folder; choose a new --out for the sequence run")
+    config = run / "config.yaml"
+    if not config.is_file() or is_seq_run(run):
+        return
+    try:
+        tree = yaml.safe_load(config.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        tree = None
+    if not (isinstance(tree, dict) and "features" in tree):
+        kind = "a 2D run (`ichdet train`)" if isinstance(tree, dict) and "data" in tree else "another run"
+        raise IchdetError(f"--out {run} holds {kind}, not a sequence run; choose a new --out for the sequence "
+                          "run (a 2D run goes to --run as its base)")
+
+
 def _check_claim(run: Path, cfg: SeqConfig, bases: Sequence[BaseRun], resume: bool) -> dict[str, Any]:
-    """Refuse before anything is written: an existing run without ``--resume``, other base runs, or on
-    resume another model or feature config. Returns what seq.json records (read-only: every rank runs it)."""
+    """Refuse before anything is written: an --out that is not a sequence run, an existing run without
+    ``--resume``, other base runs, or on resume another model or feature config. Returns what seq.json
+    records (read-only: every rank runs it)."""
+    check_seq_out(run)
     started = sorted(run.glob("fold*/checkpoints/last.pt"))
     if started and not resume:
         raise IchdetError(f"{run} already holds a sequence run ({started[0].parent.parent.name}); pass --resume "
@@ -262,6 +296,7 @@ def train_seq(cfg: SeqConfig, runs: Sequence[str | Path], data: str | Path, out:
                     held.enter_context(folder_lock(run, "ichdet seq train"))
                     write_text_atomic(run / "config.yaml", config_to_yaml(cfg))
                     write_text_atomic(run / SEQ_FILE, json.dumps(meta, indent=1) + "\n")
+                    write_run_record(run, cache.manifest.provenance)  # what the run is trained on
             features, logit_columns = _features_once(bases, cache, all_folds, cfg, rt, progress)
             results = [train_fold(cfg, cache, run / f"fold{k}", k, rt, resume, progress,
                                   trainer=build_seq_trainer(cfg, cache, features, logit_columns, k, rt))
