@@ -186,7 +186,7 @@ def test_wado_url_analysed_and_results_stored_by_stow(pacs, bundle: Path, tmp_pa
         assert study["study_instance_uid"] == uid and study["summary"]["analysed"]
     else:  # --dicom-out kept as given, and the same objects stored
         written = sorted(str(pydicom.dcmread(p).SOPInstanceUID) for p in (tmp_path / "dicom").iterdir())
-        assert len(written) == 4 and out.read_text().startswith("<!DOCTYPE html>")
+        assert len(written) == 5 and out.read_text().startswith("<!DOCTYPE html>")
         for sop in written:
             assert orthanc.rest("POST", "/tools/find", {"Level": "Instance", "Query": {"SOPInstanceUID": sop}})
 

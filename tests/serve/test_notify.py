@@ -165,7 +165,7 @@ def test_notifications_written_with_the_generation_and_kept_until_acknowledged(r
     (uid, files), = _study(rsna_sample, tmp_path / "dicom").items()
     for path in files:
         ds = pydicom.dcmread(path)
-        stored = node.spool.store(uid, str(ds.SOPInstanceUID), lambda p, src=path: p.write_bytes(src.read_bytes()))
+        stored = node.spool.store(uid, str(ds.SOPInstanceUID), path.read_bytes())
         os.utime(stored, (time.time() - 60, time.time() - 60))  # arrived a minute ago: quiet, due now
     assert node.scan() == [uid]
     node.analyse(node.queue.get())

@@ -153,7 +153,7 @@ def test_recover_removes_half_done_work(tmp_path: Path) -> None:
 @pytest.mark.parametrize("uid", ["ID_134d398b61", "../etc", "1.2.", ""])
 def test_study_uid_must_be_a_uid(tmp_path: Path, uid: str) -> None:
     with pytest.raises(IchdetError, match="is not a valid DICOM UID"):
-        Spool(tmp_path).store(uid, "1.2", lambda p: p.write_text("x"))
+        Spool(tmp_path).store(uid, "1.2", b"x")
 
 
 def test_clean_keeps_unsent_and_recent(tmp_path: Path) -> None:
