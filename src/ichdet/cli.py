@@ -333,6 +333,9 @@ def bundle(run: Annotated[list[Path], typer.Option(help="run folder, 2D or seque
            labels: Annotated[Path | None, typer.Option(help="label CSV of the runs' training cache: thresholds "
                                                               "from the out-of-fold predictions")] = None,
            sensitivity: Annotated[float, typer.Option(help="target sensitivity of the thresholds")] = 0.95,
+           runtime: Annotated[str, typer.Option(help="where the networks run: torch, or onnx (each network also "
+                                                      "exported to ONNX, checked against torch to 1e-4, run "
+                                                      "with onnxruntime)")] = "torch",
            force: Annotated[bool, _FORCE] = False,
            ) -> None:
     """Pack runs into one model file: weights (safetensors), configs, weights, thresholds, sha256 manifest."""
@@ -340,11 +343,11 @@ def bundle(run: Annotated[list[Path], typer.Option(help="run folder, 2D or seque
 
     _output(out, force, (b"PK\x03\x04",))  # a bundle is a zip: another kind of file only with --force
     weights = dict(_model_weight(w) for w in weight) if weight else None
-    path = write_bundle(list(run), out, weights, sensitivity, labels)
+    path = write_bundle(list(run), out, weights, sensitivity, labels, runtime=runtime)
     ens = load_ensemble(path)
     typer.echo(f"{path}: {len(ens.members)} members, {len(ens.manifest['bases'])} other base runs, "
                f"{sum(len(m.folds) for m in ens.members)} folds, "
-               f"sha256 {ens.manifest['bundle_sha256']}")
+               f"sha256 {ens.manifest['bundle_sha256']}, runtime {ens.manifest['runtime']}")
     typer.echo("thresholds: " + ", ".join(f"{k} {v:.4g}" for k, v in ens.thresholds.items())
                + f" ({ens.manifest['thresholds_source']})")
 

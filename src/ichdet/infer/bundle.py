@@ -66,10 +66,12 @@ __all__ = ["BUNDLE_FORMAT", "BUNDLE_VERSION", "DEFAULT_THRESHOLD", "Ensemble", "
 
 BUNDLE_FORMAT = "ichdet-bundle"
 #: The newest format written: 2 (sequence members and ``bases``). 2D-only bundles are written as 1.
-BUNDLE_VERSION = 2
-_READS = (1, 2)
+BUNDLE_VERSION = 3
+_READS = (1, 2, 3)
+#: Where a bundle's networks run: torch (safetensors), or onnxruntime (ONNX graphs, safetensors kept for Grad-CAM).
+RUNTIMES = ("torch", "onnx")
 _MEMBER_FILE = re.compile(
-    r"^members/([A-Za-z0-9][A-Za-z0-9._-]{0,99})/(config\.yaml|seq\.json|fold(\d{1,3})\.safetensors)$")
+    r"^members/([A-Za-z0-9][A-Za-z0-9._-]{0,99})/(config\.yaml|seq\.json|fold(\d{1,3})\.(safetensors|onnx))$")
 
 
 # --------------------------------------------------------------------------------------------- operating points
@@ -131,14 +133,19 @@ def _member_files(m: Member) -> dict[str, bytes]:
 
 
 def write_bundle(runs: Sequence[Path], out: Path, weights: dict[str, float] | None = None,
-                 sensitivity: float = 0.95, labels: Path | None = None) -> Path:
+                 sensitivity: float = 0.95, labels: Path | None = None, runtime: str = "torch") -> Path:
     """Pack ``runs`` (2D or sequence runs) into one bundle file at ``out`` (atomically); return ``out``.
 
     A sequence run brings its base runs (config and every fold), stored once each. With ``labels``
     (the Kaggle label CSV of the cache the runs were trained on), each label's decision threshold is
     the operating point reaching ``sensitivity`` on the ensembled out-of-fold predictions; without it,
-    every threshold is :data:`DEFAULT_THRESHOLD` and the manifest says so.
+    every threshold is :data:`DEFAULT_THRESHOLD` and the manifest says so. With ``runtime="onnx"``
+    every network is also stored as an ONNX graph (``fold<k>.onnx``, checked against torch before
+    anything is written: :mod:`ichdet.infer.onnx_export`), and prediction runs the graphs through
+    onnxruntime; such a bundle is format version 3 (an older ichdet would run its torch weights instead).
     """
+    if runtime not in RUNTIMES:
+        raise IchdetError(f"--runtime {runtime!r}: choose one of {list(RUNTIMES)}")
     if not runs:
         raise IchdetError("no runs to bundle; pass --run RUN at least once")
     if not 0.0 < sensitivity <= 1.0:
@@ -146,9 +153,16 @@ def write_bundle(runs: Sequence[Path], out: Path, weights: dict[str, float] | No
     ens = runs_ensemble([Path(r) for r in runs], weights)
     points = None if labels is None else oof_operating_points(ens.members, Path(labels), sensitivity)
     entries: dict[str, bytes] = {}
+    worst = [0.0]
 
     def packed(m: Member) -> dict[str, Any]:
         files = _member_files(m)
+        if runtime == "onnx":
+            from ichdet.infer.onnx_export import member_graphs  # torch.onnx and onnx: only when exporting
+
+            graphs, diff = member_graphs(m)
+            files.update(graphs)
+            worst[0] = max(worst[0], diff)
         entries.update(files)
         return member_manifest(m, {name: sha256_bytes(data) for name, data in files.items()})
 
@@ -156,7 +170,8 @@ def write_bundle(runs: Sequence[Path], out: Path, weights: dict[str, float] | No
     bases_json = [packed(b) for b in distinct_bases(ens.members)]
     has_seq = any(m.kind == "seq" for m in ens.members)
     manifest: dict[str, Any] = {
-        "format": BUNDLE_FORMAT, "format_version": 2 if has_seq else 1, "ichdet_version": __version__,
+        "format": BUNDLE_FORMAT, "format_version": 3 if runtime == "onnx" else 2 if has_seq else 1,
+        "ichdet_version": __version__,
         "labels": list(LABELS), "members": members_json, "thresholds": _thresholds(points),
         "operating_points": None if points is None else _points_json(points),
         "thresholds_source": (f"default {DEFAULT_THRESHOLD} (bundled without --labels)" if points is None else
@@ -164,6 +179,11 @@ def write_bundle(runs: Sequence[Path], out: Path, weights: dict[str, float] | No
     }
     if has_seq:
         manifest["bases"] = bases_json
+    if runtime == "onnx":
+        from ichdet.infer.onnx_export import OPSET, TOLERANCE
+
+        manifest["runtime"] = "onnx"
+        manifest["onnx_check"] = {"opset": OPSET, "max_abs_diff": worst[0], "tolerance": TOLERANCE}
     with atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
         zf.writestr("manifest.json", json.dumps(manifest, indent=2, allow_nan=False))
         for name, data in entries.items():
@@ -217,7 +237,8 @@ def _entry_files(zf: zipfile.ZipFile, bundle: Path, entry: Mapping[str, Any], ki
     hashes = {str(k): str(v) for k, v in dict(entry.get("sha256", {})).items()}
     folds = tuple(int(f) for f in entry.get("folds", []))
     small = [f"members/{name}/config.yaml", *([f"members/{name}/seq.json"] if kind == "seq" else [])]
-    wanted = [*small, *(f"members/{name}/fold{k}.safetensors" for k in folds)]
+    graphs = [f"members/{name}/fold{k}.onnx" for k in folds] if any(h.endswith(".onnx") for h in hashes) else []
+    wanted = [*small, *(f"members/{name}/fold{k}.safetensors" for k in folds), *graphs]
     if not folds or sorted(hashes) != sorted(wanted):
         raise CheckpointError(f"{bundle}: member {name!r} lists files {sorted(hashes)}, expected {wanted}")
     for path in wanted[len(small):]:
@@ -286,6 +307,18 @@ def _bundle_members(zf: zipfile.ZipFile, bundle: Path, manifest: Mapping[str, An
     return members, list(bases.values())
 
 
+def _check_runtime(manifest: Mapping[str, Any], runs: Sequence[Member], bundle: Path) -> None:
+    """Refuse a runtime this ichdet does not know, and an ONNX bundle with a network lacking its graphs."""
+    runtime = manifest.get("runtime", "torch")
+    if runtime not in RUNTIMES:
+        raise CheckpointError(f"{bundle}: runtime {runtime!r}; this ichdet runs {list(RUNTIMES)}")
+    lacking = [m.name for m in runs if (runtime == "onnx") != m.onnx]
+    if lacking:
+        raise CheckpointError(f"{bundle}: runtime {runtime} but members {lacking} "
+                              f"{'lack' if runtime == 'onnx' else 'have'} ONNX graphs; the bundle is inconsistent, "
+                              "write it again")
+
+
 def _bundle_ensemble(bundle: Path, weights: Mapping[str, float] | None) -> Ensemble:
     if not bundle.is_file():
         raise CheckpointError(f"{bundle}: bundle not found; write one with `ichdet bundle --run RUN --out {bundle}`")
@@ -298,6 +331,7 @@ def _bundle_ensemble(bundle: Path, weights: Mapping[str, float] | None) -> Ensem
         _check_entry_names(zf, bundle)
         manifest = _read_manifest(zf, bundle)
         members, bases = _bundle_members(zf, bundle, manifest, weights)
+        _check_runtime(manifest, (*members, *bases), bundle)
         listed = {f for m in (*members, *bases) for f in m.sha256} | {"manifest.json"}
         extra = sorted(set(zf.namelist()) - listed)
         if extra:
@@ -308,7 +342,7 @@ def _bundle_ensemble(bundle: Path, weights: Mapping[str, float] | None) -> Ensem
     info = {"bundle_sha256": sha256_bytes(data), "ichdet_version": manifest.get("ichdet_version"), "runs": None,
             "members": [member_manifest(m) for m in members], "bases": [member_manifest(b) for b in bases],
             "operating_points": manifest.get("operating_points"),
-            "thresholds_source": manifest.get("thresholds_source")}
+            "thresholds_source": manifest.get("thresholds_source"), "runtime": manifest.get("runtime", "torch")}
     return Ensemble(members, thresholds, info)
 
 

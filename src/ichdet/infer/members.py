@@ -133,6 +133,26 @@ class Member:
             model = model.to(memory_format=torch.channels_last)
         return model
 
+    @property
+    def onnx(self) -> bool:
+        """Whether this member's networks run as ONNX graphs (a bundle written with ``--runtime onnx``)."""
+        return bool(self.folds) and all(f"members/{self.name}/fold{k}.onnx" in self.sha256 for k in self.folds)
+
+    def onnx_bytes(self, fold: int) -> bytes:
+        """The ONNX graph of one fold, verified against the manifest (ONNX bundles only)."""
+        entry = f"members/{self.name}/fold{fold}.onnx"
+        with zipfile.ZipFile(self.source) as zf:
+            return verified(zf, entry, self.sha256[entry], self.source)
+
+    def load_net(self, fold: int, device: torch.device) -> nn.Module:
+        """What embeds images for one fold: the ONNX graph's session where the bundle has one (see
+        :mod:`ichdet.infer.onnx_runtime`), else the torch network (:meth:`load_fold`)."""
+        if not self.onnx:
+            return self.load_fold(fold, device)
+        from ichdet.infer.onnx_runtime import OnnxEmbedder  # onnxruntime only where an ONNX bundle runs
+
+        return OnnxEmbedder(self.onnx_bytes(fold), f"{self.source} member {self.name} fold {fold}", device)
+
     def load_models(self, device: torch.device) -> list[nn.Module]:
         """A 2D member's networks, one per fold (see :meth:`load_fold`)."""
         return [self.load_fold(fold, device) for fold in self.folds]
@@ -296,7 +316,8 @@ def runs_ensemble(runs: Sequence[Path], weights: Mapping[str, float] | None) -> 
     manifest = {"bundle_sha256": None, "ichdet_version": __version__, "runs": [str(m.source) for m in members],
                 "members": [member_manifest(m) for m in members],
                 "bases": [member_manifest(b) for b in distinct_bases(members)], "operating_points": None,
-                "thresholds_source": f"default {DEFAULT_THRESHOLD} (run folders carry no operating points)"}
+                "thresholds_source": f"default {DEFAULT_THRESHOLD} (run folders carry no operating points)",
+                "runtime": "torch"}
     return Ensemble(tuple(members), dict.fromkeys(LABELS, DEFAULT_THRESHOLD), manifest)
 
 
