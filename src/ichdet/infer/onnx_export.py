@@ -60,8 +60,8 @@ def _legacy(module: nn.Module, args: tuple[torch.Tensor, ...], inputs: list[str]
     buf = io.BytesIO()
     with warnings.catch_warnings():  # the TorchScript exporter's deprecation and tracer warnings
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, args, buf, dynamo=False,  # type: ignore[arg-type]  # a file object is accepted input_names=inputs, output_names=outputs,
-                          dynamic_axes=dynamic, opset_version=OPSET)
+        torch.onnx.export(module, args, buf, dynamo=False,  # type: ignore[arg-type]  # a file object works
+                          input_names=inputs, output_names=outputs, dynamic_axes=dynamic, opset_version=OPSET)
     return buf.getvalue()
 
 
