@@ -126,7 +126,8 @@ def one_network(bundles: dict[str, Path], cache_dir: Path, repeats: int, tmp: Pa
     graph = member.onnx_bytes(member.folds[0])
     (tmp / "f32.onnx").write_bytes(graph)
     quantize_dynamic(str(tmp / "f32.onnx"), str(tmp / "int8.onnx"), weight_type=QuantType.QInt8)
-    sessions = {f"ort {level}": session(graph, "bench", level=level) for level in ("disable", "basic", "extended", "all")}
+    levels = ("disable", "basic", "extended", "all")
+    sessions = {f"ort {level}": session(graph, "bench", level=level) for level in levels}
     sessions["ort int8 (all)"] = session((tmp / "int8.onnx").read_bytes(), "bench int8", level="all")
     out: dict[str, np.ndarray] = {}
 
@@ -199,7 +200,8 @@ def main() -> None:
                       else f"{net['accuracy'][n]['weighted_log_loss']:.5f}"] for n, v in net["timings"].items()]))
         print(f"graph sizes: float32 {net['sizes']['f32_mb']:.1f} MiB, int8 {net['sizes']['int8_mb']:.1f} MiB")
         info["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
-        result = {"machine": info, "end_to_end": e2e, "one_network": net, "args": {k: str(v) for k, v in vars(args).items()},
+        result = {"machine": info, "end_to_end": e2e, "one_network": net,
+                  "args": {k: str(v) for k, v in vars(args).items()},
                   "bundle_seconds": {"torch": t1 - t0, "onnx": t2 - t1}}
         if args.json:
             save_json(args.json, result)
