@@ -352,6 +352,28 @@ def bundle(run: Annotated[list[Path], typer.Option(help="run folder, 2D or seque
                + f" ({ens.manifest['thresholds_source']})")
 
 
+@command
+def calibrate(bundle: Annotated[Path, typer.Option(help="model bundle to calibrate (left as it is)")],
+              data: Annotated[Path, typer.Option(help="labelled cache of the site's own studies "
+                                                      "(`ichdet preprocess --labels`)")],
+              out: Annotated[Path, typer.Option(help="the site's bundle to write (not --bundle)")],
+              sensitivity: Annotated[float, typer.Option(help="sensitivity each label's threshold reaches on the "
+                                                              "site's images")] = 0.9,
+              temperature: Annotated[bool, typer.Option("--temperature", help="also fit a per-label temperature "
+                                                        "(minimum log loss on the site's images)")] = False,
+              device: str = "auto",
+              tta: Annotated[bool, typer.Option("--tta/--no-tta", help="average with a horizontal flip")] = True,
+              force: Annotated[bool, _FORCE] = False) -> None:
+    """Re-set a bundle's operating points (and temperatures) on a site's labelled studies; weights unchanged."""
+    from ichdet.infer.calibrate import calibrate_bundle
+
+    _output(out, force, (b"PK\x03\x04",))
+    results = calibrate_bundle(bundle, data, out, sensitivity, temperature, device=device, tta=tta)
+    for r in results:
+        typer.echo(r.line())
+    typer.echo(f"{out}: calibrated copy of {bundle} (every weight file unchanged)")
+
+
 def _check_study_folder(path: Path, dicom_out: Path | None) -> None:
     """Refuse, before any work, a PATH that is not a folder or (with --dicom-out) slices DICOM results
     cannot refer to, and a --dicom-out that is a file."""

@@ -342,8 +342,25 @@ def _bundle_ensemble(bundle: Path, weights: Mapping[str, float] | None) -> Ensem
     info = {"bundle_sha256": sha256_bytes(data), "ichdet_version": manifest.get("ichdet_version"), "runs": None,
             "members": [member_manifest(m) for m in members], "bases": [member_manifest(b) for b in bases],
             "operating_points": manifest.get("operating_points"),
-            "thresholds_source": manifest.get("thresholds_source"), "runtime": manifest.get("runtime", "torch")}
-    return Ensemble(members, thresholds, info)
+            "thresholds_source": manifest.get("thresholds_source"), "runtime": manifest.get("runtime", "torch"),
+            "calibration": manifest.get("calibration")}
+    return Ensemble(members, thresholds, info, _temperature(manifest, bundle))
+
+
+def _temperature(manifest: Mapping[str, Any], bundle: Path) -> dict[str, float] | None:
+    """The per-label temperatures of a site-calibrated bundle (``calibration.temperature``), or None."""
+    found = (manifest.get("calibration") or {}).get("temperature")
+    if found is None:
+        return None
+    try:
+        temperature = {label: float(found[label]) for label in LABELS}
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{bundle}: calibration.temperature must give a number for each of {list(LABELS)}; "
+                              "calibrate the bundle again") from None
+    bad = {k: v for k, v in temperature.items() if not (math.isfinite(v) and v > 0)}
+    if bad:
+        raise CheckpointError(f"{bundle}: calibration temperatures must be finite and > 0, got {bad}")
+    return temperature
 
 
 def load_ensemble(bundle: Path | None = None, runs: Sequence[Path] = (),

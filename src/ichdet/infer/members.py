@@ -31,6 +31,7 @@ from torch import nn
 
 from ichdet import __version__
 from ichdet.errors import CheckpointError, IchdetError
+from ichdet.evaluate.calibration import apply_temperature
 from ichdet.models.backbones import build_model
 from ichdet.models.config import Config, SeqConfig, load_seq_config
 from ichdet.models.rundir import SEQ_FILE, check_2d_run, fold_weights, is_seq_run, run_config
@@ -209,6 +210,8 @@ class Ensemble:
     members: tuple[Member, ...]
     thresholds: dict[str, float]
     manifest: dict[str, Any]
+    #: Per-label temperatures fitted by ``ichdet calibrate --temperature`` (None: none, all 1).
+    temperature: dict[str, float] | None = None
 
     @property
     def weights(self) -> np.ndarray:
@@ -217,9 +220,16 @@ class Ensemble:
         return w / w.sum()
 
     def combine(self, member_probs: Sequence[np.ndarray]) -> np.ndarray:
-        """The ensemble's (N, 6) probabilities from each member's fold-mean (N, 6) probabilities."""
+        """The ensemble's (N, 6) probabilities from each member's fold-mean (N, 6) probabilities.
+
+        With per-label temperatures (a site-calibrated bundle), each label's weighted mean is scaled by
+        its temperature (:func:`ichdet.evaluate.calibration.apply_temperature`) after the mean.
+        """
         stacked = np.stack([np.asarray(p, dtype=np.float64) for p in member_probs])
-        return np.clip(np.tensordot(self.weights, stacked, axes=1), 0.0, 1.0)
+        mean = np.clip(np.tensordot(self.weights, stacked, axes=1), 0.0, 1.0)
+        if self.temperature is None:
+            return mean
+        return apply_temperature(mean, np.array([self.temperature[label] for label in LABELS]))
 
 
 # --------------------------------------------------------------------------------------------- run folders
