@@ -104,6 +104,7 @@ def one_network(bundles: dict[str, Path], cache_dir: Path, repeats: int, tmp: Pa
     import numpy as np
     import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from ichdet.cache.labels import LABELS
     from ichdet.cache.store import PixelCache
@@ -125,7 +126,10 @@ def one_network(bundles: dict[str, Path], cache_dir: Path, repeats: int, tmp: Pa
     normalize = Normalizer(*input_stats(model, cfg.data.in_chans), channels_last=False)
     graph = member.onnx_bytes(member.folds[0])
     (tmp / "f32.onnx").write_bytes(graph)
-    quantize_dynamic(str(tmp / "f32.onnx"), str(tmp / "int8.onnx"), weight_type=QuantType.QInt8)
+    # onnxruntime's pre-processing first (shape inference, constant folding): the TorchScript exporter
+    # passes some Conv weights through Identity nodes, which quantize_dynamic refuses ("not an initializer")
+    quant_pre_process(str(tmp / "f32.onnx"), str(tmp / "pre.onnx"))
+    quantize_dynamic(str(tmp / "pre.onnx"), str(tmp / "int8.onnx"), weight_type=QuantType.QInt8)
     levels = ("disable", "basic", "extended", "all")
     sessions = {f"ort {level}": session(graph, "bench", level=level) for level in levels}
     sessions["ort int8 (all)"] = session((tmp / "int8.onnx").read_bytes(), "bench int8", level="all")
