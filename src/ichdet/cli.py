@@ -149,6 +149,43 @@ def train(config: Annotated[Path | None, typer.Option(help="YAML config (configs
     typer.echo(f"run: {out}")
 
 
+@command
+def distill(bundle: Annotated[Path, typer.Option(help="the teacher: a model bundle")],
+            data: Annotated[Path, typer.Option(help="labelled cache to train the student on")],
+            out: Annotated[Path, typer.Option(help="the student's run folder")],
+            run: Annotated[list[Path] | None, typer.Option(
+                help="the bundle's run folders (repeat): their out-of-fold predictions are the soft targets; "
+                     "without them the bundle's own (in-sample) predictions are")] = None,
+            config: Annotated[Path | None, typer.Option(help="the student's YAML config (default: the bundle's "
+                                                             "first 2D member's)")] = None,
+            alpha: Annotated[float, typer.Option(help="weight of the teacher's soft targets; 1 - alpha goes to "
+                                                      "the labels")] = 0.5,
+            fold: Annotated[str, typer.Option(help="fold number, or all")] = "all",
+            resume: Annotated[bool, typer.Option(help="continue an interrupted run")] = False,
+            device: Annotated[str, typer.Option(help="where the teacher predicts (without --run)")] = "auto",
+            set_: Annotated[list[str] | None, typer.Option("--set", help="override: key=value")] = None) -> None:
+    """Train one network on a bundle's soft targets mixed with the labels: a normal run folder."""
+    from ichdet.infer.teacher import IN_SAMPLE_WARNING, student_config, teacher_targets
+    from ichdet.models.config import build_config, load_config
+    from ichdet.train.distill import check_distill
+    from ichdet.train.distill import distill as run_distill
+
+    if config is None and resume and (out / "config.yaml").exists():
+        config = out / "config.yaml"
+    cfg = (load_config(config, set_ or []) if config is not None
+           else build_config(student_config(bundle), set_ or [], source=f"{bundle} (first 2D member)"))
+    check_distill(cfg, data, out, alpha, fold, resume)
+    targets = teacher_targets(bundle, data, list(run or []), device=device)
+    if not targets.out_of_fold:
+        typer.secho(f"warning: {IN_SAMPLE_WARNING}", fg=typer.colors.YELLOW, err=True)
+    results = run_distill(cfg, data, out, targets.probs, targets.record(), alpha, fold, resume,
+                          progress=sys.stderr.isatty())
+    for r in results:
+        typer.echo(f"fold {r['fold']}: best val weighted log loss {r['val_loss']:.4f} at epoch {r['epoch']} "
+                   f"({r['epochs']} epochs)")
+    typer.echo(f"run: {out} (student of {bundle}, alpha {alpha})")
+
+
 _PNG = (b"\x89PNG",)
 _HTML = (b"<!DOCTYPE html>",)
 _PREDICTION_CSV = (b"ID,Label", b"image_id,")
