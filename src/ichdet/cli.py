@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -222,12 +223,18 @@ def predict(data: Annotated[Path, typer.Option(help="cache folder to predict")],
             tta: Annotated[bool, typer.Option("--tta/--no-tta", help="average with a horizontal flip")] = True,
             device: str = "auto",
             force: Annotated[bool, _FORCE] = False) -> None:
-    """Predict every image of a cache with every fold of each run (or of each bundle member)."""
+    """Predict every image of a cache with every fold of each run (or of each bundle member).
+
+    Under torchrun (``torchrun --nproc-per-node N -m ichdet predict --bundle ...``) the processes share the
+    cache's series and write one table, the one a single process writes.
+    """
     from ichdet.infer.predict import check_out, predict_runs
     from ichdet.io import write_parquet_atomic
 
     check_out(out, force)
     preds = predict_runs(list(run or []), data, tta=tta, device=device, progress=sys.stderr.isatty(), bundle=bundle)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank holds the table; rank 0 writes it
+        return
     write_parquet_atomic(preds, out)
     typer.echo(f"{out}: {preds['image_id'].nunique()} images x {len(preds.groupby(['model', 'fold']))} "
                "model folds")

@@ -103,14 +103,17 @@ class FoldPasses:
     ``images``: a function giving the images stored at a size (a cache is the same at every size).
     Networks are loaded once per call, on first use. Call :meth:`compute` for a fold group, read with
     :meth:`probs` and :meth:`features`, :meth:`release` the group's features and networks, drop the
-    object at the end.
+    object at the end. ``rows``: the index rows to run (a torchrun rank's shard; default all); outputs
+    keep every row's place, the others stay zero.
     """
 
     def __init__(self, needs: dict[str, RunNeed], images: Callable[[int], PixelCache], device: torch.device,
-                 batch_size: int | None, num_workers: int | None, progress: bool) -> None:
+                 batch_size: int | None, num_workers: int | None, progress: bool,
+                 rows: np.ndarray | None = None) -> None:
         self.needs, self.images, self.device = needs, images, device
         self.batch_size, self.num_workers, self.progress = batch_size, num_workers, progress
         self.n = len(images(next(iter(needs.values())).run.run_config.data.image_size)) if needs else 0
+        self.rows = np.arange(self.n) if rows is None else np.asarray(rows)
         self._models: dict[tuple[str, int], nn.Module] = {}
         self._probs: dict[tuple[str, int], np.ndarray] = {}
         self._features: dict[tuple[str, int, int], np.ndarray] = {}
@@ -149,7 +152,7 @@ class FoldPasses:
         cache = self.images(runs[0].data.image_size)
         batch = self.batch_size or min(c.train.batch_size * 2 for c in runs)
         workers = min(c.train.num_workers for c in runs) if self.num_workers is None else self.num_workers
-        loader = make_loader(SliceDataset(cache, np.arange(len(cache)), runs[0].data), batch, workers, self.device)
+        loader = make_loader(SliceDataset(cache, self.rows, runs[0].data), batch, workers, self.device)
         jobs = [(name, k, self.model(name, k)) for name in names for k in folds if k in self.needs[name].folds]
         first = {name: model for name, _, model in reversed(jobs)}  # the folds of a run share its backbone's stats
         steps = {name: _steps(first[name], cfg, self.device) for name, cfg in zip(names, runs, strict=True)}
