@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from seq_support import SeqRuns
-from study_support import tiny_runs
+from study_support import copy_study, study_files, tiny_runs
 from typer.testing import CliRunner
 
 from ichdet.cache.labels import LABELS
@@ -23,6 +23,7 @@ from ichdet.infer.onnx_runtime import OnnxEmbedder, OnnxSequence, cpu_threads
 from ichdet.infer.predict import predict_runs
 from ichdet.models.backbones import build_model, build_seq_model
 from ichdet.models.config import build_config, load_seq_config
+from ichdet.study.predict import predict_study
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +167,17 @@ def test_cli_bundle_runtime_onnx_and_unknown_runtime(runs: tuple[Path, Path, Pat
     bad = CliRunner().invoke(app, ["bundle", "--run", str(a), "--out", str(tmp_path / "n.ichdet"), "--runtime", "trt"])
     assert bad.exit_code == 2 and "--runtime 'trt': choose one of ['torch', 'onnx']" in bad.output
     assert not (tmp_path / "n.ichdet").exists()
+
+
+def test_predict_study_with_an_onnx_bundle_gives_the_torch_bundles_result(bundles: dict[str, Path],
+                                                                          rsna_sample: Path, tmp_path: Path) -> None:
+    files = study_files(rsna_sample / "stage_2_test_images", "ID_1366d7c64f")[:6]
+    copy_study(files, tmp_path / "in")
+    found = {kind: predict_study(tmp_path / "in", load_ensemble(bundles[f"2d_{kind}"]), device="cpu").result
+             for kind in ("torch", "onnx")}
+    assert found["onnx"]["model"]["runtime"] == "onnx" and found["torch"]["model"]["runtime"] == "torch"
+    series = [found[kind]["studies"][0]["series"] for kind in ("torch", "onnx")]
+    assert len(series[0]) == len(series[1]) == 1
+    probs = [np.array([[sl["probabilities"][label] for label in LABELS] for sl in part[0]["slices"]])
+             for part in series]
+    assert probs[0].shape == (6, len(LABELS)) and np.abs(probs[0] - probs[1]).max() <= 1e-4
