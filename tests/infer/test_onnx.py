@@ -4,6 +4,7 @@ the same probabilities as the torch bundle (1e-4); tampering and inconsistent bu
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -154,7 +155,7 @@ def test_cpu_threads_share_the_cores_among_ranks(monkeypatch: pytest.MonkeyPatch
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setenv("WORLD_SIZE", "1")
     alone = cpu_threads()
-    assert alone == len(__import__("os").sched_getaffinity(0))
+    assert alone == len(os.sched_getaffinity(0))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(alone * 2))
     assert cpu_threads() == 1
 
