@@ -19,6 +19,9 @@ Sections (each prints its figures; a failure is printed and recorded, and the ne
                    bare timm, bf16 + CL: ``default`` has both off (cudnn.benchmark off, AdamW's
                    default foreach), ``cudnn_benchmark`` turns on the first (ichdet.models.engine.init_runtime
                    does), ``fused_adamw`` the second (AdamW(fused=True), as ichdet.train.loop.build_trainer).
+7. ``onnx``        each model's fp32 inference through onnxruntime's CUDA provider (``onnxruntime-gpu``)
+                   against torch fp32 on the card, and the largest logit difference; skipped, with the
+                   reason, where onnxruntime or its CUDA provider is missing.
 
 ``--smoke`` (``ICHDET_GPU_SMOKE=1 bash bench/gpu.sh``): the same sections with tiny sizes, on the CPU
 where there is no GPU, to check the script in a couple of minutes.
@@ -357,13 +360,74 @@ def section_knobs(plan: Plan, device: torch.device) -> dict[str, Any]:
 # -------------------------------------------------------------------------------------- main
 
 
+def section_onnx(plan: Plan, device: torch.device) -> dict[str, Any]:
+    """Inference of each plan model (fp32, batch 2x the training batch) through onnxruntime's CUDA provider
+    (TensorRT not used) against torch fp32 on the same card; where onnxruntime or its CUDA provider is
+    missing (the CPU-only ``onnxruntime`` wheel), the reason instead. The graph is exported as
+    ``ichdet bundle --runtime onnx`` exports (TorchScript exporter, dynamic batch)."""
+    try:
+        import onnxruntime as ort
+    except ImportError as err:
+        return {"skipped": f"onnxruntime not importable ({err})"}
+    providers = ort.get_available_providers()
+    if device.type == "cuda" and "CUDAExecutionProvider" not in providers:
+        return {"skipped": f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (providers {providers}); "
+                           "install onnxruntime-gpu"}
+    provider = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
+    out: dict[str, Any] = {"onnxruntime": ort.__version__, "provider": provider}
+    for arch, size, batch in plan.models:
+        out[f"{arch}@{size}"] = _onnx_one(arch, size, batch, plan, device, ort, provider)
+        free_memory()
+    return out
+
+
+def _onnx_one(arch: str, size: int, batch: int, plan: Plan, device: torch.device, ort: Any,
+              provider: str) -> dict[str, Any]:
+    """One model of :func:`section_onnx`: torch fp32 and onnxruntime images/s, and their largest difference."""
+    import io
+    import warnings
+
+    import numpy as np
+    import timm
+
+    model = timm.create_model(arch, num_classes=6).eval()
+    x = torch.randn(2 * batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x[:2],), buf, dynamo=False, input_names=["image"], output_names=["logits"],
+                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=18)
+    sess = ort.InferenceSession(buf.getvalue(), providers=[provider])
+    model = model.to(device)
+    x_dev = x.to(device)
+    feed = x.numpy()
+
+    def torch_step() -> None:
+        with torch.no_grad():
+            model(x_dev)
+
+    def ort_step() -> None:
+        sess.run(None, {"image": feed})  # host input, as the predictor feeds it (the copy counts)
+
+    t = rate_with_budget(torch_step, device, plan.warmup, plan.chunk, plan.min_chunks, plan.budget_s)
+    o = rate_with_budget(ort_step, device, plan.warmup, plan.chunk, plan.min_chunks, plan.budget_s)
+    with torch.no_grad():
+        diff = float(np.abs(sess.run(None, {"image": feed})[0] - model(x_dev).float().cpu().numpy()).max())
+    result = {"torch_fp32_images_per_s": 1000 * len(x) / t["median_ms"],
+              "ort_images_per_s": 1000 * len(x) / o["median_ms"],
+              "ort_over_torch_time": o["median_ms"] / t["median_ms"], "max_abs_logit_diff": diff}
+    print(f"{arch} {size}px torch fp32 {result['torch_fp32_images_per_s']:8.1f} img/s   onnxruntime ({provider}) "
+          f"{result['ort_images_per_s']:8.1f} img/s   max |diff| {diff:.2e}", flush=True)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench_out")) / "gpu.json")
     parser.add_argument("--smoke", action="store_true", default=os.environ.get("ICHDET_GPU_SMOKE") == "1",
                         help="tiny sizes (CPU where there is no GPU): checks that every section runs")
     parser.add_argument("--budget-s", type=float, default=540.0, help="skip sections that would end past this")
-    parser.add_argument("--sections", default="card,throughput,train_step,inference,loader,knobs")
+    parser.add_argument("--sections", default="card,throughput,train_step,inference,loader,knobs,onnx")
     args = parser.parse_args(argv)
     plan = SMOKE if args.smoke else REAL
     device = resolve_device("auto")  # cuda:0 (with its index: ichdet.models.engine.init_runtime needs one) or cpu
@@ -376,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         print("CPU: the bf16 modes run in fp32 (channels_last kept); figures only check that the code runs")
     wanted = args.sections.split(",")
     # rough seconds each section needs on an H100 (skipped if less is left; the smoke run needs far less)
-    needs = {"card": 0, "throughput": 60, "train_step": 60, "inference": 50, "loader": 90, "knobs": 40}
+    needs = {"card": 0, "throughput": 60, "train_step": 60, "inference": 50, "loader": 90, "knobs": 40, "onnx": 40}
     if plan is SMOKE:
         needs = dict.fromkeys(needs, 0)
     sections: dict[str, Callable[[], Any]] = {
@@ -386,6 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         "inference": lambda: section_versus(plan, device, "bench_inference.py", 2),
         "loader": lambda: section_loader(plan, device),
         "knobs": lambda: section_knobs(plan, device),
+        "onnx": lambda: section_onnx(plan, device),
     }
     for name in wanted:
         report.section(name, sections[name], needs[name])

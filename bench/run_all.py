@@ -24,6 +24,7 @@ BENCHES: dict[str, list[str]] = {
     "bench_inference.py": ["--threads", "1"],
     "bench_bombs.py": [],
     "bench_report.py": ["--repeats", "3"],
+    "bench_onnx.py": [],
 }
 
 

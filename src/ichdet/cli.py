@@ -6,6 +6,7 @@ import collections
 import contextlib
 import functools
 import gc
+import os
 import re
 import sys
 import tempfile
@@ -176,6 +177,43 @@ def train(config: Annotated[Path | None, typer.Option(help="YAML config (configs
     typer.echo(f"run: {out}")
 
 
+@command
+def distill(bundle: Annotated[Path, typer.Option(help="the teacher: a model bundle")],
+            data: Annotated[Path, typer.Option(help="labelled cache to train the student on")],
+            out: Annotated[Path, typer.Option(help="the student's run folder")],
+            run: Annotated[list[Path] | None, typer.Option(
+                help="the bundle's run folders (repeat): their out-of-fold predictions are the soft targets; "
+                     "without them the bundle's own (in-sample) predictions are")] = None,
+            config: Annotated[Path | None, typer.Option(help="the student's YAML config (default: the bundle's "
+                                                             "first 2D member's)")] = None,
+            alpha: Annotated[float, typer.Option(help="weight of the teacher's soft targets; 1 - alpha goes to "
+                                                      "the labels")] = 0.5,
+            fold: Annotated[str, typer.Option(help="fold number, or all")] = "all",
+            resume: Annotated[bool, typer.Option(help="continue an interrupted run")] = False,
+            device: Annotated[str, typer.Option(help="where the teacher predicts (without --run)")] = "auto",
+            set_: Annotated[list[str] | None, typer.Option("--set", help="override: key=value")] = None) -> None:
+    """Train one network on a bundle's soft targets mixed with the labels: a normal run folder."""
+    from ichdet.infer.teacher import IN_SAMPLE_WARNING, student_config, teacher_targets
+    from ichdet.models.config import build_config, load_config
+    from ichdet.train.distill import check_distill
+    from ichdet.train.distill import distill as run_distill
+
+    if config is None and resume and (out / "config.yaml").exists():
+        config = out / "config.yaml"
+    cfg = (load_config(config, set_ or []) if config is not None
+           else build_config(student_config(bundle), set_ or [], source=f"{bundle} (first 2D member)"))
+    check_distill(cfg, data, out, alpha, fold, resume)
+    targets = teacher_targets(bundle, data, list(run or []), device=device)
+    if not targets.out_of_fold:
+        typer.secho(f"warning: {IN_SAMPLE_WARNING}", fg=typer.colors.YELLOW, err=True)
+    results = run_distill(cfg, data, out, targets.probs, targets.record(), alpha, fold, resume,
+                          progress=sys.stderr.isatty())
+    for r in results:
+        typer.echo(f"fold {r['fold']}: best val weighted log loss {r['val_loss']:.4f} at epoch {r['epoch']} "
+                   f"({r['epochs']} epochs)")
+    typer.echo(f"run: {out} (student of {bundle}, alpha {alpha})")
+
+
 _PNG = (b"\x89PNG",)
 _HTML = (b"<!DOCTYPE html>",)
 _PREDICTION_CSV = (b"ID,Label", b"image_id,")
@@ -213,12 +251,18 @@ def predict(data: Annotated[Path, typer.Option(help="cache folder to predict")],
             tta: Annotated[bool, typer.Option("--tta/--no-tta", help="average with a horizontal flip")] = True,
             device: str = "auto",
             force: Annotated[bool, _FORCE] = False) -> None:
-    """Predict every image of a cache with every fold of each run (or of each bundle member)."""
+    """Predict every image of a cache with every fold of each run (or of each bundle member).
+
+    Under torchrun (``torchrun --nproc-per-node N -m ichdet predict --bundle ...``) the processes share the
+    cache's series and write one table, the one a single process writes.
+    """
     from ichdet.infer.predict import check_out, predict_runs
     from ichdet.io import write_parquet_atomic
 
     check_out(out, force)
     preds = predict_runs(list(run or []), data, tta=tta, device=device, progress=sys.stderr.isatty(), bundle=bundle)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank holds the table; rank 0 writes it
+        return
     write_parquet_atomic(preds, out)
     typer.echo(f"{out}: {preds['image_id'].nunique()} images x {len(preds.groupby(['model', 'fold']))} "
                "model folds")
@@ -387,6 +431,9 @@ def bundle(run: Annotated[list[Path], typer.Option(help="run folder, 2D or seque
            labels: Annotated[Path | None, typer.Option(help="label CSV of the runs' training cache: thresholds "
                                                               "from the out-of-fold predictions")] = None,
            sensitivity: Annotated[float, typer.Option(help="target sensitivity of the thresholds")] = 0.95,
+           runtime: Annotated[str, typer.Option(help="where the networks run: torch, or onnx (each network also "
+                                                      "exported to ONNX, checked against torch to 1e-4, run "
+                                                      "with onnxruntime)")] = "torch",
            force: Annotated[bool, _FORCE] = False,
            ) -> None:
     """Pack runs into one model file: weights (safetensors), configs, weights, thresholds, sha256 manifest.
@@ -400,11 +447,11 @@ def bundle(run: Annotated[list[Path], typer.Option(help="run folder, 2D or seque
 
     _output(out, force, (b"PK\x03\x04",))  # a bundle is a zip: another kind of file only with --force
     weights = dict(_model_weight(w) for w in weight) if weight else None
-    path = write_bundle(list(run), out, weights, sensitivity, labels)
+    path = write_bundle(list(run), out, weights, sensitivity, labels, runtime=runtime)
     ens = load_ensemble(path)
     typer.echo(f"{path}: {len(ens.members)} members, {len(ens.manifest['bases'])} other base runs, "
                f"{sum(len(m.folds) for m in ens.members)} folds, "
-               f"sha256 {ens.manifest['bundle_sha256']}")
+               f"sha256 {ens.manifest['bundle_sha256']}, runtime {ens.manifest['runtime']}")
     typer.echo("thresholds: " + ", ".join(f"{k} {v:.4g}" for k, v in ens.thresholds.items())
                + f" ({ens.manifest['thresholds_source']})")
     for label, point in (ens.manifest["operating_points"] or {}).items():
@@ -413,6 +460,28 @@ def bundle(run: Annotated[list[Path], typer.Option(help="run folder, 2D or seque
     if ens.manifest["training"]["synthetic"] is True:
         typer.secho("warning: trained on ichdet's synthetic data: every result of this bundle says so",
                     fg=typer.colors.YELLOW, err=True)
+
+
+@command
+def calibrate(bundle: Annotated[Path, typer.Option(help="model bundle to calibrate (left as it is)")],
+              data: Annotated[Path, typer.Option(help="labelled cache of the site's own studies "
+                                                      "(`ichdet preprocess --labels`)")],
+              out: Annotated[Path, typer.Option(help="the site's bundle to write (not --bundle)")],
+              sensitivity: Annotated[float, typer.Option(help="sensitivity each label's threshold reaches on the "
+                                                              "site's images")] = 0.9,
+              temperature: Annotated[bool, typer.Option("--temperature", help="also fit a per-label temperature "
+                                                        "(minimum log loss on the site's images)")] = False,
+              device: str = "auto",
+              tta: Annotated[bool, typer.Option("--tta/--no-tta", help="average with a horizontal flip")] = True,
+              force: Annotated[bool, _FORCE] = False) -> None:
+    """Re-set a bundle's operating points (and temperatures) on a site's labelled studies; weights unchanged."""
+    from ichdet.infer.calibrate import calibrate_bundle
+
+    _output(out, force, (b"PK\x03\x04",))
+    results = calibrate_bundle(bundle, data, out, sensitivity, temperature, device=device, tta=tta)
+    for r in results:
+        typer.echo(r.line())
+    typer.echo(f"{out}: calibrated copy of {bundle} (every weight file unchanged)")
 
 
 def _check_study_folder(path: Path, dicom_out: Path | None, dicom_ready: bool = False) -> None:

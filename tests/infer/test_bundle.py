@@ -369,7 +369,7 @@ def test_missing_or_unlisted_seq_bundle_files_are_refused(seq_bundle: Path, tmp_
 
 
 @pytest.mark.parametrize(("change", "match"), [
-    ({"format_version": 3}, r"bundle format version 3; this ichdet .* reads versions \[1, 2\]"),
+    ({"format_version": 4}, r"bundle format version 4; this ichdet .* reads versions \[1, 2, 3\]"),
     ({"bases": []}, r"member 'seq' needs base runs \['base'\], which the bundle does not hold"),
 ])
 def test_inconsistent_seq_manifest_is_refused(seq_bundle: Path, tmp_path: Path, change: dict[str, object],

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
@@ -66,7 +67,11 @@ __all__ = ["BUNDLE_FORMAT", "BUNDLE_VERSION", "DEFAULT_THRESHOLD", "Ensemble", "
            "run_names", "sha256_bytes", "sha256_file", "write_bundle"]
 
 #: The newest format written: 2 (sequence members and ``bases``). 2D-only bundles are written as 1.
-BUNDLE_VERSION = 2
+#: 3: ONNX graphs (``--runtime onnx``) or site temperatures (``ichdet calibrate``), which an older
+#: ichdet must not run without; a bundle without them is written as 2 or 1, so older ichdet reads it.
+BUNDLE_VERSION = 3
+#: Where a bundle's networks run: torch (safetensors), or onnxruntime (ONNX graphs, safetensors kept for Grad-CAM).
+RUNTIMES = ("torch", "onnx")
 
 
 # --------------------------------------------------------------------------------------------- operating points
@@ -122,14 +127,19 @@ def _member_files(m: Member) -> dict[str, bytes]:
 
 
 def write_bundle(runs: Sequence[Path], out: Path, weights: dict[str, float] | None = None,
-                 sensitivity: float = 0.95, labels: Path | None = None) -> Path:
+                 sensitivity: float = 0.95, labels: Path | None = None, runtime: str = "torch") -> Path:
     """Pack ``runs`` (2D or sequence runs) into one bundle file at ``out`` (atomically); return ``out``.
 
     A sequence run brings its base runs (config and every fold), stored once each. With ``labels``
     (the Kaggle label CSV of the cache the runs were trained on), each label's decision threshold is
     the operating point reaching ``sensitivity`` on the ensembled out-of-fold predictions; without it,
-    every threshold is :data:`DEFAULT_THRESHOLD` and the manifest says so.
+    every threshold is :data:`DEFAULT_THRESHOLD` and the manifest says so. With ``runtime="onnx"``
+    every network is also stored as an ONNX graph (``fold<k>.onnx``, checked against torch before
+    anything is written: :mod:`ichdet.infer.onnx_export`), and prediction runs the graphs through
+    onnxruntime; such a bundle is format version 3 (an older ichdet would run its torch weights instead).
     """
+    if runtime not in RUNTIMES:
+        raise IchdetError(f"--runtime {runtime!r}: choose one of {list(RUNTIMES)}")
     if not runs:
         raise IchdetError("no runs to bundle; pass --run RUN at least once")
     if not 0.0 < sensitivity <= 1.0:
@@ -137,9 +147,16 @@ def write_bundle(runs: Sequence[Path], out: Path, weights: dict[str, float] | No
     ens = runs_ensemble([Path(r) for r in runs], weights)
     points = None if labels is None else oof_operating_points(ens.members, Path(labels), sensitivity)
     entries: dict[str, bytes] = {}
+    worst = [0.0]
 
     def packed(m: Member) -> dict[str, Any]:
         files = _member_files(m)
+        if runtime == "onnx":
+            from ichdet.infer.onnx_export import member_graphs  # torch.onnx and onnx: only when exporting
+
+            graphs, diff = member_graphs(m)
+            files.update(graphs)
+            worst[0] = max(worst[0], diff)
         entries.update(files)
         return member_manifest(m, {name: sha256_bytes(data) for name, data in files.items()},
                                {name: len(data) for name, data in files.items()})
@@ -148,7 +165,8 @@ def write_bundle(runs: Sequence[Path], out: Path, weights: dict[str, float] | No
     bases_json = [packed(b) for b in distinct_bases(ens.members)]
     has_seq = any(m.kind == "seq" for m in ens.members)
     manifest: dict[str, Any] = {
-        "format": BUNDLE_FORMAT, "format_version": 2 if has_seq else 1, "ichdet_version": __version__,
+        "format": BUNDLE_FORMAT, "format_version": 3 if runtime == "onnx" else 2 if has_seq else 1,
+        "ichdet_version": __version__,
         "labels": list(LABELS), "members": members_json, "thresholds": _thresholds(points),
         "operating_points": points,
         "thresholds_source": (f"default {DEFAULT_THRESHOLD} (bundled without --labels)" if points is None else
@@ -157,6 +175,11 @@ def write_bundle(runs: Sequence[Path], out: Path, weights: dict[str, float] | No
     }
     if has_seq:
         manifest["bases"] = bases_json
+    if runtime == "onnx":
+        from ichdet.infer.onnx_export import OPSET, TOLERANCE
+
+        manifest["runtime"] = "onnx"
+        manifest["onnx_check"] = {"opset": OPSET, "max_abs_diff": worst[0], "tolerance": TOLERANCE}
     with atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
         zf.writestr("manifest.json", json.dumps(manifest, indent=2, allow_nan=False))
         for name, data in entries.items():
@@ -324,6 +347,7 @@ def _bundle_ensemble(bundle: Path, weights: Mapping[str, float] | None) -> Ensem
             _check_entries(zf, bundle)
             manifest = _read_manifest(zf, bundle)
             members, bases = _bundle_members(zf, bundle, manifest, weights)
+            _check_runtime(manifest, (*members, *bases), bundle)
             listed = {f for m in (*members, *bases) for f in m.sha256} | {"manifest.json"}
             extra = sorted(set(zf.namelist()) - listed)
             if extra:
@@ -332,10 +356,35 @@ def _bundle_ensemble(bundle: Path, weights: Mapping[str, float] | None) -> Ensem
     info = {"bundle_sha256": bundle_sha256, "ichdet_version": manifest.ichdet_version, "runs": None,
             "members": [member_manifest(m) for m in members], "bases": [member_manifest(b) for b in bases],
             "operating_points": manifest.operating_points, "thresholds_source": manifest.thresholds_source,
-            "runtime": manifest.runtime,
+            "runtime": manifest.runtime, "calibration": manifest.calibration,
             "training": manifest.training if manifest.training is not None else training_summary(
                 [m.training for m in (*members, *bases)])}
-    return Ensemble(members, thresholds, info)
+    return Ensemble(members, thresholds, info, _temperature(manifest, bundle))
+
+
+def _check_runtime(manifest: BundleManifest, runs: Sequence[Member], bundle: Path) -> None:
+    """Refuse an ONNX bundle with a network lacking its graphs, and a torch bundle carrying graphs."""
+    lacking = [m.name for m in runs if (manifest.runtime == "onnx") != m.onnx]
+    if lacking:
+        raise CheckpointError(f"{bundle}: runtime {manifest.runtime} but members {lacking} "
+                              f"{'lack' if manifest.runtime == 'onnx' else 'have'} ONNX graphs; the bundle is "
+                              "inconsistent, write it again")
+
+
+def _temperature(manifest: BundleManifest, bundle: Path) -> dict[str, float] | None:
+    """The per-label temperatures of a site-calibrated bundle (``calibration.temperature``), or None."""
+    found = (manifest.calibration or {}).get("temperature")
+    if found is None:
+        return None
+    try:
+        temperature = {label: float(found[label]) for label in LABELS}
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{bundle}: calibration.temperature must give a number for each of {list(LABELS)}; "
+                              "calibrate the bundle again") from None
+    bad = {k: v for k, v in temperature.items() if not (math.isfinite(v) and v > 0)}
+    if bad:
+        raise CheckpointError(f"{bundle}: calibration temperatures must be finite and > 0, got {bad}")
+    return temperature
 
 
 def load_ensemble(bundle: Path | None = None, runs: Sequence[Path] = (),

@@ -37,7 +37,7 @@ __all__ = ["MAX_WEIGHT", "NAME_PATTERN", "BundleManifest", "ManifestEntry", "par
 
 BUNDLE_FORMAT = "ichdet-bundle"
 #: Format versions this ichdet reads.
-READS = (1, 2)
+READS = (1, 2, 3)
 #: A member (run) name: its run folder's name, safe as one path component of the archive.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 #: The largest member weight accepted. Weights are relative, so no meaningful ensemble needs more than
@@ -87,7 +87,7 @@ class BundleManifest(_Strict):
     """The validated ``manifest.json`` (see the module docstring for the rules)."""
 
     format: Literal["ichdet-bundle"]
-    format_version: Literal[1, 2]
+    format_version: Literal[1, 2, 3]
     ichdet_version: str | None = None
     labels: list[str] | None = None
     members: list[MemberEntry] = Field(min_length=1)

@@ -34,6 +34,7 @@ from torch import nn
 from ichdet import __version__
 from ichdet.cache.provenance import read_run_record, training_summary
 from ichdet.errors import CheckpointError, IchdetError
+from ichdet.evaluate.calibration import apply_temperature
 from ichdet.evaluate.ensembling import shares
 from ichdet.infer.manifest import MAX_WEIGHT
 from ichdet.models.backbones import build_model
@@ -185,6 +186,26 @@ class Member:
             model = model.to(memory_format=torch.channels_last)
         return model
 
+    @property
+    def onnx(self) -> bool:
+        """Whether this member's networks run as ONNX graphs (a bundle written with ``--runtime onnx``)."""
+        return bool(self.folds) and all(f"members/{self.name}/fold{k}.onnx" in self.sha256 for k in self.folds)
+
+    def onnx_bytes(self, fold: int) -> bytes:
+        """The ONNX graph of one fold, verified against the manifest (ONNX bundles only)."""
+        entry = f"members/{self.name}/fold{fold}.onnx"
+        with zipfile.ZipFile(self.source) as zf:
+            return verified(zf, entry, self.sha256[entry], self.source)
+
+    def load_net(self, fold: int, device: torch.device) -> nn.Module:
+        """What embeds images for one fold: the ONNX graph's session where the bundle has one (see
+        :mod:`ichdet.infer.onnx_runtime`), else the torch network (:meth:`load_fold`)."""
+        if not self.onnx:
+            return self.load_fold(fold, device)
+        from ichdet.infer.onnx_runtime import OnnxEmbedder  # onnxruntime only where an ONNX bundle runs
+
+        return OnnxEmbedder(self.onnx_bytes(fold), f"{self.source} member {self.name} fold {fold}", device)
+
     def load_models(self, device: torch.device) -> list[nn.Module]:
         """A 2D member's networks, one per fold (see :meth:`load_fold`)."""
         return [self.load_fold(fold, device) for fold in self.folds]
@@ -247,6 +268,8 @@ class Ensemble:
     members: tuple[Member, ...]
     thresholds: dict[str, float]
     manifest: dict[str, Any]
+    #: Per-label temperatures fitted by ``ichdet calibrate --temperature`` (None: none, all 1).
+    temperature: dict[str, float] | None = None
 
     @property
     def weights(self) -> np.ndarray:
@@ -254,9 +277,16 @@ class Ensemble:
         return normalised([m.weight for m in self.members])
 
     def combine(self, member_probs: Sequence[np.ndarray]) -> np.ndarray:
-        """The ensemble's (N, 6) probabilities from each member's fold-mean (N, 6) probabilities."""
+        """The ensemble's (N, 6) probabilities from each member's fold-mean (N, 6) probabilities.
+
+        With per-label temperatures (a site-calibrated bundle), each label's weighted mean is scaled by
+        its temperature (:func:`ichdet.evaluate.calibration.apply_temperature`) after the mean.
+        """
         stacked = np.stack([np.asarray(p, dtype=np.float64) for p in member_probs])
-        return np.clip(np.tensordot(self.weights, stacked, axes=1), 0.0, 1.0)
+        mean = np.clip(np.tensordot(self.weights, stacked, axes=1), 0.0, 1.0)
+        if self.temperature is None:
+            return mean
+        return apply_temperature(mean, np.array([self.temperature[label] for label in LABELS]))
 
 
 def normalised(weights: Sequence[float]) -> np.ndarray:
@@ -362,7 +392,8 @@ def runs_ensemble(runs: Sequence[Path], weights: Mapping[str, float] | None) -> 
                 "members": [member_manifest(m) for m in members],
                 "bases": [member_manifest(b) for b in bases], "operating_points": None,
                 "thresholds_source": f"default {DEFAULT_THRESHOLD} (run folders carry no operating points)",
-                "runtime": "torch", "training": training_summary([m.training for m in (*members, *bases)])}
+                "runtime": "torch", "calibration": None,
+                "training": training_summary([m.training for m in (*members, *bases)])}
     return Ensemble(tuple(members), dict.fromkeys(LABELS, DEFAULT_THRESHOLD), manifest)
 
 

@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,7 +38,9 @@ from tqdm import tqdm
 
 from ichdet.cache.store import PixelCache
 from ichdet.infer.members import Member
+from ichdet.infer.onnx_runtime import OnnxEmbedder
 from ichdet.models.backbones import input_stats
+from ichdet.models.config import Config
 from ichdet.models.engine import Normalizer, embed, make_loader, precision
 from ichdet.names import LABELS
 
@@ -84,20 +88,32 @@ def data_key(run: Member) -> str:
     return json.dumps(run.run_config.data.model_dump(mode="json", exclude={"augment"}), sort_keys=True)
 
 
+def _steps(model: nn.Module, cfg: Config, device: torch.device
+           ) -> tuple[nn.Module, Callable[[], AbstractContextManager[Any]]]:
+    """A run's input normalisation and autocast: an ONNX graph normalises inside and runs in float32."""
+    if isinstance(model, OnnxEmbedder):
+        return nn.Identity(), nullcontext
+    return (Normalizer(*input_stats(model, cfg.data.in_chans), cfg.train.channels_last).to(device),
+            precision(device, cfg.train.amp)[0])
+
+
 class FoldPasses:
     """A per-call store of fold outputs (probabilities and features), keyed by (run name, fold).
 
     ``images``: a function giving the images stored at a size (a cache is the same at every size).
     Networks are loaded once per call, on first use. Call :meth:`compute` for a fold group, read with
     :meth:`probs` and :meth:`features`, :meth:`release` the group's features and networks, drop the
-    object at the end.
+    object at the end. ``rows``: the index rows to run (a torchrun rank's shard; default all); outputs
+    keep every row's place, the others stay zero.
     """
 
     def __init__(self, needs: dict[str, RunNeed], images: Callable[[int], PixelCache], device: torch.device,
-                 batch_size: int | None, num_workers: int | None, progress: bool) -> None:
+                 batch_size: int | None, num_workers: int | None, progress: bool,
+                 rows: np.ndarray | None = None) -> None:
         self.needs, self.images, self.device = needs, images, device
         self.batch_size, self.num_workers, self.progress = batch_size, num_workers, progress
         self.n = len(images(next(iter(needs.values())).run.run_config.data.image_size)) if needs else 0
+        self.rows = np.arange(self.n) if rows is None else np.asarray(rows)
         self._models: dict[tuple[str, int], nn.Module] = {}
         self._probs: dict[tuple[str, int], np.ndarray] = {}
         self._features: dict[tuple[str, int, int], np.ndarray] = {}
@@ -105,7 +121,7 @@ class FoldPasses:
     def model(self, name: str, fold: int) -> nn.Module:
         """Fold ``fold``'s network of run ``name``, loaded on first use and kept for the call."""
         if (name, fold) not in self._models:
-            self._models[name, fold] = self.needs[name].run.load_fold(fold, self.device)
+            self._models[name, fold] = self.needs[name].run.load_net(fold, self.device)
         return self._models[name, fold]
 
     def width(self, name: str, fold: int) -> int:
@@ -136,12 +152,10 @@ class FoldPasses:
         cache = self.images(runs[0].data.image_size)
         batch = self.batch_size or min(c.train.batch_size * 2 for c in runs)
         workers = min(c.train.num_workers for c in runs) if self.num_workers is None else self.num_workers
-        loader = make_loader(SliceDataset(cache, np.arange(len(cache)), runs[0].data), batch, workers, self.device)
+        loader = make_loader(SliceDataset(cache, self.rows, runs[0].data), batch, workers, self.device)
         jobs = [(name, k, self.model(name, k)) for name in names for k in folds if k in self.needs[name].folds]
         first = {name: model for name, _, model in reversed(jobs)}  # the folds of a run share its backbone's stats
-        steps = {name: (Normalizer(*input_stats(first[name], cfg.data.in_chans), cfg.train.channels_last)
-                        .to(self.device), precision(self.device, cfg.train.amp)[0])
-                 for name, cfg in zip(names, runs, strict=True)}
+        steps = {name: _steps(first[name], cfg, self.device) for name, cfg in zip(names, runs, strict=True)}
         for images, _, rows in tqdm(loader, desc="predict", leave=False, disable=not self.progress):
             images = images.to(self.device, non_blocking=True)
             both: torch.Tensor | None = None
@@ -152,7 +166,8 @@ class FoldPasses:
                     both = torch.cat([images, torch.flip(images, dims=[3])])
                 x = normalize(both if need.views == 2 else images)
                 with autocast():
-                    out = embed(model, x).float()  # one forward for every consumer: a run alone predicts as in a mix
+                    # one forward for every consumer: a run alone predicts as in a mix
+                    out = (model(x) if isinstance(model, OnnxEmbedder) else embed(model, x)).float()
                 self._store(need, k, out.view(need.views, len(rows), -1), rows.numpy())
 
     def _store(self, need: RunNeed, fold: int, views: torch.Tensor, rows: np.ndarray) -> None:

@@ -8,23 +8,26 @@ ensemble`` uses, so its probabilities are the bundle's own, as ``predict-study``
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+import torch.distributed as dist
+from tqdm import tqdm
 
 from ichdet.cache.store import PixelCache
 from ichdet.errors import IchdetError, RunFailed
 from ichdet.infer.bundle import Member, load_ensemble, run_names
 from ichdet.infer.passes import FoldPasses, plan_needs
 from ichdet.infer.seq_predict import seq_fold_probs
-from ichdet.models.engine import init_runtime, prediction_table
+from ichdet.models.engine import Runtime, all_ranks_or_none, init_runtime, prediction_table
 from ichdet.models.sequence import series_rows
 from ichdet.names import LABELS
 
@@ -82,7 +85,7 @@ def images_at(images: Images, size: int) -> PixelCache:
 
 def ensemble_probs(members: Sequence[Member], images: Images, device: torch.device, tta: bool = True,
                    batch_size: int | None = None, num_workers: int | None = None,
-                   progress: bool = False) -> list[np.ndarray]:
+                   progress: bool = False, rows: np.ndarray | None = None) -> list[np.ndarray]:
     """Every fold of every member over every image, in image order: per member, probs (folds, N, 6).
 
     The one place members (2D or sequence, from run folders or a bundle) meet images: ``predict``,
@@ -91,11 +94,14 @@ def ensemble_probs(members: Sequence[Member], images: Images, device: torch.devi
     probabilities are the sigmoid of the logits of the same pass whose embedding and logits its
     sequence members read, and the images are read and windowed once per image setting (per fold
     group, see :mod:`ichdet.infer.passes` for memory). Fold ``k``'s base CNNs feed fold ``k``'s sequence model
-    (:func:`ichdet.infer.seq_predict.seq_fold_probs`).
+    (:func:`ichdet.infer.seq_predict.seq_fold_probs`). ``rows`` (whole series; default every image):
+    only those images are predicted, the others' probabilities stay zero (a torchrun rank's shard).
     """
     passes = FoldPasses(plan_needs(members, tta), partial(images_at, images), device, batch_size, num_workers,
-                        progress)
+                        progress, rows)
     series = series_rows(images_at(images, _some_size(members)).index) if any(m.kind == "seq" for m in members) else []
+    if rows is not None:
+        series = [s for s in series if np.isin(s[0], rows)]
     out = [np.zeros((len(m.folds), passes.n, len(LABELS)), np.float32) for m in members]
     for group in passes.fold_groups():
         passes.compute(group)
@@ -117,11 +123,41 @@ def member_tables(members: Sequence[Member], cache: PixelCache, tta: bool = True
                   device: str = "auto", num_workers: int | None = None, progress: bool = False) -> pd.DataFrame:
     """Predict every image of ``cache`` with every fold of every member in one call; a long table."""
     rt = init_runtime(device)
-    found = ensemble_probs(members, cache, rt.device, tta, batch_size, num_workers, progress)
+    if rt.world_size > 1:
+        found = _sharded_probs(members, cache, rt, tta, batch_size, num_workers, progress)
+    else:
+        found = ensemble_probs(members, cache, rt.device, tta, batch_size, num_workers, progress)
     rows = np.arange(len(cache))
     return pd.concat([prediction_table(cache, rows, fold_probs, model=member.name, fold=fold)
                       for member, probs in zip(members, found, strict=True)
                       for fold, fold_probs in zip(member.folds, probs, strict=True)], ignore_index=True)
+
+
+def shard_rows(index: pd.DataFrame, rank: int, world_size: int) -> np.ndarray:
+    """The index rows rank ``rank`` of ``world_size`` predicts: every ``world_size``-th series, whole (a
+    sequence member reads a series at once), in index order."""
+    mine = [s for i, s in enumerate(series_rows(index)) if i % world_size == rank]
+    return np.sort(np.concatenate(mine)) if mine else np.zeros(0, np.int64)
+
+
+def _sharded_probs(members: Sequence[Member], cache: PixelCache, rt: Runtime, tta: bool, batch_size: int | None,
+                   num_workers: int | None, progress: bool) -> list[np.ndarray]:
+    """:func:`ensemble_probs` under torchrun: each rank predicts its shard (:func:`shard_rows`), every rank
+    gets all of them (each image's numbers are the ones its rank computed, as one process computes them)."""
+    rows = shard_rows(cache.index, rt.rank, rt.world_size)
+    tqdm.write(f"rank {rt.rank} of {rt.world_size}: {len(rows)} of {len(cache)} images", file=sys.stderr)
+    try:
+        with all_ranks_or_none(rt):  # a rank that fails stops the others instead of leaving them in the gather
+            found = ensemble_probs(members, cache, rt.device, tta, batch_size, num_workers, progress and rt.is_main,
+                                   rows)
+        parts: list[Any] = [None] * rt.world_size
+        dist.all_gather_object(parts, (rows, [p[:, rows] for p in found]))
+    finally:
+        dist.destroy_process_group()
+    for other_rows, probs in parts:
+        for mine, theirs in zip(found, probs, strict=True):
+            mine[:, other_rows] = theirs
+    return found
 
 
 def predict_run(run: str | Path, cache: PixelCache, tta: bool = True, batch_size: int | None = None,
@@ -140,7 +176,9 @@ def predict_runs(runs: Sequence[str | Path], data: str | Path, tta: bool = True,
     """Every member of a bundle, or every run folder (2D or sequence), over one cache; one long table.
 
     A bundle's table has a ``weight`` column: each member's ensemble weight, as the bundle holds it.
-    Giving both a bundle and runs is refused (IchdetError) before any work.
+    Giving both a bundle and runs is refused (IchdetError) before any work. Under torchrun
+    (``torchrun --nproc-per-node N -m ichdet predict ...``) the ranks share the cache's series and every
+    rank returns the whole table (the command writes it from rank 0).
     """
     if bundle is not None and runs:
         raise IchdetError("give either --bundle or --run, not both: a bundle already holds its runs")

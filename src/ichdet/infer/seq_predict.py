@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ichdet.infer.members import Member, load_state
+from ichdet.infer.onnx_runtime import OnnxSequence
 from ichdet.infer.passes import FoldPasses
 from ichdet.models.backbones import build_seq_model
 from ichdet.models.sequence import SeriesDataset, series_loader, series_probs
@@ -46,6 +47,11 @@ def seq_fold_probs(member: Member, fold: int, passes: FoldPasses, tta: bool, ser
     views = 2 if tta and member.seq_config.features.tta else 1
     parts = [passes.features(b, fold, views) for b in member.bases]
     widths = [p.shape[1] for p in parts]
-    model = build_seq_model(member.seq_config.model, sum(widths), [int(s) for s in np.cumsum(widths) - len(LABELS)])
-    load_state(model, member.weight_bytes(fold), f"{member.source} member {member.name} fold {fold}")
+    what = f"{member.source} member {member.name} fold {fold}"
+    model: torch.nn.Module
+    if member.onnx:
+        model = OnnxSequence(member.onnx_bytes(fold), what, device)
+    else:
+        model = build_seq_model(member.seq_config.model, sum(widths), [int(s) for s in np.cumsum(widths) - len(LABELS)])
+        load_state(model, member.weight_bytes(fold), what)
     return series_predictions(model.to(device).eval(), np.concatenate(parts, axis=1), series, device)

@@ -135,8 +135,13 @@ def _loader(ds: SliceDataset, cfg: Config, rt: Runtime, train: bool) -> DataLoad
     return make_loader(ds, cfg.train.batch_size, cfg.train.num_workers, rt.device, sampler, drop)
 
 
-def build_trainer(cfg: Config, cache: PixelCache, fold: int, rt: Runtime) -> Trainer:
-    """Datasets, model, optimizer and schedule for one fold (validation = images of that fold)."""
+def build_trainer(cfg: Config, cache: PixelCache, fold: int, rt: Runtime, targets: np.ndarray | None = None
+                  ) -> Trainer:
+    """Datasets, model, optimizer and schedule for one fold (validation = images of that fold).
+
+    ``targets`` (float32, one row of six per cache row) replace the labels the network trains on
+    (distillation's soft targets, :mod:`ichdet.train.distill`); validation still scores the labels.
+    """
     folds = cache.index["fold"].to_numpy()
     train_rows, val_rows = np.flatnonzero((folds >= 0) & (folds != fold)), np.flatnonzero(folds == fold)
     if len(val_rows) == 0 or len(train_rows) == 0:
@@ -154,6 +159,8 @@ def build_trainer(cfg: Config, cache: PixelCache, fold: int, rt: Runtime) -> Tra
     if cfg.train.compile:
         model = torch.compile(model)  # type: ignore[assignment]
     train_ds = AugmentedSlices(cache, train_rows, cfg.data, seed=cfg.train.seed)
+    if targets is not None:
+        train_ds.labels = np.asarray(targets, np.float32)
     val_ds = SliceDataset(cache, val_rows[rt.rank::rt.world_size], cfg.data)  # no padding duplicates
     train_loader = _loader(train_ds, cfg, rt, train=True)
     optimizer, scheduler, autocast, scaler = optimisation(cfg, model, rt, _steps_per_epoch(cfg, train_loader))
@@ -322,15 +329,17 @@ def _log_epoch(fold_dir: Path, writer: Any, history: list[dict[str, Any]]) -> No
 
 
 def train_fold(cfg: Config | SeqConfig, cache: PixelCache, fold_dir: Path, fold: int, rt: Runtime,
-               resume: bool = False, progress: bool = True, trainer: Trainer | None = None) -> dict[str, Any]:
+               resume: bool = False, progress: bool = True, trainer: Trainer | None = None,
+               targets: np.ndarray | None = None) -> dict[str, Any]:
     """Train one fold to the end (or early stop); returns the best epoch's metrics.
 
-    ``trainer``: a ready one (the sequence stage's); by default :func:`build_trainer` builds the 2D one.
+    ``trainer``: a ready one (the sequence stage's); by default :func:`build_trainer` builds the 2D one
+    (training on ``targets`` instead of the labels where given).
     """
     last = fold_dir / "checkpoints" / "last.pt"
     state = load_state(last, map_location=rt.device) if resume and last.exists() else None
     check_fold_dir(fold_dir, cfg, resume, state)
-    t = trainer if trainer is not None else build_trainer(cfg, cache, fold, rt)  # type: ignore[arg-type]
+    t = trainer if trainer is not None else build_trainer(cfg, cache, fold, rt, targets)  # type: ignore[arg-type]
     history: list[dict[str, Any]] = []
     best = Best()
     epoch = 0
@@ -432,8 +441,12 @@ def check_finite_predictions(t: Trainer, rows: np.ndarray, probs: np.ndarray) ->
 
 
 def train(cfg: Config, data: str | Path, out: str | Path, fold: str = "all", resume: bool = False,
-          progress: bool = True) -> list[dict[str, Any]]:
+          progress: bool = True, targets: np.ndarray | None = None,
+          extra_files: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Train the given fold(s) of ``cfg`` on the cache ``data`` into run directory ``out``.
+
+    ``targets``: per cache row, what the network trains on instead of the labels (distillation);
+    ``extra_files``: more files written next to ``config.yaml`` (name -> text), with it.
 
     Every check that could refuse the run (device, folds, labels, model, an existing checkpoint, a resume
     or run folder with a different config) comes before anything is written, so a refused ``train``
@@ -454,8 +467,10 @@ def train(cfg: Config, data: str | Path, out: str | Path, fold: str = "all", res
                 if rt.is_main:
                     write_text_atomic(run / "config.yaml", config_to_yaml(cfg))
                     write_run_record(run, cache.manifest.provenance)  # what the run is trained on
+                    for name, text in (extra_files or {}).items():
+                        write_text_atomic(run / name, text)
             for k in folds:
-                results.append(train_fold(cfg, cache, run / f"fold{k}", k, rt, resume, progress))
+                results.append(train_fold(cfg, cache, run / f"fold{k}", k, rt, resume, progress, targets=targets))
             with all_ranks_or_none(rt):
                 if rt.is_main:
                     write_parquet_atomic(merge_oof(run, cache), run / "oof.parquet")
