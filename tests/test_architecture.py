@@ -79,3 +79,9 @@ def loaded() -> dict[str, list[str]]:
 def test_a_stage_does_not_load_what_it_must_not(loaded: dict[str, list[str]], module: str,
                                                 forbidden: tuple[str, ...]) -> None:
     assert [m for m in loaded[module] if m.startswith(forbidden)] == []
+
+
+def test_test_modules_have_unique_names() -> None:
+    """pytest imports test modules by basename (no packages under tests/): two of one name cannot both run."""
+    names = [p.name for p in (SRC.parent / "tests").rglob("*.py") if p.name != "conftest.py"]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
