@@ -143,3 +143,23 @@ def test_the_synth_writer_marks_its_files(synth_dir: Path, tmp_path: Path) -> No
     """The marker is the synth writer's: a copy of its files elsewhere is still recognised."""
     shutil.copytree(synth_dir / "stage_2_test_images", tmp_path / "copy")
     assert all(is_synthetic(p) for p in (tmp_path / "copy").iterdir())
+
+
+def test_a_run_record_of_the_same_data_is_kept(synth_dir: Path, tmp_path: Path) -> None:
+    """A resumed or refused train on the same cache leaves RUN/data.json as it was (first training date);
+    another cache's record replaces it."""
+    from ichdet.cache.provenance import write_run_record
+
+    preprocess(synth_dir / "stage_2_train_images", tmp_path / "c", synth_dir / "stage_2_train.csv", OPTS)
+    preprocess(synth_dir / "stage_2_test_images", tmp_path / "t", None, OPTS)
+    first, other = read_manifest(tmp_path / "c").provenance, read_manifest(tmp_path / "t").provenance
+    run = tmp_path / "run"
+    run.mkdir()
+    write_run_record(run, first)
+    before = (run / "data.json").read_bytes()
+    (run / "data.json").write_bytes(before.replace(b'"trained_utc": "', b'"trained_utc": "1999'))
+    kept = (run / "data.json").read_bytes()
+    write_run_record(run, first)
+    assert (run / "data.json").read_bytes() == kept
+    write_run_record(run, other)
+    assert json.loads((run / "data.json").read_text())["data"] == other.model_dump()  # type: ignore[union-attr]

@@ -77,8 +77,8 @@ BAD = [
     (_manifest(calibration=[1]), r"calibration = \[1\]: Input should be a valid dictionary"),
     (_manifest(bases=[{**_manifest()["members"][0], "weight": -1}]),
      r"bases\[0\]\.weight = -1: Input should be greater"),
-    (_manifest(format_version="1"), r"bundle format version '1'; this ichdet .* reads versions \[1, 2\]"),
-    (_manifest(format_version=True), r"bundle format version True; this ichdet .* reads versions \[1, 2\]"),
+    (_manifest(format_version="1"), r"bundle format version '1'; this ichdet .* reads versions \[1, 2, 3\]"),
+    (_manifest(format_version=True), r"bundle format version True; this ichdet .* reads versions \[1, 2, 3\]"),
 ]
 
 
@@ -151,17 +151,21 @@ def test_an_onnx_graph_listed_in_the_manifest_is_accepted_and_verified(seq_bundl
     graph = b"onnx graph bytes"
     tree = _read_manifest(seq_bundle)
     tree["runtime"], tree["calibration"] = "onnx", {"sensitivity": 0.9}
-    tree["members"][0]["sha256"]["members/seq/fold0.onnx"] = sha256_bytes(graph)
-    good = _rewrite_manifest(seq_bundle, tmp_path / "onnx.ichdet", tree, {"members/seq/fold0.onnx": graph})
+    graphs = {}  # an ONNX bundle has a graph for every fold of every network (members and bases)
+    for entry in [*tree["members"], *tree.get("bases", [])]:
+        for k in entry["folds"]:
+            graphs[f"members/{entry['name']}/fold{k}.onnx"] = graph
+            entry["sha256"][f"members/{entry['name']}/fold{k}.onnx"] = sha256_bytes(graph)
+    good = _rewrite_manifest(seq_bundle, tmp_path / "onnx.ichdet", tree, graphs)
     ens = load_ensemble(good)
-    assert ens.manifest["runtime"] == "onnx"
+    assert ens.manifest["runtime"] == "onnx" and ens.members[0].onnx
     assert ens.members[0].sha256["members/seq/fold0.onnx"] == sha256_bytes(graph)
-    bad = _rewrite_manifest(seq_bundle, tmp_path / "bad.ichdet", tree, {"members/seq/fold0.onnx": graph + b"!"})
+    bad = _rewrite_manifest(seq_bundle, tmp_path / "bad.ichdet", tree,
+                            {**graphs, "members/seq/fold0.onnx": graph + b"!"})
     with pytest.raises(CheckpointError, match=r"member members/seq/fold0.onnx was modified"):
         load_ensemble(bad)
     tree["members"][0]["sha256"]["members/base/fold0.onnx"] = sha256_bytes(graph)  # another member's folder
-    other = _rewrite_manifest(seq_bundle, tmp_path / "other.ichdet", tree,
-                              {"members/seq/fold0.onnx": graph, "members/base/fold0.onnx": graph})
+    other = _rewrite_manifest(seq_bundle, tmp_path / "other.ichdet", tree, graphs)
     with pytest.raises(CheckpointError, match=r"member 'seq' lists files .* and ONNX graphs of its own"):
         load_ensemble(other)
 

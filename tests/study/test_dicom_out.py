@@ -333,7 +333,7 @@ def test_synthetic_training_and_operating_points_are_said(ready_files: list[Path
                                 overlay_sources=[shown])
     sc, ko, sr = (read(p) for p in paths)
     for ds in (sc, ko, sr):
-        assert "DEMO MODEL (synthetic training data)" in ds.SeriesDescription
+        assert ds.SeriesDescription.endswith(" - NOT FOR DIAGNOSTIC USE - DEMO MODEL")
         assert len(ds.SeriesDescription) <= 64
     assert "synthetic" in sc.ImageComments
     for label, params in sr_parameters(sr).items():

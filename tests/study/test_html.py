@@ -87,7 +87,9 @@ def test_page_content(case: tuple[dict, ReportFigures]) -> None:
     assert "localizer" in study["skipped_series"][0]["reason"]
     (called,) = study["summary"]["slice_ranges"]["any"]
     assert (called["first_index"], called["last_index"]) == (2, 3)
-    assert re.search(r"<td>any</td><td>0\.850</td><td>0\.500</td><td class=\"pos\">positive</td>"
+    # the study's model carries no measured operating point (run folders): the decision says so beside it
+    assert re.search(r"<td>any</td><td>0\.850</td><td>0\.500</td><td class=\"pos\">positive<div class=\"warn\">"
+                     r"no out-of-fold operating point: the threshold is the default, not measured</div></td>"
                      r'<td class="op">-</td><td class="op">-</td><td>' + re.escape(range_name(called)) + "</td>", page)
     assert "ab" * 32 in page  # the manifest
 

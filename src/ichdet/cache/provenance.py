@@ -107,8 +107,13 @@ def run_record(data: DataRecord | None) -> dict[str, Any]:
 
 
 def write_run_record(run: Path, data: DataRecord | None) -> None:
-    """Write ``RUN/data.json`` (:func:`run_record`) atomically."""
-    write_text_atomic(Path(run) / RUN_DATA_FILE, json.dumps(run_record(data), indent=1) + "\n")
+    """Write ``RUN/data.json`` (:func:`run_record`) atomically, unless it already records the same data: a
+    resumed run keeps its first training date, and a rerun on the same cache changes no file."""
+    record = run_record(data)
+    old = read_run_record(run)
+    if isinstance(old, dict) and old.get("data") == record["data"]:
+        return
+    write_text_atomic(Path(run) / RUN_DATA_FILE, json.dumps(record, indent=1) + "\n")
 
 
 def read_run_record(run: Path) -> dict[str, Any] | str:

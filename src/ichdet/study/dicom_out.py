@@ -388,8 +388,8 @@ def patient_orientation(ref: Dataset) -> tuple[str, str]:
 def _description(what: str, model: Mapping[str, Any]) -> str:
     """A series description (LO, at most 64 characters) saying what it is, "not for diagnostic use" and,
     for a bundle trained on synthetic data, that it is a demonstration model."""
-    demo = " DEMO MODEL (synthetic training data)" if synthetic_training(model) else ""
-    return f"ichdet {what}{demo} - NOT FOR DIAGNOSTIC USE"[:64]
+    tail = " - NOT FOR DIAGNOSTIC USE" + (" - DEMO MODEL" if synthetic_training(model) else "")
+    return f"ichdet {what}"[:64 - len(tail)] + tail  # the warnings are never the part cut off
 
 
 def _secondary_capture(ref: Dataset, rgb: np.ndarray, uid: Callable[..., str], index: int,
