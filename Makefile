@@ -42,8 +42,9 @@ imports: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# one worker per core; a module's tests stay on one worker, so its fixtures are built once
 pytest: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q -n auto --dist loadfile
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/ichdet demo --out demo
