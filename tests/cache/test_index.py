@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -9,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from nobody_support import as_nobody
 
 from ichdet.cache.index import build_index, list_dicom_files, order_slices, relative_dicom_files, scan_dicom_files
 from ichdet.cache.labels import LABELS, read_labels
@@ -128,21 +128,8 @@ def test_more_folds_than_patients_names_the_option() -> None:
 
 
 def _scan_as_nobody(folder: Path) -> tuple[list[tuple[str, int, int]], list[tuple[str, str]]]:
-    """:func:`scan_dicom_files` in a forked child that is not root (root reads every folder)."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: drop to nobody, scan, send the result back, exit without cleanup
-        try:
-            os.setgid(65534)
-            os.setuid(65534)
-            os.write(write, json.dumps(scan_dicom_files(folder)).encode())
-        finally:
-            os._exit(0)
-    os.close(write)
-    with os.fdopen(read, "rb") as fh:
-        data = fh.read()
-    os.waitpid(pid, 0)
-    found, problems = json.loads(data)
+    """:func:`scan_dicom_files` as nobody (root reads every folder)."""
+    found, problems = as_nobody(lambda: scan_dicom_files(folder))
     return [tuple(f) for f in found], [tuple(p) for p in problems]
 
 

@@ -3,7 +3,6 @@ back to a folder already scanned) in ``skipped_files`` with the reason, and ends
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -11,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from nobody_support import as_nobody
 
 from ichdet.study.scan import scan_folder
 
@@ -18,26 +18,13 @@ _AGAIN = "a link to a folder already scanned (a loop or a second link); not ente
 
 
 def _scan_as_nobody(folder: Path) -> tuple[list[tuple[str, str]], int, int]:
-    """(skipped files, n_files, slices selected) of :func:`scan_folder` in a forked child that is
-    not root (root reads every folder)."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: drop to nobody, scan, send the result back, exit without cleanup
-        try:
-            if os.geteuid() == 0:
-                os.setgid(65534)
-                os.setuid(65534)
-            scan = scan_folder(folder, min_slices=1)
-            result = ([(f.path, f.reason) for f in scan.skipped_files], scan.n_files,
-                      sum(len(s.slices) for study in scan.studies for s in study.selected))
-            os.write(write, json.dumps(result).encode())
-        finally:
-            os._exit(0)
-    os.close(write)
-    with os.fdopen(read, "rb") as fh:
-        data = fh.read()
-    os.waitpid(pid, 0)
-    skipped, n_files, slices = json.loads(data)
+    """(skipped files, n_files, slices selected) of :func:`scan_folder` as nobody (root reads every folder)."""
+    def scan() -> tuple[list[tuple[str, str]], int, int]:
+        found = scan_folder(folder, min_slices=1)
+        return ([(f.path, f.reason) for f in found.skipped_files], found.n_files,
+                sum(len(s.slices) for study in found.studies for s in study.selected))
+
+    skipped, n_files, slices = as_nobody(scan)
     return [tuple(s) for s in skipped], n_files, slices
 
 
