@@ -358,9 +358,9 @@ def test_read_meta_explicit_vr_file(rsna_sample: Path) -> None:
         image_id="ID_000a50137", patient_id="ID_d1217a66", study_uid="ID_d7fd39e49b",
         series_uid="ID_bf6f6d5d34", z=147.892371, instance_number=-1,
         pixel_spacing_row=0.45703125, pixel_spacing_col=0.45703125, rows=512, cols=512,
-        transfer_syntax="1.2.840.10008.1.2.1",
+        transfer_syntax="1.2.840.10008.1.2.1", implementation_version="dcm4che-1.4.38",
     )
-    assert meta.as_row() == {
+    assert meta.as_row() == {  # the index row: no implementation_version
         "image_id": "ID_000a50137", "patient_id": "ID_d1217a66", "study_uid": "ID_d7fd39e49b",
         "series_uid": "ID_bf6f6d5d34", "z": 147.892371, "instance_number": -1,
         "pixel_spacing_row": 0.45703125, "pixel_spacing_col": 0.45703125, "rows": 512, "cols": 512,

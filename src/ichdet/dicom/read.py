@@ -49,8 +49,10 @@ class DicomMeta:
     """Header fields of one slice that indexing, ordering and grouping need.
 
     ``z`` is ImagePositionPatient[2] (NaN if absent), ``instance_number`` is InstanceNumber (-1 if
-    absent), the spacings come from PixelSpacing ``[row, column]`` in mm (NaN if absent) and
-    ``transfer_syntax`` is the Transfer Syntax UID string.
+    absent), the spacings come from PixelSpacing ``[row, column]`` in mm (NaN if absent),
+    ``transfer_syntax`` is the Transfer Syntax UID string and ``implementation_version`` the file meta
+    header's Implementation Version Name (0002,0013), "" if absent (not an index column: it says which
+    program wrote the file, e.g. ``ichdet synth``).
     """
 
     image_id: str
@@ -64,14 +66,15 @@ class DicomMeta:
     rows: int
     cols: int
     transfer_syntax: str
+    implementation_version: str = ""
 
     def as_row(self) -> dict[str, str | int | float]:
-        """The fields as a plain dict, one DataFrame row (not ``dataclasses.asdict``: 10x slower)."""
-        return {name: getattr(self, name) for name in _META_FIELDS}
+        """The index fields as a plain dict, one DataFrame row (not ``dataclasses.asdict``: 10x slower)."""
+        return {name: getattr(self, name) for name in ROW_FIELDS}
 
 
-#: DicomMeta's field names, in order.
-_META_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(DicomMeta))
+#: The DicomMeta fields an index row holds, in order.
+ROW_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(DicomMeta) if f.name != "implementation_version")
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -220,6 +223,7 @@ def meta_from_dataset(ds: Dataset, path: PathLike) -> DicomMeta:
         rows=rows,
         cols=cols,
         transfer_syntax=str(_transfer_syntax(ds, path)),
+        implementation_version=_text(ds.file_meta, "ImplementationVersionName"),
     )
 
 
