@@ -54,13 +54,13 @@ def test_at_most_eight_modules_stay_at_the_top() -> None:
 
 
 LOADS: list[tuple[str, tuple[str, ...]]] = [
-    ("ichdet.infer", ("ichdet.train", "pydicom")),
+    ("ichdet.infer", ("ichdet.train", "pydicom")),  # its face loads bundle, members, passes, predict
     ("ichdet.study", ("ichdet.train",)),
     ("ichdet.serve", ("ichdet.train", "torch")),  # the node loads torch only when it analyses
     ("ichdet.dicom", ("torch", "pydicom")),        # windowing at once, the reader on first use
     ("ichdet.cache", ("torch", "pydicom")),
     ("ichdet.evaluate", ("torch",)),
-    ("ichdet.models", ("pydicom",)),
+    ("ichdet.models", ("ichdet.train", "pydicom")),  # its face loads engine, inputs, rundir, sequence
     ("ichdet.train", ("pydicom",)),
 ]
 
