@@ -545,8 +545,7 @@ def _dicom_results(prediction: StudyPrediction, dicom_out: Path | None, include_
         written = write_prediction_dicom(prediction, prediction_figures(prediction) if figures is None else figures,
                                          folder, include_phi)
         if dicom_out is not None:
-            typer.echo(f"{dicom_out}: {len(written)} DICOM objects ({_kinds(written)}: secondary captures, "
-                       "key images, TID 1500 SR), not for diagnostic use")
+            typer.echo(f"{dicom_out}: {len(written)} DICOM objects ({_kinds(written)}), not for diagnostic use")
         if stow is not None:
             _stow(stow, written, ca_bundle)
     return written

@@ -21,6 +21,7 @@ from ichdet.infer import members as members_module
 from ichdet.infer.bundle import load_ensemble, sha256_bytes
 from ichdet.infer.manifest import parse_manifest
 from ichdet.infer.members import normalised, resolve_weights
+from ichdet.names import LABELS
 
 HEX = "ab" * 32
 
@@ -46,6 +47,18 @@ def _with_member(change: dict[str, Any], index: int = 0) -> dict[str, Any]:
 
 def _text(tree: dict[str, Any]) -> bytes:
     return json.dumps(tree).encode()  # NaN is written as the bare NaN literal, which json.loads accepts
+
+
+#: A site calibration's temperatures: one per label.
+_TEMPERATURES = {label: 1.2 for label in LABELS}
+
+
+def _with_graphs(tree: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """``tree`` with an ONNX graph listed for every fold of the members ``names``."""
+    for entry in tree["members"]:
+        if entry["name"] in names:
+            entry["sha256"].update({f"members/{entry['name']}/fold{k}.onnx": HEX for k in entry["folds"]})
+    return tree
 
 
 # Each case: the manifest as a hostile or careless editor leaves it, and the one line that refuses it.
@@ -77,6 +90,12 @@ BAD = [
     (_manifest(calibration=[1]), r"calibration = \[1\]: Input should be a valid dictionary"),
     (_manifest(bases=[{**_manifest()["members"][0], "weight": -1}]),
      r"bases\[0\]\.weight = -1: Input should be greater"),
+    (_with_graphs(_manifest(), ["b"]), r"^model\.ichdet: manifest runtime torch but members \['b'\] have ONNX graphs"),
+    (_with_graphs(_manifest(runtime="onnx"), ["a"]), r"runtime onnx but members \['b'\] lack ONNX graphs"),
+    (_with_graphs(_manifest(runtime="onnx", calibration={"temperature": {"any": 1.2}}), ["a", "b"]),
+     r"calibration = .*temperature must give a finite number > 0 for each of"),
+    (_manifest(calibration={"temperature": {**_TEMPERATURES, "any": -1.0}}), r"temperature must give a finite"),
+    (_manifest(calibration={"temperature": {**_TEMPERATURES, "any": float("nan")}}), r"temperature must give"),
     (_manifest(format_version="1"), r"bundle format version '1'; this ichdet .* reads versions \[1, 2, 3\]"),
     (_manifest(format_version=True), r"bundle format version True; this ichdet .* reads versions \[1, 2, 3\]"),
 ]
@@ -93,13 +112,14 @@ def test_a_bad_manifest_is_refused_in_one_line_naming_the_field(tree: dict[str, 
 
 @pytest.mark.parametrize("change", [
     {},  # the manifest as written
-    {"runtime": "onnx", "calibration": {"site": "x", "temperature": {"any": 1.2}}},  # written by bundle --runtime onnx
+    {"runtime": "onnx", "calibration": {"site": "x", "temperature": _TEMPERATURES}},  # bundle --runtime onnx
     {"runtime": "torch", "training": {"synthetic": True}, "newer_key": 1},  # unknown top-level keys are ignored
     {"format_version": 2, "bases": []},
 ])
 def test_a_good_manifest_and_its_optional_fields_are_accepted(change: dict[str, Any]) -> None:
     tree = _manifest(**change)
-    tree["members"][1]["sha256"]["members/b/fold0.onnx"] = HEX  # an ONNX graph next to the weights
+    if change.get("runtime") == "onnx":  # a graph next to the weights of every fold of every network
+        tree = _with_graphs(tree, ["a", "b"])
     manifest = parse_manifest(_text(tree), Path("m.ichdet"))
     assert [(m.name, m.weight, m.folds) for m in manifest.members] == [("a", 2.0, [0, 1]), ("b", 1.0, [0, 1])]
     assert manifest.thresholds == {"any": 0.3, "subdural": 0.5}

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
@@ -347,7 +346,6 @@ def _bundle_ensemble(bundle: Path, weights: Mapping[str, float] | None) -> Ensem
             _check_entries(zf, bundle)
             manifest = _read_manifest(zf, bundle)
             members, bases = _bundle_members(zf, bundle, manifest, weights)
-            _check_runtime(manifest, (*members, *bases), bundle)
             listed = {f for m in (*members, *bases) for f in m.sha256} | {"manifest.json"}
             extra = sorted(set(zf.namelist()) - listed)
             if extra:
@@ -359,33 +357,15 @@ def _bundle_ensemble(bundle: Path, weights: Mapping[str, float] | None) -> Ensem
             "runtime": manifest.runtime, "calibration": manifest.calibration,
             "training": manifest.training if manifest.training is not None else training_summary(
                 [m.training for m in (*members, *bases)])}
-    return Ensemble(members, thresholds, info, _temperature(manifest, bundle))
+    return Ensemble(members, thresholds, info, _temperature(manifest))
 
 
-def _check_runtime(manifest: BundleManifest, runs: Sequence[Member], bundle: Path) -> None:
-    """Refuse an ONNX bundle with a network lacking its graphs, and a torch bundle carrying graphs."""
-    lacking = [m.name for m in runs if (manifest.runtime == "onnx") != m.onnx]
-    if lacking:
-        raise CheckpointError(f"{bundle}: runtime {manifest.runtime} but members {lacking} "
-                              f"{'lack' if manifest.runtime == 'onnx' else 'have'} ONNX graphs; the bundle is "
-                              "inconsistent, write it again")
 
-
-def _temperature(manifest: BundleManifest, bundle: Path) -> dict[str, float] | None:
-    """The per-label temperatures of a site-calibrated bundle (``calibration.temperature``), or None."""
+def _temperature(manifest: BundleManifest) -> dict[str, float] | None:
+    """The per-label temperatures of a site-calibrated bundle (``calibration.temperature``, checked by the
+    manifest's schema), or None."""
     found = (manifest.calibration or {}).get("temperature")
-    if found is None:
-        return None
-    try:
-        temperature = {label: float(found[label]) for label in LABELS}
-    except (KeyError, TypeError, ValueError):
-        raise CheckpointError(f"{bundle}: calibration.temperature must give a number for each of {list(LABELS)}; "
-                              "calibrate the bundle again") from None
-    bad = {k: v for k, v in temperature.items() if not (math.isfinite(v) and v > 0)}
-    if bad:
-        raise CheckpointError(f"{bundle}: calibration temperatures must be finite and > 0, got {bad}")
-    return temperature
-
+    return None if found is None else {label: float(found[label]) for label in LABELS}
 
 def load_ensemble(bundle: Path | None = None, runs: Sequence[Path] = (),
                   weights: dict[str, float] | None = None) -> Ensemble:

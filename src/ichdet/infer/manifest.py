@@ -28,7 +28,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
 from ichdet.errors import CheckpointError
 from ichdet.names import LABELS
@@ -99,6 +99,26 @@ class BundleManifest(_Strict):
     calibration: dict[str, Any] | None = None
     training: dict[str, Any] | None = None
 
+    @model_validator(mode="after")
+    def _graphs_match_runtime(self) -> BundleManifest:
+        """An ONNX bundle has a graph for every fold of every network; a torch bundle has none."""
+        onnx = self.runtime == "onnx"
+        odd = [e.name for e in (*self.members, *self.bases)
+               if onnx != all(f"members/{e.name}/fold{k}.onnx" in e.sha256 for k in e.folds)]
+        if odd:
+            raise ValueError(f"runtime {self.runtime} but members {odd} {'lack' if onnx else 'have'} ONNX graphs")
+        return self
+
+    @field_validator("calibration")
+    @classmethod
+    def _temperatures(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        """A site calibration's temperatures (when present): a finite number > 0 for every label."""
+        found = (value or {}).get("temperature")
+        if found is not None and not (isinstance(found, dict) and all(
+                type(found.get(label)) in (int, float) and 0 < found[label] < float("inf") for label in LABELS)):
+            raise ValueError(f"temperature must give a finite number > 0 for each of {list(LABELS)}")
+        return value
+
 
 def _where(loc: tuple[int | str, ...]) -> str:
     """A pydantic error location as the manifest path: ``members[0].weight``, ``thresholds.any``."""
@@ -119,6 +139,8 @@ def _problem(err: ValidationError) -> str:
     loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and ("[" in p or p in ("str", "dict[str,any]"))))
     if e["type"] == "missing":
         return f"{_where(loc)}: missing"
+    if not loc:  # a rule across fields: its message says what is wrong
+        return str(e["msg"]).removeprefix("Value error, ")
     return f"{_where(loc)} = {_shown(e.get('input'))}: {e['msg']}"
 
 
