@@ -34,8 +34,10 @@ import shutil
 import statistics
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import torch
@@ -50,7 +52,7 @@ from ichdet.evaluate.metrics import expected_calibration_error, weighted_log_los
 from ichdet.infer.predict import predict_run
 from ichdet.models.config import load_config
 from ichdet.names import LABELS
-from ichdet.synth import SynthSpec, make_dataset
+from ichdet.synth import FAMILIES, SynthSpec, make_dataset
 from ichdet.train.loop import train
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -62,12 +64,17 @@ def build_caches(work: Path, args: argparse.Namespace) -> tuple[PixelCache, Pixe
     caches = []
     for name, n, seed in (("train", args.train_studies, args.data_seed),
                           ("test", args.test_studies, args.data_seed + TEST_SEED_OFFSET)):
-        root = work / f"{name}_{n}x{args.size}_s{seed}_f{args.folds}"
-        if not (root / "cache" / "index.parquet").exists():
-            make_dataset(root / "data", SynthSpec(n_studies=n, n_test_studies=0, size=args.size, seed=seed))
-            preprocess(root / "data" / "stage_2_train_images", root / "cache", root / "data" / "stage_2_train.csv",
-                       PreprocessOptions(size=args.size, n_folds=args.folds, seed=seed, progress=False, workers=1))
-        caches.append(PixelCache(root / "cache"))
+        source, stored = args.source_size or args.size, args.cache_size or args.source_size or args.size
+        family = "" if args.family == "classic" else f"{args.family}_"
+        root = work / f"{family}{name}_{n}x{source}_s{seed}_f{args.folds}"
+        if not (root / "data" / "stage_2_train.csv").exists():
+            make_dataset(root / "data", SynthSpec(n_studies=n, n_test_studies=0, size=source, seed=seed,
+                                                  family=args.family))
+        cache = root / ("cache" if stored == source else f"cache{stored}")
+        if not (cache / "index.parquet").exists():
+            preprocess(root / "data" / "stage_2_train_images", cache, root / "data" / "stage_2_train.csv",
+                       PreprocessOptions(size=stored, n_folds=args.folds, seed=seed, progress=False, workers=1))
+        caches.append(PixelCache(cache))
     return caches[0], caches[1]
 
 
@@ -81,16 +88,42 @@ def ratio(y: np.ndarray, p: np.ndarray, prior: float) -> float:
     return weighted_log_loss(y, p) / prior
 
 
+def _unit_stats(model: torch.nn.Module, in_chans: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.zeros(in_chans), torch.ones(in_chans)
+
+
+#: Ablations that are not config keys, named ``@name`` in a ``--variant``: what they replace, in training and
+#: in prediction alike, while the variant runs.
+PATCHES: dict[str, list[tuple[str, Any]]] = {
+    "unit_inputs": [("ichdet.train.loop.input_stats", _unit_stats),  # inputs /255, as the bare loop
+                    ("ichdet.infer.passes.input_stats", _unit_stats)],
+    "equal_loss": [("ichdet.train.loop.LABEL_WEIGHTS", (1.0,) * 6)],  # plain BCE, as the bare loop
+}
+
+
+def patched(names: list[str]) -> ExitStack:
+    """Every patch of :data:`PATCHES` named in ``names``, entered (close the stack to undo them)."""
+    stack = ExitStack()
+    for name in names:
+        if name not in PATCHES:
+            raise SystemExit(f"unknown patch @{name}; known: {', '.join('@' + k for k in PATCHES)}")
+        for target, value in PATCHES[name]:
+            stack.enter_context(mock.patch(target, value))
+    return stack
+
+
 def run_ichdet(train_cache: PixelCache, test_cache: PixelCache, run: Path, seed: int,
                args: argparse.Namespace, variant: list[str]) -> dict[str, Any]:
     """Train every fold, predict the test cache; members, fold 0 and ensemble probabilities."""
     overrides = [f"data.image_size={args.size}", f"train.epochs={args.epochs}", f"model.backbone={args.backbone}",
                  f"train.batch_size={args.batch_size}", f"train.seed={seed}", "train.num_workers=0",
-                 *variant]
-    cfg = load_config(DEMO, overrides)
+                 *(v for v in variant if not v.startswith("@"))]
+    cfg = load_config(args.config, overrides)
     folds = ["all"] if args.members >= args.folds else [str(k) for k in range(args.members)]
-    results = [r for fold in folds for r in train(cfg, train_cache.root, run, fold=fold, resume=True, progress=False)]
-    preds = predict_run(run, test_cache, tta=cfg.train.tta, device="cpu", num_workers=0)
+    with patched([v[1:] for v in variant if v.startswith("@")]):
+        results = [r for fold in folds for r in train(cfg, train_cache.root, run, fold=fold, resume=True,
+                                                      progress=False)]
+        preds = predict_run(run, test_cache, tta=cfg.train.tta, device="cpu", num_workers=0)
     order = {image: i for i, image in enumerate(test_cache.index["image_id"])}
     members = []
     for _, part in sorted(preds.groupby("fold"), key=lambda kv: kv[0]):
@@ -127,8 +160,8 @@ def bare_predictions(train_cache: PixelCache, test_cache: PixelCache, seed: int,
     """The bare loop's test probabilities for ``seed``: trained once, then read from ``--data`` (the
     file name holds every argument the bare loop depends on)."""
     bare_epochs = args.bare_epochs or args.epochs
-    path = args.data / (f"bare_{train_cache.root.parent.name}_{args.backbone}_e{bare_epochs}_b{args.batch_size}"
-                        f"_lr{args.bare_lr:g}_s{seed}.npy")
+    path = args.data / (f"bare_{train_cache.root.parent.name}_{train_cache.root.name}_{args.size}px_{args.backbone}"
+                        f"_e{bare_epochs}_b{args.batch_size}_lr{args.bare_lr:g}_s{seed}.npy")
     if path.exists():
         return np.load(path)
     torch.manual_seed(seed)
@@ -191,6 +224,12 @@ def main() -> None:
     ap.add_argument("--train-studies", type=int, default=40)
     ap.add_argument("--test-studies", type=int, default=16)
     ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--family", default="classic", choices=sorted(FAMILIES),
+                    help="the synthetic family of the training and test studies (ichdet synth --family)")
+    ap.add_argument("--source-size", type=int, default=0, help="pixels of the synthetic images (default --size)")
+    ap.add_argument("--cache-size", type=int, default=0,
+                    help="pixels the cache stores HU at (default --source-size): the windows are applied at this "
+                         "size, then resized to --size")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--members", type=int, default=99, help="train only folds 0..N-1 (default: every fold)")
     ap.add_argument("--data", type=Path, default=None, help="data sets and bare predictions (default OUT/work)")
@@ -202,8 +241,10 @@ def main() -> None:
     ap.add_argument("--bare-lr", type=float, default=1e-3)
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--config", type=Path, default=DEMO, help="the recipe the variants override (demo.yaml)")
     ap.add_argument("--variant", action="append", default=[],
-                    help="NAME:key=value,key=value -- an ichdet variant (overrides of demo.yaml); repeatable")
+                    help="NAME:key=value,@patch,... -- an ichdet variant: overrides of --config and patches "
+                         f"({', '.join('@' + k for k in PATCHES)}); repeatable")
     ap.add_argument("--no-bare", action="store_true", help="skip the bare loop (an ichdet-only ablation)")
     ap.add_argument("--fresh", action="store_true", help="retrain: delete this tag's runs first")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared, loaded machine)")

@@ -122,12 +122,15 @@ def synth(out: Annotated[Path, typer.Option(help="folder to write the Kaggle-lay
           seed: int = 0,
           context: Annotated[bool, typer.Option(help="lesions taper with faint edge slices (sequence stage)")]
           = False,
+          family: Annotated[str, typer.Option(help="how the studies look: classic (the demo's) or subtle (small, "
+                                                   "faint, noisy lesions near the skull, a tighter field of view)")]
+          = "classic",
           force: Annotated[bool, typer.Option(help="overwrite files ichdet synth did not write")] = False) -> None:
     """Write synthetic head-CT studies (skull, brain, ventricles, five bleed types) as DICOM."""
     from ichdet.synth import SynthSpec, make_dataset
 
     summary = make_dataset(out, SynthSpec(n_studies=studies, n_test_studies=test_studies, size=size,
-                                          seed=seed, context=context), force=force)
+                                          seed=seed, context=context, family=family), force=force)
     typer.echo(str(summary))
 
 

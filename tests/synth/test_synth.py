@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import itertools
+import json
 import math
 import re
 from collections import defaultdict
@@ -661,3 +662,98 @@ def test_context_edge_slices_are_positive_but_faint() -> None:
                     (full if les.contrast(plan.z_mm(k)) >= 1.0 else faint).append(float(sl.hu[mask].mean()))
     assert len(faint) >= 10 and len(full) >= 10
     assert np.median(faint) < 55.0 <= min(full)  # faint edges fall below the blood range; the core stays in it
+
+
+# ------------------------------------------------------------------------------------------- families
+
+
+SUBTLE = SynthSpec(n_studies=8, n_test_studies=0, size=64, seed=5, family="subtle")
+
+
+def test_classic_family_is_the_set_before_families() -> None:
+    """The default family draws and renders what the generator did before families existed (the digest
+    of commit c16bf57)."""
+    plans, _ = synth.plan_dataset(SMALL)
+    digest = hashlib.sha256(b"".join(synth.render_slice(p, k).tobytes() for p in plans for k in range(p.n_slices)))
+    assert digest.hexdigest() == "1d40dc27a2b10bcd74e388ac5f05f96a734ebdd43c232923d044d2fea022dbd9"
+
+
+@pytest.mark.parametrize(
+    ("name", "check"),
+    [
+        ("slices per study from the family", lambda p, fam: fam.slices_per_study[0] <= p.n_slices
+         <= fam.slices_per_study[1]),
+        ("field of view from the family", lambda p, fam: fam.fov_mm[0] <= p.style.spacing_mm * p.size
+         <= fam.fov_mm[1]),
+        ("lesion density from the family", lambda p, fam: all(fam.blood_hu[0] <= les.hu <= fam.blood_hu[1]
+                                                             for les in p.lesions)),
+        ("the family is on the plan", lambda p, fam: p.family == "subtle"),
+    ],
+)
+def test_subtle_family_plan(name: str, check: object) -> None:
+    plans, _ = synth.plan_dataset(SUBTLE)
+    fam = synth.FAMILIES["subtle"]
+    assert all(check(p, fam) for p in plans), name  # type: ignore[operator]
+
+
+def test_subtle_lesions_are_smaller_fainter_and_noisier() -> None:
+    """Same seed, other family: in-plane lesion sizes scale by lesion_scale, blood is clipped to the
+    family's range, the noise has the family's spread, intraparenchymal blobs lie near the skull."""
+    classic, _ = synth.plan_dataset(SynthSpec(**{**SUBTLE.__dict__, "family": "classic"}))
+    subtle, _ = synth.plan_dataset(SUBTLE)
+    fam = synth.FAMILIES["subtle"]
+    blood: list[int] = []
+    for plan in subtle:
+        for les in plan.lesions:
+            if les.kind == "intraparenchymal":
+                _, _, a_in, b_in = synth.phantom._axes(plan.anatomy, 0.5)
+                u, v = les.center_mm
+                assert math.hypot(u / a_in, v / b_in) >= fam.iph_radius[0] - 1e-9
+        sl = synth.phantom_slice(plan, plan.n_slices // 2)
+        for mask in sl.blood:
+            blood.extend(sl.hu[mask].tolist())
+    assert blood and fam.blood_clip[0] <= min(blood) and max(blood) <= fam.blood_clip[1]
+    mean_extent = {name: np.mean([les.extent_mm for p in plans for les in p.lesions if les.kind == "intraparenchymal"])
+                   for name, plans in (("classic", classic), ("subtle", subtle))}
+    assert mean_extent["subtle"] < 0.8 * mean_extent["classic"]
+
+
+@pytest.mark.parametrize(("family", "noise"), [("classic", 5.0), ("subtle", 10.0)])
+def test_family_noise(family: str, noise: float) -> None:
+    """Brain tissue's spread around its mean is the family's noise (one slice, a central square)."""
+    plan = StudyPlan(**{**fixed_plan(size=128).__dict__, "family": family})
+    hu = synth.render_slice(plan, MID).astype(float)
+    r, c = pixel(-36, 20)  # the white-matter patch of test_noise_is_ct_like_and_render_is_pure
+    patch = hu[r - 3 : r + 4, c - 3 : c + 4]
+    assert 0.6 * noise <= patch.std() <= 1.4 * noise
+
+
+def test_unknown_family_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"family 'bogus' is not one of classic, subtle"):
+        SynthSpec(family="bogus")
+
+
+def test_cli_synth_family(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ichdet.cli import app
+
+    out = tmp_path / "subtle"
+    result = CliRunner().invoke(app, ["synth", "--out", str(out), "--studies", "2", "--test-studies", "0",
+                                      "--size", "32", "--family", "subtle"])
+    assert result.exit_code == 0, result.output
+    marker = json.loads((out / synth.writer.MARKER).read_text())
+    assert marker["family"] == "subtle" and marker["slices_per_study"] == [12, 18]
+    refused = CliRunner().invoke(app, ["synth", "--out", str(out), "--studies", "2", "--test-studies", "0",
+                                       "--size", "32"])
+    assert refused.exit_code != 0 and "family" in refused.output
+
+
+def test_marker_before_families_is_the_classic_family(tmp_path: Path) -> None:
+    spec = SynthSpec(n_studies=1, n_test_studies=0, size=32, slices_per_study=(8, 8), seed=1)
+    synth.make_dataset(tmp_path, spec)
+    marker = tmp_path / synth.writer.MARKER
+    old = json.loads(marker.read_text())
+    del old["family"]
+    marker.write_text(json.dumps(old))
+    synth.make_dataset(tmp_path, spec)  # no refusal: the same spec

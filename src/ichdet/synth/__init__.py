@@ -16,7 +16,8 @@ the pixel grid. Layers are concentric ellipses: scalp, skull (thicker at the bas
 cavity holding cortex, white matter, deep grey nuclei, sulci, the interhemispheric fissure, ventricles
 and basal cisterns (CSF), all shrinking toward base and vertex.
 
-Hemorrhage (55–80 HU) is a :class:`Lesion` with a centre height and a half z-extent; its in-plane size
+Hemorrhage (55–80 HU in the ``classic`` family; :data:`FAMILIES` holds the others) is a
+:class:`Lesion` with a centre height and a half z-extent; its in-plane size
 follows ``sqrt(1 - (dz / z_half)^2)``, so it grows and shrinks smoothly over several slices. A slice is
 positive for a subtype when that lesion's mask there covers at least :func:`min_visible_px` pixels.
 
@@ -41,12 +42,14 @@ from __future__ import annotations
 from ichdet.synth.phantom import min_visible_px, phantom_slice, render_slice
 from ichdet.synth.plan import plan_dataset, visible_slices
 from ichdet.synth.spec import (
+    FAMILIES,
     HU_RANGE,
     INSTANCE_ORDERS,
     KINDS,
     LAYOUTS,
     Anatomy,
     DicomStyle,
+    Family,
     Layout,
     Lesion,
     PhantomSlice,
@@ -57,12 +60,14 @@ from ichdet.synth.spec import (
 from ichdet.synth.writer import build_dataset, encode_pixels, make_dataset
 
 __all__ = [
+    "FAMILIES",
     "HU_RANGE",
     "INSTANCE_ORDERS",
     "KINDS",
     "LAYOUTS",
     "Anatomy",
     "DicomStyle",
+    "Family",
     "Layout",
     "Lesion",
     "PhantomSlice",

@@ -13,13 +13,12 @@ import numpy as np
 from ichdet.names import LABELS
 from ichdet.synth.spec import (
     AIR,
-    BLOOD_HU,
     BONE_HU,
     CSF,
     EDEMA,
+    FAMILIES,
     HU_RANGE,
     MIN_VISIBLE_MM2,
-    NOISE_HU,
     SCALP,
     SCALP_MM,
     Anatomy,
@@ -273,7 +272,8 @@ def phantom_slice(plan: StudyPlan, k: int) -> PhantomSlice:
     """Render slice ``k`` of ``plan``: HU (int16, noise included), the cranial cavity, blood and labels.
 
     Pure: the same plan and index give the same arrays. Order of operations: anatomy, edema, blood,
-    Gaussian noise (``NOISE_HU``), rounding, then clipping (full-contrast blood to ``BLOOD_HU``, skull to
+    Gaussian noise (the family's ``noise_hu``), rounding, then clipping (full-contrast blood to the family's
+    :attr:`~ichdet.synth.spec.Family.blood_clip`, skull to
     ``BONE_HU``, everything to ``HU_RANGE``). A faded lesion edge (:meth:`Lesion.contrast` < 1) is blood
     blended with the tissue under it.
     """
@@ -285,13 +285,14 @@ def phantom_slice(plan: StudyPlan, k: int) -> PhantomSlice:
             hu[_edema(les, g, plan.z_mm(k)) & ~mask] = EDEMA
     contrast = [les.contrast(plan.z_mm(k)) for les in plan.lesions]
     for les, mask, c in zip(plan.lesions, blood, contrast, strict=True):
-        # a faded lesion (context-matters sets) blends into the tissue under it: faint, not clipped to BLOOD_HU
+        # a faded lesion (context-matters sets) blends into the tissue under it: faint, not clipped
         hu[mask] = les.hu if c >= 1.0 else hu[mask] + c * (les.hu - hu[mask])
     rng = np.random.default_rng([plan.noise_seed, k])
-    hu = np.rint(hu + rng.normal(0.0, NOISE_HU, hu.shape))
+    family = FAMILIES[plan.family]
+    hu = np.rint(hu + rng.normal(0.0, family.noise_hu, hu.shape))
     full = [mask for mask, c in zip(blood, contrast, strict=True) if c >= 1.0]
     any_blood = np.any(full, axis=0) if full else np.zeros(hu.shape, dtype=bool)
-    hu = np.where(any_blood, np.clip(hu, *BLOOD_HU), np.where(g.skull, np.clip(hu, *BONE_HU), hu))
+    hu = np.where(any_blood, np.clip(hu, *family.blood_clip), np.where(g.skull, np.clip(hu, *BONE_HU), hu))
     hu = np.clip(hu, *HU_RANGE).astype(np.int16)
     return PhantomSlice(hu=hu, intracranial=g.intracranial, blood=blood, labels=_labels(plan, blood))
 

@@ -17,6 +17,7 @@ from ichdet.synth.spec import (
     _WINDOWS,
     CONTEXT_FADE,
     CONTEXT_TAPER,
+    FAMILIES,
     INSTANCE_ORDERS,
     KINDS,
     LAYOUTS,
@@ -112,8 +113,8 @@ def _plan_study(
 ) -> StudyPlan:
     """One study without lesions; ``how`` = (pixel layout, transfer syntax, instance-number order)."""
     layout, syntax, order = how
-    n = int(rng.integers(spec.slices_per_study[0], spec.slices_per_study[1] + 1))
-    fov = float(rng.uniform(220.0, 260.0))
+    n = int(rng.integers(spec.slices[0], spec.slices[1] + 1))
+    fov = float(rng.uniform(*FAMILIES[spec.family].fov_mm))
     anatomy = Anatomy(
         head_mm=(float(rng.uniform(66, 76)), float(rng.uniform(84, 96))),
         offset_mm=(float(rng.uniform(-6, 6)), float(rng.uniform(-8, 4))),
@@ -141,7 +142,7 @@ def _plan_study(
         patient_id=ids.draw(8), study_uid=ids.draw(10), series_uid=ids.draw(10),
         image_ids=tuple(ids.draw(9) for _ in range(n)), media_uids=tuple(ids.uid() for _ in range(n)),
         instance_numbers=_instance_numbers(rng, n, order), size=spec.size, anatomy=anatomy, style=style,
-        noise_seed=int(rng.integers(0, 2**63)), labelled=labelled,
+        noise_seed=int(rng.integers(0, 2**63)), labelled=labelled, family=spec.family,
     )  # fmt: skip
 
 
@@ -189,26 +190,31 @@ def _draw_lesion(rng: np.random.Generator, plan: StudyPlan, kind: str) -> Lesion
         variant = str(rng.choice(["fissure", "sulci", "cisterns"]))
     elif kind == "intraventricular":
         variant = str(rng.choice(["left", "right", "both"]))
+    family = FAMILIES[plan.family]
     t = float(rng.uniform(*_T_RANGE[variant if kind == "subarachnoid" else kind]))
     t0, t1 = plan.anatomy.t_range
     z = (t - t0) / (t1 - t0) * (plan.n_slices - 1) * plan.style.step_mm
     _, _, a_in, b_in = _axes(plan.anatomy, t)
     lateral = float(rng.choice([0.0, np.pi]))
     u = rng.uniform
-    base = {"kind": kind, "z_mm": z, "hu": round(float(u(60, 76)), 1), "variant": variant}
+    base = {"kind": kind, "z_mm": z, "hu": round(float(u(*family.blood_hu)), 1), "variant": variant}
     shape: dict[str, dict[str, object]] = {
         "epidural": {"z_half_mm": u(10, 18), "angle": lateral + u(-0.7, 0.7), "extent_mm": u(18, 32),
                      "thickness": u(7, 14)},
         "subdural": {"z_half_mm": u(18, 32), "angle": lateral + u(-0.4, 0.4), "extent_mm": u(0.7, 1.2),
                      "thickness": u(6, 14)},
         "intraparenchymal": {"z_half_mm": u(8, 16), "angle": u(0, 2 * np.pi), "extent_mm": u(6, 14),
-                             "center_mm": _inside(rng, a_in, b_in, 0.15, 0.5)},
+                             "center_mm": _inside(rng, a_in, b_in, *family.iph_radius)},
         "intraventricular": {"z_half_mm": u(8, 15), "thickness": u(0.25, 0.5)},
         "subarachnoid": {"z_half_mm": u(8, 12) if variant == "cisterns" else u(10, 22),
                          "angle": u(0, 2 * np.pi), "center_mm": (0.0, float(u(-0.6, 0.6)) * b_in),
                          "extent_mm": u(15, 35) if variant == "fissure" else u(0.5, 1.2)},
     }  # fmt: skip
     params = {k: float(v) if isinstance(v, np.floating | float) else v for k, v in shape[kind].items()}
+    if family.lesion_scale != 1.0:  # in-plane size only (the z extent decides how many slices show it)
+        for key in ("extent_mm", "thickness"):
+            if key in params:
+                params[key] = float(params[key]) * family.lesion_scale  # type: ignore[arg-type]
     return Lesion(**base, **params)  # type: ignore[arg-type]
 
 

@@ -26,10 +26,9 @@ HU_RANGE = (-1000, 3071)
 TRAIN_DIR, TEST_DIR = "stage_2_train_images", "stage_2_test_images"
 TRAIN_CSV, SUBMISSION_CSV = "stage_2_train.csv", "stage_2_sample_submission.csv"
 
-# Tissue values (HU). Acute blood is drawn per lesion in BLOOD_HU and clipped there after noise.
+# Tissue values (HU). Acute blood: see Family.blood_hu (the classic family clips it to 55-80 HU after noise).
 AIR, SCALP, CSF, EDEMA = -1000.0, 40.0, 6.0, 20.0
 BONE_HU = (1000.0, 1800.0)
-BLOOD_HU = (55.0, 80.0)
 NOISE_HU = 5.0
 SCALP_MM = 5.0
 CONTEXT_TAPER = 1.6  # context-matters lesions: z extent x this (more tapering edge slices)
@@ -50,6 +49,43 @@ _WINDOWS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
 
 
 @dataclass(frozen=True)
+class Family:
+    """How a family of synthetic studies looks: what a recipe tuned on one family may not have seen.
+
+    Lesion density is drawn per lesion in ``blood_hu`` and, after the noise, clipped to 5 HU below and
+    4 HU above it. ``lesion_scale`` multiplies every lesion's in-plane size (not its z extent).
+    ``iph_radius`` is where an intraparenchymal blob's centre lies, as a fraction of the cranial cavity's
+    elliptical radius (near 1: against the inner table). ``fov_mm``: the field of view; a smaller one makes
+    the head fill the image, so a crop or a shift can cut a lesion at its edge out of the picture.
+    """
+
+    description: str
+    slices_per_study: tuple[int, int] = (16, 24)
+    fov_mm: tuple[float, float] = (220.0, 260.0)
+    lesion_scale: float = 1.0
+    blood_hu: tuple[float, float] = (60.0, 76.0)
+    noise_hu: float = NOISE_HU
+    iph_radius: tuple[float, float] = (0.15, 0.5)
+
+    @property
+    def blood_clip(self) -> tuple[float, float]:
+        """The range full-contrast blood is clipped to after the noise."""
+        return self.blood_hu[0] - 5.0, self.blood_hu[1] + 4.0
+
+
+FAMILIES: dict[str, Family] = {
+    "classic": Family("the demo's set: large, dense lesions, a head well inside a 220-260 mm field of view"),
+    "subtle": Family("small (0.6x), faint (50-64 HU), noisy (10 HU) lesions, intraparenchymal ones against the "
+                     "skull, a head filling a 175-205 mm field of view, 12-18 slices per study",
+                     slices_per_study=(12, 18), fov_mm=(175.0, 205.0), lesion_scale=0.6, blood_hu=(50.0, 64.0),
+                     noise_hu=10.0, iph_radius=(0.55, 0.8)),
+}
+"""The synthetic families (``ichdet synth --family``): ``classic`` is what the demo and the tests use;
+``subtle`` is a second generator for checking that a training recipe holds beyond the family it was
+tuned on (issue 20, ``bench/bench_recipe.py --family``)."""
+
+
+@dataclass(frozen=True)
 class SynthSpec:
     """What :func:`make_dataset` builds: study counts, image size (pixels), slices per study, seed.
 
@@ -60,23 +96,35 @@ class SynthSpec:
     n_studies: int = 12
     n_test_studies: int = 2
     size: int = 128
-    slices_per_study: tuple[int, int] = (16, 24)
+    slices_per_study: tuple[int, int] | None = None
+    """(lo, hi) slices per study; None: the family's."""
     seed: int = 0
     context: bool = False
     """"Context matters" (issue 10): each lesion extends ``CONTEXT_TAPER`` times further in z and fades
     in over its edge slices (:attr:`Lesion.fade`), so the thin, faint first and last positive slices
     are hard to call alone but plain to a model that sees the neighbours. Off: the classic set, byte
     for byte."""
+    family: str = "classic"
+    """Which :data:`FAMILIES` entry the studies look like."""
 
     def __post_init__(self) -> None:
         """Reject values the generator cannot honour, naming the value and the valid range."""
-        lo, hi = self.slices_per_study
+        if self.family not in FAMILIES:
+            raise ConfigError(f"family {self.family!r} is not one of {', '.join(FAMILIES)}")
+        if self.slices_per_study is None:  # the family's range, written into the spec for everyone who reads it
+            object.__setattr__(self, "slices_per_study", FAMILIES[self.family].slices_per_study)
+        lo, hi = self.slices
         if self.n_studies < 0 or self.n_test_studies < 0:
             raise ConfigError(f"study counts must be >= 0, got {self.n_studies}, {self.n_test_studies}")
         if not 32 <= self.size <= 1024:
             raise ConfigError(f"size must be in [32, 1024] pixels, got {self.size}")
         if not 8 <= lo <= hi <= 200:
             raise ConfigError(f"slices_per_study must be (lo, hi) with 8 <= lo <= hi <= 200, got {(lo, hi)}")
+
+    @property
+    def slices(self) -> tuple[int, int]:
+        """(lo, hi) slices per study, the family's unless given."""
+        return self.slices_per_study or FAMILIES[self.family].slices_per_study
 
 
 @dataclass(frozen=True)
@@ -165,6 +213,7 @@ class StudyPlan:
     noise_seed: int
     labelled: bool
     lesions: tuple[Lesion, ...] = ()
+    family: str = "classic"  # a FAMILIES key: the noise and blood range the phantom renders with
 
     @property
     def n_slices(self) -> int:

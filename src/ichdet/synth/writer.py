@@ -186,6 +186,8 @@ def _claim(out: Path, spec: SynthSpec, force: bool) -> None:
             have = json.loads(marker.read_text())
         except (ValueError, UnicodeDecodeError):
             have = None
+        if isinstance(have, dict):  # a marker from before the families: the classic family, the only one then
+            have.setdefault("family", "classic")
         if have == want:
             return
         changed = sorted(k for k in want if not isinstance(have, dict) or have.get(k) != want[k])
