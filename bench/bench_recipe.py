@@ -1,4 +1,4 @@
-"""The training-recipe harness (issue 9): does ichdet's recipe beat a bare timm loop on held-out studies?
+"""The training-recipe harness (issues 9, 20): does ichdet's recipe beat a bare timm loop on held-out studies?
 
 On synthetic studies made by ``ichdet synth`` with fixed seeds (a training set and a separate,
 labelled test set that nothing trains or selects on), for each training seed it trains
@@ -12,18 +12,25 @@ frequencies as constant predictions; lower is better). It also reports, as diagn
 fold member, the mean of the members' logits instead of probabilities, the expected calibration error
 (ECE) of members and ensemble, and the epochs ichdet selected.
 
-    nice -n 5 env PYTHONPATH=src HF_HUB_OFFLINE=1 python bench/bench_recipe.py --out /tmp/recipe_before
-    ... --set train.ema_decay=0 ...        (an ablation: any --set of ichdet's config)
+The defaults are issue 20's size: 40 training and 16 test studies of 256 px, trained at 128 px, resnet18
+from scratch, batch 32, 5 folds, members 10 epochs and the bare loop 8 (the same optimiser steps: a member
+sees 4/5 of the images). Run it on both synthetic families, since a recipe tuned on one can lose on the other:
+
+    nice -n 5 env PYTHONPATH=src HF_HUB_OFFLINE=1 python bench/bench_recipe.py --family classic --out /tmp/r_classic
+    nice -n 5 env PYTHONPATH=src HF_HUB_OFFLINE=1 python bench/bench_recipe.py --family subtle --out /tmp/r_subtle
+
+Ablations: ``--variant NAME:key=value,...`` (repeatable) overrides ``--config``; ``@unit_inputs`` and
+``@equal_loss`` patch what is not a config key (inputs /255, plain BCE); ``--cache-size 128`` stores HU at
+128 px (HU resized, then windowed) instead of windowing at 256 px and resizing; ``--members 1`` trains
+fold 0 only (the "ensemble" columns then mean nothing); ``--no-bare`` skips the bare loop.
 
 Results: ``OUT/results.json`` and ``OUT/results.md``. Runs stay under ``OUT/work`` (reused by a rerun
 with the same arguments; pass ``--fresh`` to retrain); the data sets and the bare loop's test
 predictions under ``--data`` (default ``OUT/work``), which several processes may share, so seeds can
-run side by side in two processes (``--seeds 0`` and ``--seeds 1``) and be merged afterwards:
+run side by side in two processes (``--seeds 0`` and ``--seeds 1``) and be merged afterwards (the first
+source's first variant is the baseline of the ablation table):
 
     python bench/bench_recipe.py --merge /tmp/r_s0 /tmp/r_s1 /tmp/r_s2 --out /tmp/r_all
-
-``--members N`` trains only folds 0..N-1 of the ``--folds`` (N=1: an ablation of the member recipe
-against the bare loop at a fifth of the cost; the "ensemble" columns then mean nothing).
 """
 
 from __future__ import annotations
@@ -223,21 +230,21 @@ def main() -> None:
     ap.add_argument("--title", default="ichdet recipe vs bare loop")
     ap.add_argument("--train-studies", type=int, default=40)
     ap.add_argument("--test-studies", type=int, default=16)
-    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--size", type=int, default=128, help="pixels the network sees")
     ap.add_argument("--family", default="classic", choices=sorted(FAMILIES),
                     help="the synthetic family of the training and test studies (ichdet synth --family)")
-    ap.add_argument("--source-size", type=int, default=0, help="pixels of the synthetic images (default --size)")
+    ap.add_argument("--source-size", type=int, default=256, help="pixels of the synthetic images")
     ap.add_argument("--cache-size", type=int, default=0,
                     help="pixels the cache stores HU at (default --source-size): the windows are applied at this "
                          "size, then resized to --size")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--members", type=int, default=99, help="train only folds 0..N-1 (default: every fold)")
     ap.add_argument("--data", type=Path, default=None, help="data sets and bare predictions (default OUT/work)")
-    ap.add_argument("--bare-epochs", type=int, default=0, help="the bare loop's epochs (default --epochs)")
+    ap.add_argument("--bare-epochs", type=int, default=8, help="the bare loop's epochs")
     ap.add_argument("--merge", type=Path, nargs="+", default=[], help="merge these runs' results.json into OUT")
-    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=10, help="epochs of each ichdet member")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--backbone", default="resnet10t")
+    ap.add_argument("--backbone", default="resnet18")
     ap.add_argument("--bare-lr", type=float, default=1e-3)
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -278,11 +285,35 @@ def main() -> None:
         write_markdown(report, args.out)
 
 
+def ablation_table(report: dict[str, Any]) -> str:
+    """One line per variant: fold 0 per seed, its median and spread (max - min), the change of the median
+    against the first variant (the baseline), and the bare loop's median over the seeds it ran."""
+    rows, variants = report["rows"], dict(report["variants"])
+    bare_by_seed = {r["seed"]: r["bare"] for v in rows.values() for r in v if "bare" in r}
+    base = statistics.median(r["fold0"] for r in next(iter(rows.values())))
+    lines = [f"#### {report['title']}: ablations (fold 0, test loss / prior's)", "",
+             "| variant | change | fold 0 per seed | median | spread | vs first |", "| --- |" + " --- |" * 5]
+    for name, v in rows.items():
+        f0 = [r["fold0"] for r in v]
+        med = statistics.median(f0)
+        seeds = ", ".join(f"{r['fold0']:.3f}" for r in v)
+        lines.append(f"| {name} | {', '.join(variants.get(name, [])) or '-'} | {seeds} | {med:.3f} | "
+                     f"{max(f0) - min(f0):.3f} | {med - base:+.3f} |")
+    if bare_by_seed:
+        seeds = ", ".join(f"{bare_by_seed[k]:.3f}" for k in sorted(bare_by_seed))
+        lines.append(f"| bare loop | flip only, /255, BCE, one-cycle, all studies | {seeds} | "
+                     f"{statistics.median(bare_by_seed.values()):.3f} | "
+                     f"{max(bare_by_seed.values()) - min(bare_by_seed.values()):.3f} | |")
+    return "\n".join(lines) + "\n"
+
+
 def write_markdown(report: dict[str, Any], out: Path) -> None:
-    """``out/results.md``: one table per variant (per-seed rows and medians), sizes and the machine."""
+    """``out/results.md``: the ablation summary (several variants), then one table per variant (per-seed rows
+    and medians), sizes and the machine."""
     variants = dict(report["variants"])
-    md = "".join(markdown(r, f"{report['title']}: {name} ({', '.join(variants.get(name, [])) or 'demo.yaml'})")
-                 + "\n" for name, r in report["rows"].items())
+    md = ablation_table(report) + "\n" if len(report["rows"]) > 1 else ""
+    md += "".join(markdown(r, f"{report['title']}: {name} ({', '.join(variants.get(name, [])) or 'demo.yaml'})")
+                  + "\n" for name, r in report["rows"].items())
     md += (f"\n{report['train_images']} training / {report['test_images']} test images, prior log loss "
            f"{report['prior_log_loss']:.4f}, {report['seconds']:.0f} s; {format_machine(report['machine'])}\n")
     out.mkdir(parents=True, exist_ok=True)

@@ -718,7 +718,7 @@ def test_subtle_lesions_are_smaller_fainter_and_noisier() -> None:
     assert mean_extent["subtle"] < 0.8 * mean_extent["classic"]
 
 
-@pytest.mark.parametrize(("family", "noise"), [("classic", 5.0), ("subtle", 10.0)])
+@pytest.mark.parametrize(("family", "noise"), [("classic", 5.0), ("subtle", 8.0)])
 def test_family_noise(family: str, noise: float) -> None:
     """Brain tissue's spread around its mean is the family's noise (one slice, a central square)."""
     plan = StudyPlan(**{**fixed_plan(size=128).__dict__, "family": family})

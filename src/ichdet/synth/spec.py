@@ -75,10 +75,10 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "classic": Family("the demo's set: large, dense lesions, a head well inside a 220-260 mm field of view"),
-    "subtle": Family("small (0.6x), faint (50-64 HU), noisy (10 HU) lesions, intraparenchymal ones against the "
+    "subtle": Family("smaller (0.7x), fainter (54-70 HU), noisier (8 HU) lesions, intraparenchymal ones near the "
                      "skull, a head filling a 175-205 mm field of view, 12-18 slices per study",
-                     slices_per_study=(12, 18), fov_mm=(175.0, 205.0), lesion_scale=0.6, blood_hu=(50.0, 64.0),
-                     noise_hu=10.0, iph_radius=(0.55, 0.8)),
+                     slices_per_study=(12, 18), fov_mm=(175.0, 205.0), lesion_scale=0.7, blood_hu=(54.0, 70.0),
+                     noise_hu=8.0, iph_radius=(0.55, 0.8)),
 }
 """The synthetic families (``ichdet synth --family``): ``classic`` is what the demo and the tests use;
 ``subtle`` is a second generator for checking that a training recipe holds beyond the family it was
