@@ -227,7 +227,7 @@ def main() -> None:
     """Parse arguments, build the data once, run every seed, write JSON and markdown."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench_recipe"))
-    ap.add_argument("--title", default="ichdet recipe vs bare loop")
+    ap.add_argument("--title", default="ichdet recipe vs bare loop", help="the heading of the report's tables")
     ap.add_argument("--train-studies", type=int, default=40)
     ap.add_argument("--test-studies", type=int, default=16)
     ap.add_argument("--size", type=int, default=128, help="pixels the network sees")
@@ -258,7 +258,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.merge:
-        merge(args.merge, args.out)
+        merge(args.merge, args.out, args.title)
         return
     work = args.out / "work"
     work.mkdir(parents=True, exist_ok=True)
@@ -290,20 +290,24 @@ def ablation_table(report: dict[str, Any]) -> str:
     against the first variant (the baseline), and the bare loop's median over the seeds it ran."""
     rows, variants = report["rows"], dict(report["variants"])
     bare_by_seed = {r["seed"]: r["bare"] for v in rows.values() for r in v if "bare" in r}
-    base = statistics.median(r["fold0"] for r in next(iter(rows.values())))
+    first = next(iter(rows.values()))
+    base, base_by_seed = statistics.median(r["fold0"] for r in first), {r["seed"]: r["fold0"] for r in first}
     lines = [f"#### {report['title']}: ablations (fold 0, test loss / prior's)", "",
-             "| variant | change | fold 0 per seed | median | spread | vs first |", "| --- |" + " --- |" * 5]
+             "| variant | change | fold 0 per seed | median | spread | vs first | better on seeds |",
+             "| --- |" + " --- |" * 6]
     for name, v in rows.items():
         f0 = [r["fold0"] for r in v]
         med = statistics.median(f0)
         seeds = ", ".join(f"{r['fold0']:.3f}" for r in v)
+        paired = [r for r in v if r["seed"] in base_by_seed]  # same seed: same initialisation and data order
+        better = sum(r["fold0"] < base_by_seed[r["seed"]] for r in paired)
         lines.append(f"| {name} | {', '.join(variants.get(name, [])) or '-'} | {seeds} | {med:.3f} | "
-                     f"{max(f0) - min(f0):.3f} | {med - base:+.3f} |")
+                     f"{max(f0) - min(f0):.3f} | {med - base:+.3f} | {better} of {len(paired)} |")
     if bare_by_seed:
         seeds = ", ".join(f"{bare_by_seed[k]:.3f}" for k in sorted(bare_by_seed))
         lines.append(f"| bare loop | flip only, /255, BCE, one-cycle, all studies | {seeds} | "
                      f"{statistics.median(bare_by_seed.values()):.3f} | "
-                     f"{max(bare_by_seed.values()) - min(bare_by_seed.values()):.3f} | |")
+                     f"{max(bare_by_seed.values()) - min(bare_by_seed.values()):.3f} | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -321,10 +325,10 @@ def write_markdown(report: dict[str, Any], out: Path) -> None:
     print(md)
 
 
-def merge(sources: list[Path], out: Path) -> None:
+def merge(sources: list[Path], out: Path, title: str) -> None:
     """One report from several runs of the harness (e.g. one process per seed): rows joined per variant."""
     reports = [json.loads((s / "results.json").read_text()) for s in sources]
-    merged = dict(reports[0], rows={}, seconds=sum(r["seconds"] for r in reports),
+    merged = dict(reports[0], rows={}, seconds=sum(r["seconds"] for r in reports), title=title,
                   variants=[v for r in reports for v in r["variants"]])
     for r in reports:
         if (r["train_images"], r["test_images"]) != (merged["train_images"], merged["test_images"]):
