@@ -1,15 +1,21 @@
 from __future__ import annotations
 
+import random
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
+import yaml
 from synth_support import synth_cache
 
 from ichdet.cache.store import PixelCache
 from ichdet.dicom.windowing import PRESETS, apply_windows
 from ichdet.models.config import DataConfig, build_config
 from ichdet.models.inputs import SliceDataset
-from ichdet.train.augment import AugmentedSlices
+from ichdet.train.augment import AugmentedSlices, build_augment
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 @pytest.fixture(scope="module")
@@ -249,3 +255,34 @@ def test_only_augmenting_loaders_restart_their_workers(cache: PixelCache, augmen
     ds = (AugmentedSlices if augment else SliceDataset)(cache, [0, 1], _cfg())
     loader = make_loader(ds, 2, 1, torch.device("cpu"))
     assert loader.persistent_workers is persistent
+
+
+SHIPPED_2D = sorted(p.name for p in CONFIGS.glob("*.yaml") if not p.name.startswith("seq_"))
+
+
+@pytest.mark.parametrize("config", SHIPPED_2D)
+def test_shipped_augmentation_never_changes_intensity(config: str) -> None:
+    """A pixel is a Hounsfield unit through a fixed window: no shipped config brightens or dims it (issue 20).
+
+    A uniform image through the config's augmentation, 200 draws: flips, affines and crops may bring in the
+    zero border and blend it at edges, but no pixel ends up brighter than the image, and the centre keeps
+    its value exactly.
+    """
+    data = build_config(yaml.safe_load((CONFIGS / config).read_text())).data
+    augment = build_augment(data.augment, 64)
+    image = np.full((64, 64, 3), 140, np.uint8)
+    for seed in range(200):
+        augment.set_random_state(np.random.default_rng(seed), random.Random(seed))
+        out = augment(image=image)["image"]
+        assert out.max() == 140 and (out[28:36, 28:36] == 140).all(), (config, seed)
+
+
+def test_brightness_contrast_when_asked_changes_intensity() -> None:
+    """The check above can fail: with brightness/contrast switched on, a uniform image changes value."""
+    augment = build_augment(_cfg("data.augment.brightness_contrast=1.0").augment, 64)
+    image = np.full((64, 64, 3), 140, np.uint8)
+    changed = 0
+    for seed in range(20):
+        augment.set_random_state(np.random.default_rng(seed), random.Random(seed))
+        changed += int(augment(image=image)["image"][32, 32, 0] != 140)
+    assert changed >= 15
