@@ -122,3 +122,9 @@ def test_fit_temperature_recovers_the_scaling(true_t: float) -> None:
     p = 1 / (1 + np.exp(-z))
     assert fit_temperature(y, p) == pytest.approx(true_t, rel=0.05)
     assert apply_temperature(np.array([0.5, 0.9]), 2.0)[0] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("p", [0.0, 1e-12, 0.48329675197601324, 0.5, 0.9999999, 1.0])
+def test_temperature_one_gives_the_probability_back_exactly(p: float) -> None:
+    """No logit round trip at T = 1: a threshold set on ``p`` is met by ``p`` (an ulp off would miss it)."""
+    assert apply_temperature(np.array([p, p]), np.array([1.0, 2.0]))[0] == p

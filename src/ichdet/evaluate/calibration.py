@@ -27,9 +27,14 @@ def _logit(p: np.ndarray) -> np.ndarray:
 
 
 def apply_temperature(p: np.ndarray, temperature: np.ndarray | float) -> np.ndarray:
-    """``sigmoid(logit(p) / T)`` elementwise (``temperature`` broadcast over the last axis: one per label)."""
-    z = _logit(p) / np.asarray(temperature, np.float64)
-    return 1.0 / (1.0 + np.exp(-z))
+    """``sigmoid(logit(p) / T)`` elementwise (``temperature`` broadcast over the last axis: one per label).
+
+    ``T == 1`` gives ``p`` back bit for bit (no logit round trip), so a label without a fitted temperature
+    predicts exactly what its operating point was set on.
+    """
+    t = np.asarray(temperature, np.float64)
+    scaled = 1.0 / (1.0 + np.exp(-_logit(p) / t))
+    return np.where(t == 1.0, np.asarray(p, np.float64), scaled)
 
 
 def _log_loss(y: np.ndarray, p: np.ndarray) -> float:

@@ -103,9 +103,7 @@ def _calibrate_labels(ens: Ensemble, truth: np.ndarray, raw: np.ndarray, sensiti
     for j in range(len(LABELS)):
         if temperature and n_pos[j] >= needed:
             temps[j] = fit_temperature(truth[:, j], raw[:, j])
-    # exactly the probabilities the written bundle predicts: scaled only where it will carry temperatures (a
-    # threshold from a logit round trip can sit an ulp above the probability it was set on)
-    probs = apply_temperature(raw, temps) if temperature or ens.temperature is not None else raw
+    probs = apply_temperature(raw, temps)
     points = operating_points(truth, probs, sensitivity)
     out = []
     for j, label in enumerate(LABELS):
