@@ -71,7 +71,7 @@ def build_caches(work: Path, args: argparse.Namespace) -> tuple[PixelCache, Pixe
     caches = []
     for name, n, seed in (("train", args.train_studies, args.data_seed),
                           ("test", args.test_studies, args.data_seed + TEST_SEED_OFFSET)):
-        source, stored = args.source_size or args.size, args.cache_size or args.source_size or args.size
+        source, stored = args.source_size, args.cache_size or args.source_size
         family = "" if args.family == "classic" else f"{args.family}_"
         root = work / f"{family}{name}_{n}x{source}_s{seed}_f{args.folds}"
         if not (root / "data" / "stage_2_train.csv").exists():
@@ -166,7 +166,7 @@ def bare_predictions(train_cache: PixelCache, test_cache: PixelCache, seed: int,
                      args: argparse.Namespace) -> np.ndarray:
     """The bare loop's test probabilities for ``seed``: trained once, then read from ``--data`` (the
     file name holds every argument the bare loop depends on)."""
-    bare_epochs = args.bare_epochs or args.epochs
+    bare_epochs = args.bare_epochs
     path = args.data / (f"bare_{train_cache.root.parent.name}_{train_cache.root.name}_{args.size}px_{args.backbone}"
                         f"_e{bare_epochs}_b{args.batch_size}_lr{args.bare_lr:g}_s{seed}.npy")
     if path.exists():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -703,12 +704,15 @@ def test_subtle_lesions_are_smaller_fainter_and_noisier() -> None:
     subtle, _ = synth.plan_dataset(SUBTLE)
     fam = synth.FAMILIES["subtle"]
     blood: list[int] = []
+    assert any(les.kind == "intraparenchymal" for plan in subtle for les in plan.lesions)  # the check below runs
     for plan in subtle:
         for les in plan.lesions:
-            if les.kind == "intraparenchymal":
-                _, _, a_in, b_in = synth.phantom._axes(plan.anatomy, 0.5)
+            if les.kind == "intraparenchymal":  # the centre was drawn in the cavity's section at the lesion's height
+                t0, t1 = plan.anatomy.t_range
+                t = t0 + (t1 - t0) * les.z_mm / ((plan.n_slices - 1) * plan.style.step_mm)
+                _, _, a_in, b_in = synth.phantom._axes(plan.anatomy, t)
                 u, v = les.center_mm
-                assert math.hypot(u / a_in, v / b_in) >= fam.iph_radius[0] - 1e-9
+                assert fam.iph_radius[0] - 1e-6 <= math.hypot(u / a_in, v / b_in) <= fam.iph_radius[1] + 1e-6
         sl = synth.phantom_slice(plan, plan.n_slices // 2)
         for mask in sl.blood:
             blood.extend(sl.hu[mask].tolist())
@@ -721,7 +725,7 @@ def test_subtle_lesions_are_smaller_fainter_and_noisier() -> None:
 @pytest.mark.parametrize(("family", "noise"), [("classic", 5.0), ("subtle", 8.0)])
 def test_family_noise(family: str, noise: float) -> None:
     """Brain tissue's spread around its mean is the family's noise (one slice, a central square)."""
-    plan = StudyPlan(**{**fixed_plan(size=128).__dict__, "family": family})
+    plan = dataclasses.replace(fixed_plan(size=128), family=family)
     hu = synth.render_slice(plan, MID).astype(float)
     r, c = pixel(-36, 20)  # the white-matter patch of test_noise_is_ct_like_and_render_is_pure
     patch = hu[r - 3 : r + 4, c - 3 : c + 4]

@@ -123,8 +123,9 @@ class SynthSpec:
 
     @property
     def slices(self) -> tuple[int, int]:
-        """(lo, hi) slices per study, the family's unless given."""
-        return self.slices_per_study or FAMILIES[self.family].slices_per_study
+        """(lo, hi) slices per study: ``slices_per_study`` as ``__post_init__`` filled it in (never None)."""
+        assert self.slices_per_study is not None
+        return self.slices_per_study
 
 
 @dataclass(frozen=True)
